@@ -1,0 +1,63 @@
+"""The `cmbdetector` command: a thin layer over the library.
+
+Each subcommand lives beside the code it drives (a `add_arguments(parser)` and a `run(args)` in the
+named module), so this file only wires them up and turns CMBError into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import CMBError
+
+# name -> (module implementing add_arguments/run, one-line help)
+COMMANDS = {
+    "synth": ("CMBDetectorLib.simulate.synth", "simulate GRE/SWI scans with microbleeds and mimics"),
+    "detect": ("CMBDetectorLib.pipeline", "find microbleeds in one GRE/SWI volume"),
+    "evaluate": ("CMBDetectorLib.evaluate", "score detections against ground truth"),
+    "train": ("CMBDetectorLib.train.train_cnn", "train the stage-2 3D CNN on simulated scans"),
+    "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
+    "bench": ("CMBDetectorLib.bench", "simulate the validation set, detect, evaluate, time"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmbdetector", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cmbdetector {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module_name=module_name)
+        try:
+            importlib.import_module(module_name).add_arguments(sub)
+        except ModuleNotFoundError as error:
+            if not module_name.startswith(error.name or "?"):
+                raise  # a missing third-party package is a real error
+            sub.set_defaults(unavailable=True)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "unavailable", False):
+        print(f"cmbdetector {args.command}: not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return int(importlib.import_module(args.module_name).run(args) or 0)
+    except CMBError as error:
+        print(f"cmbdetector {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cmbdetector {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+# Every target builds (or reuses) .venv from this repository's own files, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q Testing
+
+demo: $(STAMP)
+	$(VENV)/bin/cmbdetector demo --out demo-output
+
+bench: $(STAMP)
+	$(VENV)/bin/cmbdetector bench --out bench-output --table docs/benchmark.md
+
+clean:
+	rm -rf $(VENV) demo-output bench-output
