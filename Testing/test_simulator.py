@@ -1,0 +1,174 @@
+"""Physics of the simulator, checked against closed forms and against what radiologists see."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from CMBDetectorLib import io
+from CMBDetectorLib.simulate import physics
+from CMBDetectorLib.simulate.structures import Sphere, apparent_diameter, sphere_voxel_factors
+from CMBDetectorLib.simulate.synth import scan_plan, simulate_scan, write_scan
+
+
+def test_fft_dipole_field_of_a_sphere_matches_the_analytic_field_outside_it():
+    spacing = 0.5
+    n = 96
+    radius = 4.0
+    axis = (np.arange(n) - n / 2) * spacing
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    # Partial-volume sphere from 4x supersampling so its k-space content is close to a true sphere.
+    offsets = (np.arange(4) + 0.5) / 4 - 0.5
+    fraction = np.zeros_like(x)
+    for ox in offsets:
+        for oy in offsets:
+            for oz in offsets:
+                fraction += ((x + ox * spacing) ** 2 + (y + oy * spacing) ** 2 + (z + oz * spacing) ** 2) <= radius ** 2
+    chi = 1.0 * fraction / 64
+    field = physics.field_from_susceptibility(chi, (spacing,) * 3, pad_fraction=1.0)
+    points = np.stack([x, y, z], axis=-1)
+    analytic = physics.sphere_field(points, radius, 1.0)
+    r = np.linalg.norm(points, axis=-1)
+    shell = (r > 1.5 * radius) & (r < 3 * radius)
+    error = np.abs(field[shell] - analytic[shell])
+    assert error.max() < 0.05 * (1 / 3) * (1 / 1.5) ** 3 * 2  # under 5 % of the peak field on the shell
+    # The two lobes along B0 are positive, the equator negative (3 cos^2 - 1).
+    centre = n // 2
+    assert field[centre, centre, centre + 12] > 0.05
+    assert field[centre + 12, centre, centre] < -0.02
+
+
+def _sphere(kind="microbleed", chi=1.0, diameter=2.0, core=0.05):
+    return Sphere(kind, np.zeros(3), diameter, chi, core_signal=core)
+
+
+def _grid(spacing):
+    affine = np.diag([*spacing, 1.0])
+    shape = tuple(int(40 / s) for s in spacing)
+    affine[:3, 3] = -np.array(shape) * np.array(spacing) / 2
+    return affine, shape
+
+
+def test_apparent_size_grows_with_echo_time_and_field_strength():
+    affine, shape = _grid((0.5, 0.5, 0.5))
+    sphere = _sphere(chi=0.8, diameter=2.0)
+    at_3t_20ms = apparent_diameter(sphere, affine, shape, 3.0, 0.020)
+    at_3t_40ms = apparent_diameter(sphere, affine, shape, 3.0, 0.040)
+    at_15t_20ms = apparent_diameter(sphere, affine, shape, 1.5, 0.020)
+    assert at_3t_20ms > sphere.diameter_mm  # it blooms
+    assert at_3t_40ms > at_3t_20ms * 1.15
+    assert at_15t_20ms < at_3t_20ms
+
+
+def test_small_weak_lesion_is_nearly_invisible_and_big_strong_one_blooms():
+    affine, shape = _grid((0.5, 0.5, 2.0))  # a 3 T SWI voxel
+    faint = apparent_diameter(_sphere(chi=0.5, diameter=1.0, core=0.5), affine, shape, 3.0, 0.020)
+    strong = apparent_diameter(_sphere(chi=1.0, diameter=2.0), affine, shape, 3.0, 0.020)
+    assert faint < 1.0
+    assert 1.2 < strong / 2.0 < 2.2  # literature: a 2 mm, 1 ppm sphere blooms to about 1.6x
+
+
+def _lesion_on_uniform_background(sphere, spacing=(0.5, 0.5, 2.0), b0=3.0, te=0.020):
+    affine, shape = _grid(spacing)
+    signal = np.ones(shape, np.complex64)
+    box, factors = sphere_voxel_factors(sphere, affine, shape, b0, te)
+    signal[box] *= factors
+    return signal, affine, shape
+
+
+def _equatorial_ring_phase(signal, affine, diameter):
+    spacing = np.diag(affine)[:3]
+    centre = np.round(-affine[:3, 3] / spacing).astype(int)
+    k = centre[2]
+    ii, jj = np.meshgrid(np.arange(signal.shape[0]), np.arange(signal.shape[1]), indexing="ij")
+    r = np.hypot((ii - centre[0]) * spacing[0], (jj - centre[1]) * spacing[1])
+    ring = (r > diameter) & (r < 2.5 * diameter)
+    return float(np.mean(np.angle(signal[:, :, k])[ring]))
+
+
+def test_microbleed_is_dark_on_magnitude_and_swi_with_phase_opposite_to_calcification():
+    cmb, cmb_affine, _ = _lesion_on_uniform_background(_sphere("microbleed", chi=1.0, diameter=3.0))
+    calc, calc_affine, _ = _lesion_on_uniform_background(_sphere("calcification", chi=-1.0, diameter=3.0, core=0.2))
+    centre = tuple(np.round(-cmb_affine[:3, 3] / np.diag(cmb_affine)[:3]).astype(int))
+    assert abs(cmb[centre]) < 0.3
+    swi = physics.swi_magnitude(np.abs(cmb), physics.homodyne_phase(cmb, (0.5, 0.5, 2.0)))
+    assert swi[centre] <= abs(cmb[centre]) + 1e-6
+    assert swi[centre] < 0.3 * np.median(swi)
+    cmb_phase = _equatorial_ring_phase(cmb, cmb_affine, 3.0)
+    calc_phase = _equatorial_ring_phase(calc, calc_affine, 3.0)
+    assert abs(cmb_phase) > 0.05 and abs(calc_phase) > 0.05
+    assert np.sign(cmb_phase) == -np.sign(calc_phase)
+
+
+def test_swi_mask_darkens_only_negative_phase():
+    magnitude = np.ones(4, np.float32)
+    phase = np.array([-np.pi / 2, -0.1, 0.0, 1.0], np.float32)
+    swi = physics.swi_magnitude(magnitude, phase, power=4)
+    assert swi[0] == pytest.approx(0.5 ** 4)
+    assert swi[1] < 1 and swi[2] == 1 and swi[3] == 1
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    scan = simulate_scan(seed=11, acquisition="gre15t", n_cmb=4)
+    paths = write_scan(scan, tmp_path_factory.mktemp("sim"))
+    return scan, paths
+
+
+def test_every_truth_centre_lands_on_a_dark_voxel(simulated):
+    scan, _ = simulated
+    volume = scan.magnitude
+    assert len(scan.truth["microbleeds"]) == 4
+    for cmb in scan.truth["microbleeds"]:
+        i, j, k = np.round(volume.ras_to_ijk(cmb["center_ras"])[0]).astype(int)
+        spacing = volume.spacing
+        ri, rj = int(8 / spacing[0]), int(8 / spacing[1])
+        surroundings = np.median(volume.array[i - ri: i + ri + 1, j - rj: j + rj + 1, k])
+        assert volume.array[i, j, k] < 0.6 * surroundings, cmb
+        assert cmb["region"] in ("lobar", "deep", "infratentorial")
+        assert 2.0 <= cmb["apparent_diameter_mm"] <= 10.0
+
+
+def test_written_files_round_trip_affine_through_nibabel_and_simpleitk(simulated):
+    scan, paths = simulated
+    truth = json.loads(paths["truth"].read_text())
+    assert truth["files"]["magnitude"] == paths["magnitude"].name
+    through_nibabel = nib.load(str(paths["magnitude"]))
+    np.testing.assert_allclose(through_nibabel.affine, scan.magnitude.affine, atol=1e-4)
+    through_sitk = io.read_volume(paths["magnitude"])
+    np.testing.assert_allclose(through_sitk.affine, scan.magnitude.affine, atol=1e-4)
+    np.testing.assert_allclose(through_sitk.array, scan.magnitude.array, rtol=1e-5)
+    phase = io.read_volume(paths["phase"]).array
+    assert phase.min() >= -np.pi - 1e-5 and phase.max() <= np.pi + 1e-5
+
+
+def test_scan_plan_spreads_acquisitions_and_cmb_free_scans():
+    plan = scan_plan(9, seed=3, acquisition="mixed", cmb_free_fraction=0.34)
+    assert {p[1] for p in plan} == {"swi3t", "gre3t", "gre15t"}
+    assert sum(p[2] for p in plan) == 3
+    assert len({p[0] for p in plan}) == 9
+    assert plan == scan_plan(9, seed=3, acquisition="mixed", cmb_free_fraction=0.34)
+
+
+def test_cmb_free_scan_has_no_microbleeds_but_keeps_mimics():
+    scan = simulate_scan(seed=5, acquisition="gre3t", cmb_free=True, mimic_level=1.5)
+    assert scan.truth["microbleeds"] == []
+    assert len(scan.truth["mimics"]["veins"]) > 20
+    assert scan.truth["mimics"]["iron_nuclei"]
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["--n", "0"], "--n must be at least 1"),
+    (["--acquisition", "ct"], "unknown acquisition"),
+    (["--cmb-free-fraction", "2"], "cmb-free-fraction"),
+])
+def test_bad_synth_arguments_give_one_clear_line(tmp_path, arguments, words):
+    result = subprocess.run([sys.executable, "-m", "CMBDetectorLib.cli", "synth", "--out", str(tmp_path), *arguments],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
