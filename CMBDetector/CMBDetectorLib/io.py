@@ -341,11 +341,12 @@ def write_volume(volume: Volume, path, dtype=np.float32) -> Path:
 # Validation
 # ----------------------------------------------------------------------------------------------------
 
-def validate_brain_volume(volume: Volume, name: str = "input") -> Volume:
+def validate_brain_volume(volume: Volume, name: str = "input", allow_crop: bool = False) -> Volume:
     """Raise InputError (one line, naming `name`) if `volume` cannot be a GRE/SWI head scan.
 
     Checks, in order: 3D; finite affine with sane voxel sizes; big enough to be a head; finite values;
     not empty or constant; not a label map. Returns the volume unchanged when it passes.
+    allow_crop accepts a field of view smaller than a head (a partial-brain crop).
     """
     array = np.asarray(volume.array)
     if array.ndim != 3:
@@ -365,8 +366,9 @@ def validate_brain_volume(volume: Volume, name: str = "input") -> Volume:
     if min(shape) < MIN_VOXELS_PER_AXIS:
         raise InputError(f"{name}: too small to be a head scan: {shape} voxels (need at least "
                          f"{MIN_VOXELS_PER_AXIS} per axis)")
-    if (extent < MIN_HEAD_EXTENT_MM).sum() >= 2:
-        raise InputError(f"{name}: too small to be a head scan: field of view {extent_text} mm")
+    if (extent < MIN_HEAD_EXTENT_MM).sum() >= 2 and not allow_crop:
+        raise InputError(f"{name}: too small to be a head scan: field of view {extent_text} mm "
+                         "(to analyse a partial-brain crop, say so with --crop)")
     finite = np.isfinite(array)
     if not finite.all():
         bad = int(array.size - finite.sum())

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import CMBError
+from ..grids import linear_along
 from ..image import Volume
 from . import anatomy
 from .acquisition import PROTOCOLS, sample_acquisition, tissue_properties
@@ -161,17 +162,6 @@ def _slice_profile(width_samples: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _linear_along(array, positions, axis):
-    """Linear interpolation of `array` at fractional indices `positions` along one axis."""
-    positions = np.clip(positions, 0, array.shape[axis] - 1)
-    lower = np.floor(positions).astype(int)
-    upper = np.minimum(lower + 1, array.shape[axis] - 1)
-    weight_shape = [1, 1, 1]
-    weight_shape[axis] = -1
-    weight = (positions - lower).astype(np.float32).reshape(weight_shape)
-    return np.take(array, lower, axis=axis) * (1 - weight) + np.take(array, upper, axis=axis) * weight
-
-
 def _resample_to_acquired(signal, grid_affine, acquired_affine, acquired_shape):
     """Complex signal averaged over each acquired slice (slice profile) and voxel, then sampled."""
     working_spacing = np.diag(grid_affine)[:3]
@@ -182,7 +172,7 @@ def _resample_to_acquired(signal, grid_affine, acquired_affine, acquired_shape):
             signal = (ndimage.convolve1d(signal.real, profile, axis=axis, mode="nearest")
                       + 1j * ndimage.convolve1d(signal.imag, profile, axis=axis, mode="nearest")).astype(np.complex64)
         positions = np.arange(acquired_shape[axis]) * acquired_affine[axis, axis] / working_spacing[axis]
-        signal = _linear_along(signal, positions, axis)
+        signal = linear_along(signal, positions, axis)
     return signal.astype(np.complex64)
 
 

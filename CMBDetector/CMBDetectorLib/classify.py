@@ -1,0 +1,135 @@
+"""Stage 2: a small MONAI 3D CNN that scores a patch around each candidate.
+
+Patches are sampled on a RAS-aligned grid of PATCH_SIZE^3 points, PATCH_MM apart, whatever the scan's
+orientation and voxel size (the dipole pattern of a lesion is tied to B0, i.e. to the scanner z axis).
+Channel 0: normalised magnitude; channel 1: high-pass phase / pi, or zeros when no phase was given
+(the network is trained with phase dropped at random, so it works with magnitude alone).
+
+Weights are a plain state_dict loaded with torch.load(weights_only=True) only after their SHA-256
+matches the model card shipped beside them: no arbitrary pickle is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import WeightsError
+from .preprocess import Prepared
+
+PATCH_SIZE = 20
+PATCH_MM = 0.8
+MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+DEFAULT_MODEL = MODELS_DIR / "cmb_cnn.pt"
+ARCHITECTURE = {"in_shape": [2, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE], "classes": 1,
+                "channels": [16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1, "norm": "BATCH"}
+
+
+def patch_offsets_mm() -> np.ndarray:
+    """(P, P, P, 3) RAS offsets of the patch grid around its centre."""
+    axis = (np.arange(PATCH_SIZE) - (PATCH_SIZE - 1) / 2) * PATCH_MM
+    return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)
+
+
+def extract_patches(prepared: Prepared, centres_ras: np.ndarray) -> np.ndarray:
+    """float32 (N, 2, P, P, P) patches around RAS centres (trilinear, zero outside the image)."""
+    centres_ras = np.atleast_2d(np.asarray(centres_ras, float))
+    patches = np.zeros((len(centres_ras), 2, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE), np.float32)
+    if len(centres_ras) == 0:
+        return patches
+    offsets = patch_offsets_mm().reshape(-1, 3)
+    inverse = np.linalg.inv(prepared.volume.affine)
+    for start in range(0, len(centres_ras), 256):
+        chunk = centres_ras[start:start + 256]
+        points = (chunk[:, None, :] + offsets[None]).reshape(-1, 3)
+        ijk = (points @ inverse[:3, :3].T + inverse[:3, 3]).T
+        shape = (len(chunk), PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
+        patches[start:start + len(chunk), 0] = ndimage.map_coordinates(
+            prepared.image, ijk, order=1, mode="constant", cval=0.0).reshape(shape)
+        if prepared.phase is not None:
+            patches[start:start + len(chunk), 1] = ndimage.map_coordinates(
+                prepared.phase, ijk, order=1, mode="constant", cval=0.0).reshape(shape) / np.pi
+    return patches
+
+
+def build_model():
+    from monai.networks.nets import Classifier
+
+    return Classifier(in_shape=ARCHITECTURE["in_shape"], classes=ARCHITECTURE["classes"],
+                      channels=ARCHITECTURE["channels"], strides=ARCHITECTURE["strides"],
+                      num_res_units=ARCHITECTURE["num_res_units"], norm=ARCHITECTURE["norm"])
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_path(weights_path) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+@dataclass
+class LoadedModel:
+    network: object
+    card: dict
+    sha256: str
+    device: str
+
+
+def load_model(weights_path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
+    """Load weights after checking them against the SHA-256 in their model card."""
+    import torch
+
+    weights_path = Path(weights_path)
+    card_file = card_path(weights_path)
+    if not weights_path.is_file():
+        raise WeightsError(f"model weights not found: {weights_path}")
+    if not card_file.is_file():
+        raise WeightsError(f"model card not found beside the weights: {card_file}")
+    card = json.loads(card_file.read_text())
+    actual = sha256_of(weights_path)
+    if actual != card.get("sha256"):
+        raise WeightsError(f"weights {weights_path.name} do not match their model card "
+                           f"(SHA-256 {actual[:12]}..., expected {str(card.get('sha256'))[:12]}...): "
+                           "the file is corrupt or was replaced")
+    if card.get("architecture") != ARCHITECTURE:
+        raise WeightsError(f"weights {weights_path.name} were trained for another architecture")
+    network = build_model()
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - any failure here means unusable weights
+        raise WeightsError(f"cannot load weights {weights_path.name}: {error}") from None
+    device = resolve_device(device)
+    network.to(device).eval()
+    return LoadedModel(network, card, actual, device)
+
+
+def resolve_device(device: str) -> str:
+    """'cuda' when asked for and present, else 'cpu' (the CPU fallback the Slicer panel promises)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return device
+    return "cpu"
+
+
+def score_patches(model: LoadedModel, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probability (float32, N) that each patch is centred on a microbleed."""
+    import torch
+
+    scores = np.zeros(len(patches), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(patches), batch_size):
+            batch = torch.from_numpy(patches[start:start + batch_size]).to(model.device)
+            scores[start:start + len(batch)] = torch.sigmoid(model.network(batch)[:, 0]).cpu().numpy()
+    return scores

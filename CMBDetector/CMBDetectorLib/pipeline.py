@@ -1,0 +1,240 @@
+"""The detection pipeline and the `cmbdetector detect` command.
+
+volume -> preprocess -> stage 1 candidates -> stage 2 CNN scores -> (stage 3 YOLO, when shipped)
+       -> threshold + merge -> size -> location (registration to MNI) -> Finding list -> files.
+Each stage is timed; the summary JSON records the timings, versions and the weights' SHA-256.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from . import __version__
+from .candidates import find_candidates
+from .classify import DEFAULT_MODEL, extract_patches, load_model, score_patches
+from .errors import InputError
+from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
+from .image import Volume
+from .io import read_volume
+from .preprocess import Prepared, prepare
+
+MERGE_MM = 3.0  # detections closer than this are one lesion
+MAX_CANDIDATES = 800
+
+
+@dataclass
+class Detection:
+    findings: list
+    summary: dict
+    prepared: Prepared | None = None
+    warnings: list = field(default_factory=list)
+
+
+def _progress(callback, percent, message):
+    if callback is not None:
+        callback(percent, message)
+
+
+def merge_nearby(centres: np.ndarray, scores: np.ndarray, radius_mm: float = MERGE_MM) -> np.ndarray:
+    """Indices kept after greedy non-maximum suppression by distance (highest score first)."""
+    order = np.argsort(-scores)
+    kept = []
+    for index in order:
+        if all(np.linalg.norm(centres[index] - centres[k]) > radius_mm for k in kept):
+            kept.append(index)
+    return np.array(kept, dtype=int)
+
+
+def apparent_diameter_mm(prepared: Prepared, ijk) -> float:
+    """In-plane diameter of the dark spot (below half-way between its centre and tissue) on its slice."""
+    spacing = prepared.spacing
+    i, j, k = np.clip(np.round(ijk).astype(int), 0, np.array(prepared.image.shape) - 1)
+    ri, rj = int(np.ceil(8 / spacing[0])), int(np.ceil(8 / spacing[1]))
+    lo_i, lo_j = max(i - ri, 0), max(j - rj, 0)
+    window = prepared.image[lo_i: i + ri + 1, lo_j: j + rj + 1, k]
+    centre_value = float(window[i - lo_i, j - lo_j])
+    dark = window < (centre_value + 1.0) / 2
+    labels, _ = ndimage.label(dark)
+    label = labels[i - lo_i, j - lo_j]
+    if label == 0:
+        return float(2 * np.sqrt(spacing[0] * spacing[1] / np.pi))
+    area = np.count_nonzero(labels == label) * spacing[0] * spacing[1]
+    return float(2 * np.sqrt(area / np.pi))
+
+
+def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
+           threshold: float | None = None, crop: bool = False, model_path=DEFAULT_MODEL,
+           device: str = "cpu", locate: bool = True, keep_outside: bool = False, progress=None) -> Detection:
+    """Find microbleeds in one volume. Returns findings (RAS mm, labelled CMB-1.. by score) and a summary."""
+    timings = {}
+    warnings = []
+    started = time.perf_counter()
+
+    _progress(progress, 5, "loading model")
+    model = load_model(model_path, device)
+    threshold = float(model.card.get("operating_threshold", 0.5) if threshold is None else threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be between 0 and 1, got {threshold}")
+    timings["load_model"] = time.perf_counter() - started
+
+    _progress(progress, 10, "preprocessing")
+    tick = time.perf_counter()
+    prepared = prepare(volume, phase, mask, crop=crop)
+    warnings += prepared.warnings
+    timings["preprocess"] = time.perf_counter() - tick
+
+    _progress(progress, 30, "stage 1: candidate screening")
+    tick = time.perf_counter()
+    candidates = find_candidates(prepared, max_candidates=MAX_CANDIDATES)
+    timings["candidates"] = time.perf_counter() - tick
+
+    _progress(progress, 50, f"stage 2: CNN on {len(candidates)} candidates")
+    tick = time.perf_counter()
+    centres = volume.ijk_to_ras(np.array([c.ijk for c in candidates])) if candidates else np.zeros((0, 3))
+    scores = score_patches(model, extract_patches(prepared, centres))
+    timings["cnn"] = time.perf_counter() - tick
+
+    passing = np.nonzero(scores >= threshold)[0]
+    kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing
+    findings = []
+    for index in kept:
+        findings.append(Finding(label="", position_ras=tuple(float(v) for v in centres[index]),
+                                score=float(scores[index]),
+                                diameter_mm=apparent_diameter_mm(prepared, candidates[index].ijk),
+                                stage_scores={"candidate": round(candidates[index].response, 4),
+                                              "cnn": round(float(scores[index]), 4)}))
+
+    registration_info = {"done": False}
+    dropped = []
+    if locate and not crop:
+        _progress(progress, 75, "locating findings (registration to MNI152)")
+        tick = time.perf_counter()
+        from . import locate as locate_module
+
+        registration = locate_module.register_to_mni(volume, mask)
+        registration_info = {"done": True, "ok": registration.ok, "message": registration.message,
+                             "seconds": round(registration.seconds, 2)}
+        if not keep_outside and registration.ok:
+            findings, dropped = locate_module.drop_outside_brain(findings, registration)
+        warnings += locate_module.locate_findings(volume, findings, registration=registration)
+        timings["locate"] = time.perf_counter() - tick
+    elif crop:
+        warnings.append("partial-brain crop: locations not computed")
+
+    findings = label_findings(findings)
+    timings["total"] = time.perf_counter() - started
+    _progress(progress, 95, "writing results")
+    summary = {
+        "cmbdetector_version": __version__,
+        "input": volume.meta.get("source", ""),
+        "shape": list(volume.shape),
+        "spacing_mm": [round(float(s), 4) for s in volume.spacing],
+        "phase_used": phase is not None,
+        "mask": "provided" if mask is not None else ("automatic (crop)" if crop else "automatic"),
+        "threshold": threshold,
+        "counts": _counts(findings),
+        "scan_level": {"any_microbleed": bool(findings), "max_score": float(scores.max()) if len(scores) else 0.0},
+        "candidates": len(candidates),
+        "dropped_outside_brain": len(dropped),
+        "registration": registration_info,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "model": {"file": Path(model_path).name, "sha256": model.sha256, "device": model.device},
+        "versions": _versions(),
+        "warnings": warnings,
+        "findings": [f.to_dict() for f in findings],
+    }
+    return Detection(findings, summary, prepared, warnings)
+
+
+def _counts(findings) -> dict:
+    by_region = {}
+    for finding in findings:
+        by_region[finding.region] = by_region.get(finding.region, 0) + 1
+    return {"total": len(findings), "by_region": by_region}
+
+
+def _versions() -> dict:
+    import monai
+    import SimpleITK
+    import torch
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "monai": monai.__version__, "SimpleITK": SimpleITK.Version_VersionString()}
+
+
+def stem_of(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def write_outputs(detection: Detection, out_dir, stem: str, png: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markups": write_markups_json(detection.findings, out_dir / f"{stem}.mrk.json"),
+             "csv": write_csv(detection.findings, out_dir / f"{stem}.csv"),
+             "summary": write_json(detection.summary, out_dir / f"{stem}.json")}
+    if png and detection.prepared is not None:
+        from .overview import write_overview
+
+        paths["png"] = write_overview(detection.prepared, detection.findings, out_dir / f"{stem}.png")
+    return paths
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("input", help="GRE/SWI magnitude: .nii/.nii.gz/.nrrd/.mha or a DICOM folder")
+    parser.add_argument("--phase", help="phase image on the same grid (radians or vendor integers)")
+    parser.add_argument("--mask", help="brain mask on the same grid (overrides the automatic mask)")
+    parser.add_argument("--threshold", type=float, help="score threshold (default: the model's operating point)")
+    parser.add_argument("--out", default=".", help="output folder (default: current)")
+    parser.add_argument("--echo", default="combine", help="4D multi-echo input: 'combine' (RSS, default) or an echo index")
+    parser.add_argument("--crop", action="store_true", help="the input is a partial-brain crop (no head-size check, no atlas)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; falls back to cpu")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="stage-2 weights (.pt with its .json card)")
+    parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
+    parser.add_argument("--keep-outside", action="store_true", help="keep findings that fall outside the brain")
+    parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")
+
+
+def _read(path, what, echo="combine"):
+    if path is None:
+        return None
+    return read_volume(path, echo=echo)
+
+
+def run(args) -> int:
+    echo = int(args.echo) if str(args.echo).isdigit() else args.echo
+    if echo != "combine" and not isinstance(echo, int):
+        raise InputError(f"--echo must be 'combine' or an echo index, got {args.echo}")
+    volume = _read(args.input, "input", echo)
+    phase = _read(args.phase, "phase", echo)
+    mask = _read(args.mask, "mask")
+
+    def report(percent, message):
+        print(f"PROGRESS {percent} {message}", flush=True)
+
+    detection = detect(volume, phase, mask, threshold=args.threshold, crop=args.crop, model_path=args.model,
+                       device=args.device, locate=not args.no_locate, keep_outside=args.keep_outside,
+                       progress=report)
+    stem = stem_of(Path(args.input))
+    paths = write_outputs(detection, args.out, stem, png=not args.no_png)
+    for warning in detection.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    counts = detection.summary["counts"]
+    regions = ", ".join(f"{k} {v}" for k, v in sorted(counts["by_region"].items())) or "none"
+    print(f"PROGRESS 100 done")
+    print(f"{stem}: {counts['total']} microbleed(s) ({regions}) in {detection.summary['timings_s']['total']:.1f} s")
+    for key, path in paths.items():
+        print(f"  {key}: {path}")
+    return 0

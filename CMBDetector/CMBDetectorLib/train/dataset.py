@@ -1,0 +1,93 @@
+"""Patch datasets for stage 2, made by running the real stage 1 on simulated scans with known truth.
+
+Every candidate stage 1 proposes near a true microbleed is a positive (plus jittered copies of the
+true centres, so no microbleed is missing from training); everything else it proposes, which is
+mostly veins, calcifications, iron and edges, is a negative.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..candidates import find_candidates
+from ..classify import extract_patches
+from ..errors import CMBError
+from ..io import read_volume
+from ..preprocess import prepare
+
+POSITIVE_MM = 2.5  # a candidate this close to a true centre is that microbleed
+NEGATIVE_MM = 4.0  # candidates between the two radii are ambiguous and left out
+
+
+@dataclass
+class ScanPatches:
+    scan_id: str
+    acquisition: str
+    patches: np.ndarray  # float16 (N, 2, P, P, P)
+    labels: np.ndarray  # uint8 (N,)
+    from_candidates: np.ndarray  # bool (N,): False for the jittered truth copies
+    n_microbleeds: int
+    n_found_by_stage1: int
+
+
+def truth_files(folder) -> list:
+    files = sorted(Path(folder).glob("*.truth.json"))
+    if not files:
+        raise CMBError(f"no simulated scans (*.truth.json) in {folder}")
+    return files
+
+
+def scan_patches(truth_file, rng: np.random.Generator, keep_all: bool = False, top_negatives: int = 250,
+                 random_negatives: int = 100, jitter_copies: int = 4) -> ScanPatches:
+    truth = json.loads(Path(truth_file).read_text())
+    folder = Path(truth_file).parent
+    magnitude = read_volume(folder / truth["files"]["magnitude"])
+    phase = read_volume(folder / truth["files"]["phase"])
+    prepared = prepare(magnitude, phase)
+    candidates = find_candidates(prepared, max_candidates=800)
+    centres = magnitude.ijk_to_ras(np.array([c.ijk for c in candidates])) if candidates else np.zeros((0, 3))
+    cmbs = np.array([m["center_ras"] for m in truth["microbleeds"]]).reshape(-1, 3)
+    if len(cmbs) and len(centres):
+        distance = np.linalg.norm(centres[:, None] - cmbs[None], axis=-1).min(axis=1)
+        found = int((np.linalg.norm(centres[:, None] - cmbs[None], axis=-1).min(axis=0) <= POSITIVE_MM).sum())
+    else:
+        distance = np.full(len(centres), np.inf)
+        found = 0
+    positive = np.nonzero(distance <= POSITIVE_MM)[0]
+    negative = np.nonzero(distance > NEGATIVE_MM)[0]  # already sorted strongest first
+    if not keep_all:
+        rest = negative[top_negatives:]
+        extra = rng.choice(rest, size=min(random_negatives, len(rest)), replace=False) if len(rest) else rest
+        negative = np.concatenate([negative[:top_negatives], extra])
+    chosen = np.concatenate([positive, negative]).astype(int)
+    points = [centres[chosen]]
+    labels = [np.r_[np.ones(len(positive)), np.zeros(len(negative))]]
+    from_candidates = [np.ones(len(chosen), bool)]
+    if jitter_copies and len(cmbs):
+        jittered = np.repeat(cmbs, jitter_copies, axis=0) + rng.normal(0, 0.7, (len(cmbs) * jitter_copies, 3))
+        points.append(jittered)
+        labels.append(np.ones(len(jittered)))
+        from_candidates.append(np.zeros(len(jittered), bool))
+    patches = extract_patches(prepared, np.concatenate(points))
+    return ScanPatches(truth["scan_id"], truth["acquisition"]["name"], patches.astype(np.float16),
+                       np.concatenate(labels).astype(np.uint8), np.concatenate(from_candidates), len(cmbs), found)
+
+
+def _worker(job):
+    truth_file, seed, keep_all = job
+    return scan_patches(truth_file, np.random.default_rng(seed), keep_all=keep_all,
+                        jitter_copies=0 if keep_all else 4)
+
+
+def build(truth_list, seed: int, keep_all: bool, jobs: int = 2) -> list:
+    work = [(f, seed + index, keep_all) for index, f in enumerate(truth_list)]
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs) as pool:
+            return list(pool.map(_worker, work))
+    return [_worker(job) for job in work]
