@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,11 @@ MARKUPS_SCHEMA = (
 )
 REVIEW_STATES = ("pending", "accepted", "rejected", "added")
 REGIONS = ("lobar", "deep", "infratentorial", "unknown")
+LOBES = ("", "frontal", "parietal", "temporal", "occipital", "insula")
 CSV_COLUMNS = ("id", "label", "x_ras", "y_ras", "z_ras", "score", "diameter_mm", "region", "lobe", "status")
-MEASUREMENTS = (("score", "", "%.3f"), ("diameter", "mm", "%.1f"))
+MEASUREMENTS = (("score", "", "%.3f"), ("diameter", "mm", "%.1f"), ("region", "", "%.0f"), ("lobe", "", "%.0f"))
+# review.py appends " [A]", " [R]" or " [+]" to labels in Slicer so decisions show in the views
+_REVIEW_LABEL_SUFFIX = re.compile(r"\s\[[AR+]\]$")
 
 
 @dataclass
@@ -82,14 +86,20 @@ def write_markups_json(findings: list, path, node_name: str = "CMB detections") 
             "positionStatus": "defined",
         })
     measurements = []
+    columns = {
+        "score": [_finite_or_zero(f.score) for f in findings],
+        "diameter": [_finite_or_zero(f.diameter_mm) for f in findings],
+        # codes: index into REGIONS / LOBES (region and lobe survive a Slicer scene save this way)
+        "region": [float(_index_or(REGIONS, f.region, REGIONS.index("unknown"))) for f in findings],
+        "lobe": [float(_index_or(LOBES, f.lobe, 0)) for f in findings],
+    }
     for name, units, print_format in MEASUREMENTS:
-        attribute = "score" if name == "score" else "diameter_mm"
         measurements.append({
             "name": name,
             "enabled": True,
             "units": units,
             "printFormat": print_format,
-            "controlPointValues": [_finite_or_zero(getattr(f, attribute)) for f in findings],
+            "controlPointValues": columns[name],
         })
     document = {
         "@schema": MARKUPS_SCHEMA,
@@ -128,10 +138,12 @@ def read_markups_json(path) -> list:
         x, y, z = point["position"]
         state = point.get("description", "") or "added"
         findings.append(Finding(
-            label=point.get("label", f"CMB-{index + 1}"),
+            label=_REVIEW_LABEL_SUFFIX.sub("", point.get("label", f"CMB-{index + 1}")),
             position_ras=(-x, -y, z) if flip else (x, y, z),
             score=_value_at(values.get("score"), index),
             diameter_mm=_value_at(values.get("diameter"), index),
+            region=_name_at(REGIONS, values.get("region"), index, "unknown"),
+            lobe=_name_at(LOBES, values.get("lobe"), index, ""),
             status=state if state in REVIEW_STATES else "added",
         ))
     return findings
@@ -176,6 +188,15 @@ def _value_at(values, index: int) -> float:
     if values is None or index >= len(values):
         return float("nan")
     return float(values[index])
+
+
+def _index_or(names: tuple, name: str, default: int) -> int:
+    return names.index(name) if name in names else default
+
+
+def _name_at(names: tuple, codes, index: int, default: str) -> str:
+    code = _value_at(codes, index)
+    return names[int(code)] if math.isfinite(code) and 0 <= int(code) < len(names) else default
 
 
 def _json_default(value):

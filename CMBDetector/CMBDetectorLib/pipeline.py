@@ -222,7 +222,7 @@ def run(args) -> int:
     mask = _read(args.mask, "mask")
 
     def report(percent, message):
-        print(f"PROGRESS {percent} {message}", flush=True)
+        print(f"PROGRESS {percent}% {message}", flush=True)
 
     detection = detect(volume, phase, mask, threshold=args.threshold, crop=args.crop, model_path=args.model,
                        device=args.device, locate=not args.no_locate, keep_outside=args.keep_outside,
@@ -233,7 +233,7 @@ def run(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     counts = detection.summary["counts"]
     regions = ", ".join(f"{k} {v}" for k, v in sorted(counts["by_region"].items())) or "none"
-    print(f"PROGRESS 100 done")
+    print("PROGRESS 100% done")
     print(f"{stem}: {counts['total']} microbleed(s) ({regions}) in {detection.summary['timings_s']['total']:.1f} s")
     for key, path in paths.items():
         print(f"  {key}: {path}")

@@ -78,7 +78,7 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     signal_working = gre_signal(relaxed, field, acq.b0_t, acq.te_ms / 1000, np.diag(grid_affine)[:3])
     del chi, relaxed, field
 
-    acquired_affine, acquired_shape = _acquired_grid(grid_affine, shape, acq.spacing_mm)
+    acquired_affine, acquired_shape = _acquired_grid(grid_affine, shape, acq.spacing_mm, labels)
     signal = _resample_to_acquired(signal_working, grid_affine, acquired_affine, acquired_shape)
     brain_acquired = _resample_labels(labels, grid_affine, acquired_affine, acquired_shape)
     del signal_working
@@ -145,12 +145,19 @@ def _tissue_maps(labels, gm, wm, csf, vein_fraction, vein_chi, acq, iron_scale):
     return chi.astype(np.float32), magnitude.astype(np.float32)
 
 
-def _acquired_grid(grid_affine, shape, spacing_mm):
+def _acquired_grid(grid_affine, shape, spacing_mm, labels, margin_mm: float = 6.0):
+    """Axial acquisition grid: the whole head in-plane, the brain plus a margin from foot to head
+    (a slab prescribed on the brain, as on a scanner)."""
     spacing = np.asarray(spacing_mm, float)
-    extent = (np.asarray(shape) - 1) * np.diag(grid_affine)[:3]
+    working_spacing = np.diag(grid_affine)[:3]
+    slices_with_brain = np.nonzero((labels >= anatomy.BRAIN).any(axis=(0, 1)))[0]
+    z_first = max(0.0, slices_with_brain.min() * working_spacing[2] - margin_mm)
+    z_last = min((shape[2] - 1) * working_spacing[2], slices_with_brain.max() * working_spacing[2] + margin_mm)
+    extent = (np.asarray(shape) - 1) * working_spacing
+    extent[2] = z_last - z_first
     acquired_shape = tuple(int(n) for n in np.floor(extent / spacing) + 1)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = grid_affine[:3, 3]
+    affine[:3, 3] = grid_affine[:3, 3] + [0.0, 0.0, z_first]
     return affine, acquired_shape
 
 
@@ -171,14 +178,19 @@ def _resample_to_acquired(signal, grid_affine, acquired_affine, acquired_shape):
             profile = _slice_profile(ratio).astype(np.float32)
             signal = (ndimage.convolve1d(signal.real, profile, axis=axis, mode="nearest")
                       + 1j * ndimage.convolve1d(signal.imag, profile, axis=axis, mode="nearest")).astype(np.complex64)
-        positions = np.arange(acquired_shape[axis]) * acquired_affine[axis, axis] / working_spacing[axis]
-        signal = linear_along(signal, positions, axis)
+        signal = linear_along(signal, _working_positions(grid_affine, acquired_affine, acquired_shape, axis), axis)
     return signal.astype(np.complex64)
 
 
+def _working_positions(grid_affine, acquired_affine, acquired_shape, axis):
+    """Fractional working-grid indices of the acquired voxel centres along one axis."""
+    offset = (acquired_affine[axis, 3] - grid_affine[axis, 3]) / grid_affine[axis, axis]
+    return offset + np.arange(acquired_shape[axis]) * acquired_affine[axis, axis] / grid_affine[axis, axis]
+
+
 def _resample_labels(labels, grid_affine, acquired_affine, acquired_shape):
-    indices = [np.clip(np.round(np.arange(n) * acquired_affine[a, a] / grid_affine[a, a]).astype(int), 0,
-                       labels.shape[a] - 1) for a, n in enumerate(acquired_shape)]
+    indices = [np.clip(np.round(_working_positions(grid_affine, acquired_affine, acquired_shape, a)).astype(int), 0,
+                       labels.shape[a] - 1) for a in range(3)]
     return labels[np.ix_(*indices)]
 
 

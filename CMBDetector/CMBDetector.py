@@ -1,0 +1,882 @@
+"""CMBDetector: find cerebral microbleeds on GRE/SWI and review each finding in 3D Slicer.
+
+The module holds only Slicer glue. Review decisions (states, threshold, counts, exports) live in
+CMBDetectorLib/review.py; detection runs as a separate process (`PythonSlicer -m CMBDetectorLib.cli
+detect ...`) so the GUI stays responsive and a crash or Cancel cannot take Slicer down.
+
+The Qt layer (Widget, shortcuts, timers) needs the Slicer desktop application. Everything else
+(DetectionRequest, DetectionProcess, CMBDetectorLogic) also imports with the `slicer-core` wheel, where
+`qt`, `slicer.ScriptedLoadableModule` and `slicer.parameterNodeWrapper` do not exist: those imports are
+guarded below so the test suite can exercise the Logic on real MRML without the application.
+"""
+
+import logging
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import vtk
+
+import slicer
+
+try:  # the Slicer desktop application
+    import qt
+    from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.util import VTKObservationMixin
+
+    HAVE_SLICER_GUI = True
+except ImportError:  # slicer-core (pytest, batch scripts): MRML without Qt; only the Logic is usable
+    HAVE_SLICER_GUI = False
+    qt = None
+    vtkMRMLLabelMapVolumeNode = vtkMRMLMarkupsFiducialNode = vtkMRMLScalarVolumeNode = object
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+    def parameterNodeWrapper(cls):
+        return cls
+
+    def WithinRange(low, high):
+        return (low, high)
+
+    def Choice(values):
+        return tuple(values)
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            logging.info(message)
+
+    class VTKObservationMixin:
+        def __init__(self):
+            pass
+
+MODULE_DIR = Path(__file__).resolve().parent
+if str(MODULE_DIR) not in sys.path:  # CMBDetectorLib sits beside this file in the installed extension
+    sys.path.insert(0, str(MODULE_DIR))
+
+from CMBDetectorLib import __version__, review  # noqa: E402
+from CMBDetectorLib.errors import CMBError, InputError  # noqa: E402
+
+# Packages `cmbdetector detect` imports, beyond what Slicer ships (numpy, SimpleITK, vtk).
+# import name -> requirement. PyTorch itself comes from the PyTorch extension (see ensure_dependencies).
+PIP_REQUIREMENTS = {
+    "scipy": "scipy>=1.10",
+    "nibabel": "nibabel>=5.0",
+    "nilearn": "nilearn>=0.10",
+    "monai": "monai>=1.3",
+    "cv2": "opencv-python-headless>=4.8",
+    "ultralytics": "ultralytics>=8.1",
+}
+TORCH_REQUIREMENT = ">=2.1"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# =============================================================================================
+# Module
+# =============================================================================================
+
+class CMBDetector(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("CMB Detector")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Diagnosis")]
+        self.parent.dependencies = ["Markups", "Volumes"]
+        self.parent.contributors = ["CMBDetector developers"]
+        self.parent.helpText = _(
+            "Finds cerebral microbleeds on GRE/SWI brain MRI and lets you review every finding: "
+            "N / P next and previous finding, A accept, R reject; place a point to add a missed lesion. "
+            "Exports counts by location (lobar / deep / infratentorial), a CSV, a JSON report and a "
+            "labelmap of accepted lesions. Not a medical device: research use only. "
+            "Version {version}.").format(version=__version__)
+        self.parent.acknowledgementText = _(
+            "Two-stage design after Dou et al. 2016 and Al-Masni et al. 2020; built on MONAI and PyTorch.")
+
+
+# =============================================================================================
+# Parameter node
+# =============================================================================================
+
+@parameterNodeWrapper
+class CMBDetectorParameterNode:
+    """inputVolume: GRE magnitude or SWI; phaseVolume, maskVolume optional; findings: the review node."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    phaseVolume: vtkMRMLScalarVolumeNode
+    maskVolume: vtkMRMLLabelMapVolumeNode
+    findings: vtkMRMLMarkupsFiducialNode
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    sampleSeed: Annotated[int, WithinRange(0, 999999)] = 7
+    reader: str = ""
+
+
+# =============================================================================================
+# Background detection process (no Qt: the widget polls it with a QTimer, tests call wait())
+# =============================================================================================
+
+@dataclass
+class DetectionRequest:
+    """One `cmbdetector detect` run. Paths are files on disk (NIfTI or anything io.read_volume reads)."""
+
+    input_path: Path
+    out_dir: Path
+    phase_path: Optional[Path] = None
+    mask_path: Optional[Path] = None
+    threshold: Optional[float] = None
+    device: str = "auto"
+
+    def arguments(self) -> list:
+        """The `detect` subcommand's arguments (after `-m CMBDetectorLib.cli`)."""
+        arguments = ["detect", str(self.input_path), "--out", str(self.out_dir)]
+        if self.phase_path:
+            arguments += ["--phase", str(self.phase_path)]
+        if self.mask_path:
+            arguments += ["--mask", str(self.mask_path)]
+        if self.threshold is not None:
+            arguments += ["--threshold", f"{float(self.threshold):g}"]
+        if self.device in ("cpu", "cuda"):
+            arguments += ["--device", self.device]
+        return arguments
+
+    @property
+    def stem(self) -> str:
+        name = Path(self.input_path).name
+        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return Path(name).stem
+
+
+_PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
+_STEP = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]|\b(?:step|stage)\s+(\d+)\s*(?:/|of)\s*(\d+)", re.IGNORECASE)
+
+
+def parse_progress(line: str) -> Optional[float]:
+    """Progress in [0, 1] announced by a line such as "42%", "[3/6] classify" or "stage 2 of 5"."""
+    match = _PERCENT.search(line)
+    if match:
+        return min(float(match.group(1)) / 100.0, 1.0)
+    match = _STEP.search(line)
+    if match:
+        done, total = (int(g) for g in match.groups() if g is not None)
+        return min(done / total, 1.0) if total else None
+    return None
+
+
+class DetectionProcess:
+    """A running command whose merged stdout/stderr is read by a thread into a queue.
+
+    poll() returns the lines printed since the last call (never blocks); cancel() kills the whole process
+    tree (PythonSlicer may start children: killing the launcher alone would leave the worker running).
+    """
+
+    def __init__(self, command: list, env: Optional[dict] = None, launcher=None):
+        self.command = [str(c) for c in command]
+        self.progress = 0.0
+        self.lines: list = []
+        self.cancelled = False
+        self._queue: queue.Queue = queue.Queue()
+        launcher = launcher or _popen
+        self.process = launcher(self.command, env)
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+
+    def _read_output(self) -> None:
+        for line in iter(self.process.stdout.readline, ""):
+            self._queue.put(line.rstrip("\n"))
+        self.process.stdout.close()
+
+    def poll(self) -> list:
+        new_lines = []
+        while True:
+            try:
+                new_lines.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for line in new_lines:
+            progress = parse_progress(line)
+            if progress is not None:
+                self.progress = max(self.progress, progress)
+        self.lines.extend(new_lines)
+        return new_lines
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """None while running (or while output is still being read)."""
+        if self.process.poll() is None or self._reader.is_alive():
+            return None
+        return self.process.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def wait(self, timeout_s: Optional[float] = None) -> int:
+        """Block until the process ends (tests, batch use). Cancels and raises CMBError on timeout."""
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise CMBError(f"detection did not finish within {timeout_s:.0f} s and was cancelled") from None
+        self._reader.join(timeout=10)
+        self.poll()
+        return self.process.returncode
+
+    def cancel(self) -> None:
+        """Kill the process and all its descendants (children first, so none is re-parented and missed)."""
+        import psutil
+
+        self.cancelled = True
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        for process in children:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.kill()  # through Popen, so that Popen (not psutil) reaps it and keeps its exit code
+        self.process.wait(timeout=10)
+        psutil.wait_procs(children, timeout=5)
+
+
+def _popen(command: list, env: Optional[dict]):
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=env)
+
+
+# =============================================================================================
+# Logic (no Qt)
+# =============================================================================================
+
+class CMBDetectorLogic(ScriptedLoadableModuleLogic):
+    """Detection runs and review actions. Usable from the Python console, the self-test and pytest.
+
+    scene / markups_logic: default to Slicer's (slicer.mrmlScene, the Markups module logic); pass them
+    explicitly when running on slicer-core.
+    """
+
+    def __init__(self, scene=None, markups_logic=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
+        self._markups_logic = markups_logic
+
+    def getParameterNode(self):
+        return CMBDetectorParameterNode(super().getParameterNode())
+
+    @property
+    def markups_logic(self):
+        if self._markups_logic is None:
+            self._markups_logic = slicer.modules.markups.logic()
+        return self._markups_logic
+
+    # ---- dependencies ---------------------------------------------------------------------
+
+    @staticmethod
+    def missing_packages() -> list:
+        """Import names of PIP_REQUIREMENTS (plus "torch") that cannot be imported."""
+        import importlib.util
+
+        names = ["torch", *PIP_REQUIREMENTS]
+        return [name for name in names if importlib.util.find_spec(name) is None]
+
+    def ensure_dependencies(self, ask=None) -> bool:
+        """Install what detection needs, after asking. Returns True when everything is importable.
+
+        ask(message) -> bool asks the user; without it nothing is installed. PyTorch comes from the
+        PyTorch extension (it picks a CUDA or CPU build); the rest through slicer.pydeps.pip_ensure
+        (Slicer >= 5.11; older notes call it slicer.packaging) or slicer.util.pip_install.
+        """
+        missing = self.missing_packages()
+        if not missing:
+            return True
+        if ask is None or not ask(_("CMB Detector needs these Python packages: {names}.\n"
+                                     "Download and install them now (a few GB for PyTorch)?")
+                                   .format(names=", ".join(missing))):
+            return False
+        if "torch" in missing:
+            self._install_torch()
+        others = [PIP_REQUIREMENTS[name] for name in missing if name in PIP_REQUIREMENTS]
+        if others:
+            self._pip_install(others)
+        return not self.missing_packages()
+
+    @staticmethod
+    def _install_torch() -> None:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise CMBError("PyTorch is missing: install the 'PyTorch' extension from the Extensions Manager, "
+                           "restart Slicer and try again") from None
+        torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torch_logic.torchInstalled():
+            if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+                raise CMBError("PyTorch installation did not complete")
+
+    @staticmethod
+    def _pip_install(requirements: list) -> None:
+        package_manager = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
+        if package_manager is not None and hasattr(package_manager, "pip_ensure"):
+            from packaging.requirements import Requirement
+
+            # torch/torchvision must stay the PyTorch extension's build: never let pip replace them
+            package_manager.pip_ensure([Requirement(r) for r in requirements],
+                                       skip_packages=["torch", "torchvision"], requester="CMBDetector")
+        else:
+            slicer.util.pip_install(requirements)
+
+    # ---- detection --------------------------------------------------------------------------
+
+    @staticmethod
+    def python_executable() -> str:
+        """PythonSlicer inside Slicer (same packages as the application), else this interpreter."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def detection_command(self, request: DetectionRequest) -> list:
+        return [self.python_executable(), "-m", "CMBDetectorLib.cli", *request.arguments()]
+
+    @staticmethod
+    def detection_environment() -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIR), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"  # progress lines arrive as they are printed
+        return env
+
+    def write_volume(self, volume_node, path) -> Path:
+        """Write a volume node to `path` (e.g. .nii.gz) with its default storage node (LPS on disk)."""
+        path = Path(path)
+        storage = volume_node.CreateDefaultStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(volume_node):
+            raise CMBError(f"could not write {volume_node.GetName()} to {path}")
+        return path
+
+    def prepare_request(self, input_node, phase_node=None, mask_node=None, threshold=None, device="auto",
+                        work_dir=None) -> DetectionRequest:
+        """Write the selected nodes to a work folder and describe the run."""
+        if input_node is None or input_node.GetImageData() is None:
+            raise InputError("select a GRE or SWI volume first")
+        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="CMBDetector-"))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", input_node.GetName()) or "input"
+        return DetectionRequest(
+            input_path=self.write_volume(input_node, work_dir / f"{stem}.nii.gz"),
+            out_dir=work_dir / "output",
+            phase_path=self.write_volume(phase_node, work_dir / f"{stem}_phase.nii.gz") if phase_node else None,
+            mask_path=self.write_volume(mask_node, work_dir / f"{stem}_mask.nii.gz") if mask_node else None,
+            threshold=threshold, device=device)
+
+    def start_detection(self, request: DetectionRequest) -> DetectionProcess:
+        """Start `cmbdetector detect` in the background; poll the returned process."""
+        request.out_dir.mkdir(parents=True, exist_ok=True)
+        launcher = None
+        if HAVE_SLICER_GUI:  # PythonSlicer needs Slicer's launcher environment
+            def launcher(command, env):
+                return slicer.util.launchConsoleProcess(command, updateEnvironment={
+                    "PYTHONPATH": env["PYTHONPATH"], "PYTHONUNBUFFERED": "1"})
+        logging.info("CMBDetector: %s", " ".join(self.detection_command(request)))
+        return DetectionProcess(self.detection_command(request), self.detection_environment(), launcher)
+
+    def run_detection(self, request: DetectionRequest, timeout_s: float = 1800.0):
+        """Blocking path (tests, batch): run, then load the findings. Returns the markups node."""
+        process = self.start_detection(request)
+        returncode = process.wait(timeout_s)
+        if returncode != 0:
+            tail = "\n".join(process.lines[-5:])
+            raise CMBError(f"detection failed (exit code {returncode}):\n{tail}")
+        return self.load_results(request.out_dir, request.stem)
+
+    def load_results(self, out_dir, stem: Optional[str] = None, name: Optional[str] = None):
+        """Load OUT_DIR/STEM.mrk.json (regions from STEM.csv when needed) as a styled review node."""
+        out_dir = Path(out_dir)
+        candidates = [out_dir / f"{stem}.mrk.json"] if stem else []
+        candidates += sorted(out_dir.glob("*.mrk.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        existing = [path for path in candidates if path.is_file()]
+        if not existing:
+            raise CMBError(f"detection wrote no .mrk.json file in {out_dir}")
+        node = review.load_findings_markups(self.markups_logic, self.scene, existing[0],
+                                            name=name or f"CMB {existing[0].name[:-len('.mrk.json')]}")
+        node.SetAttribute("CMBDetector.outputDirectory", str(out_dir))
+        return node
+
+    @staticmethod
+    def model_versions(out_dir) -> dict:
+        """Model names/versions recorded in the run's summary JSON (STEM.json), if any."""
+        import json
+
+        for path in sorted(Path(out_dir).glob("*.json")):
+            if path.name.endswith(".mrk.json"):
+                continue
+            try:
+                summary = json.loads(path.read_text())
+            except ValueError:
+                continue
+            versions = summary.get("model_versions") or summary.get("models")
+            if isinstance(versions, dict):
+                return versions
+        return {}
+
+    # ---- sample data (simulated: no download) ---------------------------------------------
+
+    def load_sample_scan(self, seed: int = 7, acquisition: str = "swi3t"):
+        """Simulate a scan and add its magnitude (returned), phase and hidden ground-truth points."""
+        from CMBDetectorLib.findings import Finding
+        from CMBDetectorLib.simulate.synth import simulate_scan
+
+        scan = simulate_scan(seed=int(seed), acquisition=acquisition)
+        magnitude = review.volume_node_from_volume(self.scene, scan.magnitude, f"{scan.scan_id}")
+        phase = review.volume_node_from_volume(self.scene, scan.phase, f"{scan.scan_id}_phase")
+        truth_findings = [Finding(label=f"truth-{cmb['id']}", position_ras=tuple(cmb["center_ras"]), score=1.0,
+                                  diameter_mm=cmb.get("apparent_diameter_mm", float("nan")),
+                                  region=cmb.get("region", "unknown"), lobe=cmb.get("lobe", ""),
+                                  status="accepted")
+                          for cmb in scan.truth.get("microbleeds", [])]
+        truth = review.findings_to_markups_node(self.scene, truth_findings, f"{scan.scan_id} truth")
+        truth.GetDisplayNode().SetVisibility(False)  # reveal it after reviewing, to check yourself
+        magnitude.SetAttribute("CMBDetector.phaseNodeID", phase.GetID())
+        magnitude.SetAttribute("CMBDetector.truthNodeID", truth.GetID())
+        return magnitude
+
+    # ---- review (all decisions in review.py) ------------------------------------------------
+
+    def set_state(self, node, index: int, state: str) -> int:
+        """Record a decision; returns the index to show next: the next visible pending point, else the
+        next visible point, else -1."""
+        review.set_state(node, index, state)
+        return review.next_index(node, index, +1, pending_first=True)
+
+    def accept(self, node, index: int) -> int:
+        return self.set_state(node, index, "accepted")
+
+    def reject(self, node, index: int) -> int:
+        return self.set_state(node, index, "rejected")
+
+    @staticmethod
+    def step(node, index: int, step: int) -> int:
+        return review.next_index(node, index, step)
+
+    @staticmethod
+    def apply_threshold(node, threshold: float) -> int:
+        return review.apply_threshold(node, threshold)
+
+    @staticmethod
+    def review_table(node) -> list:
+        return review.review_table(node)
+
+    @staticmethod
+    def counts_text(node) -> str:
+        """One line for the panel, e.g. "3 accepted, 1 rejected, 0 added, 2 pending | lobar 2, deep 1, ..."."""
+        counts = review.review_counts(node)
+        states = ", ".join(f"{counts[s]} {s}" for s in ("accepted", "rejected", "added", "pending"))
+        regions = ", ".join(f"{region} {counts['by_region'][region]['confirmed']}"
+                            for region in ("lobar", "deep", "infratentorial"))
+        return f"{states} | confirmed: {regions}"
+
+    def jump_to(self, node, index: int) -> None:
+        """Centre the slice views on point `index`."""
+        if 0 <= index < node.GetNumberOfControlPoints():
+            self.markups_logic.JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
+
+    def export(self, node, out_dir, reader: str = "", input_node=None, threshold=None) -> dict:
+        """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName())
+        run_dir = node.GetAttribute("CMBDetector.outputDirectory")
+        written = {"csv": out_dir / f"{stem}_review.csv", "json": out_dir / f"{stem}_review.json"}
+        review.export_review(node, written["csv"], written["json"], reader=reader,
+                             input_name=input_node.GetName() if input_node else "",
+                             model_versions=self.model_versions(run_dir) if run_dir else {}, threshold=threshold)
+        if input_node is not None:
+            labelmap = self.export_labelmap(node, input_node)
+            written["labelmap"] = self.write_volume(labelmap, out_dir / f"{stem}_accepted.nii.gz")
+        return written
+
+    def export_labelmap(self, node, reference_volume_node, radius_mm: float = 1.5):
+        return review.export_accepted_labelmap(self.scene, node, reference_volume_node, radius_mm)
+
+
+# =============================================================================================
+# Widget (Qt; thin: every decision is a Logic/review.py call)
+# =============================================================================================
+
+class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_MS = 200
+    SHORTCUTS = (("A", "onAccept"), ("R", "onReject"), ("N", "onNext"), ("P", "onPrevious"))
+    TABLE_COLUMNS = ("label", "score", "diameter_mm", "region", "lobe", "state")
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._observedFindings = None
+        self._process = None
+        self._request = None
+        self._currentIndex = -1
+        self._shortcuts = []
+        self._refreshPending = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CMBDetector.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CMBDetectorLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.detectButton.connect("clicked(bool)", self.onDetect)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
+        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self.ui.previousButton.connect("clicked(bool)", self.onPrevious)
+        self.ui.nextButton.connect("clicked(bool)", self.onNext)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
+        self.ui.rejectButton.connect("clicked(bool)", self.onReject)
+        self.ui.addPointButton.connect("clicked(bool)", self.onAddPoint)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
+        self.ui.reviewTable.connect("cellClicked(int,int)", self.onTableClicked)
+        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.findingsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onFindingsChanged)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.exportDirectoryButton.directory = str(Path.home())
+
+        self.ui.reviewTable.setColumnCount(len(self.TABLE_COLUMNS))
+        self.ui.reviewTable.setHorizontalHeaderLabels([_("Label"), _("Score"), _("Size (mm)"), _("Region"),
+                                                       _("Lobe"), _("State")])
+        self.ui.reviewTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        self.ui.reviewTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.setValue(0)
+        self.initializeParameterNode()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self._removeShortcuts()
+        if self._process is not None and self._process.running:
+            self._process.cancel()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self._installShortcuts()
+
+    def exit(self) -> None:
+        self._removeShortcuts()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+        self._observeFindings(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._observeFindings(self._parameterNode.findings)
+        self.updateButtons()
+
+    def _installShortcuts(self) -> None:
+        self._removeShortcuts()
+        for key, slotName in self.SHORTCUTS:
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.connect("activated()", getattr(self, slotName))
+            self._shortcuts.append(shortcut)
+
+    def _removeShortcuts(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(False)  # the main window owns it until deleteLater runs
+            shortcut.deleteLater()
+        self._shortcuts = []
+
+    # ---- detection ------------------------------------------------------------------------
+
+    def onCheckDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Installing dependencies failed."), waitCursor=True):
+            if self.logic.ensure_dependencies(ask=slicer.util.confirmOkCancelDisplay):
+                self.appendLog(_("All dependencies are installed."))
+
+    def onDetect(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not start detection."), waitCursor=True):
+            if not self.logic.ensure_dependencies(ask=slicer.util.confirmOkCancelDisplay):
+                self.appendLog(_("Detection needs the packages listed above; nothing was installed."))
+                return
+            self._request = self.logic.prepare_request(p.inputVolume, p.phaseVolume, p.maskVolume,
+                                                       threshold=None, device=p.device)
+            self._process = self.logic.start_detection(self._request)
+            self.ui.logTextEdit.clear()
+            self.appendLog(" ".join(self._process.command))
+            self.ui.progressBar.setValue(0)
+            self.updateButtons()
+            qt.QTimer.singleShot(self.POLL_MS, self._pollDetection)
+
+    def _pollDetection(self) -> None:
+        if self._process is None:
+            return
+        for line in self._process.poll():
+            self.appendLog(line)
+        self.ui.progressBar.setValue(int(round(100 * self._process.progress)))
+        if self._process.running:
+            qt.QTimer.singleShot(self.POLL_MS, self._pollDetection)
+            return
+        process, self._process = self._process, None
+        self.updateButtons()
+        if process.cancelled:
+            self.appendLog(_("Detection cancelled."))
+        elif process.returncode != 0:
+            slicer.util.errorDisplay(_("Detection failed (exit code {code}). See the log.").format(
+                code=process.returncode))
+        else:
+            with slicer.util.tryWithErrorDisplay(_("Could not load the findings.")):
+                node = self.logic.load_results(self._request.out_dir, self._request.stem)
+                self.ui.progressBar.setValue(100)
+                self._parameterNode.findings = node
+                self.onThresholdChanged(self.ui.thresholdSlider.value)
+
+    def onCancel(self) -> None:
+        if self._process is not None:
+            self._process.cancel()
+
+    def appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onLoadSample(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not simulate the sample scan."), waitCursor=True):
+            node = self.logic.load_sample_scan(seed=self._parameterNode.sampleSeed)
+            self._parameterNode.inputVolume = node
+            self._parameterNode.phaseVolume = slicer.mrmlScene.GetNodeByID(node.GetAttribute("CMBDetector.phaseNodeID"))
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
+
+    # ---- review -----------------------------------------------------------------------------
+
+    def _findings(self):
+        return self._parameterNode.findings if self._parameterNode else None
+
+    def onFindingsChanged(self, node) -> None:
+        self._observeFindings(node)
+        self._currentIndex = -1
+        self.refreshTable()
+
+    def _observeFindings(self, node) -> None:
+        if self._observedFindings is not None:
+            for event in (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
+                          slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent):
+                self.removeObserver(self._observedFindings, event, self.onFindingsModified)
+            self.removeObserver(self._observedFindings, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+                                self.onPointRemoved)
+        self._observedFindings = node
+        if node is not None:
+            for event in (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
+                          slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent):
+                self.addObserver(node, event, self.onFindingsModified)
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointRemovedEvent, self.onPointRemoved)
+
+    def onFindingsModified(self, caller, event) -> None:
+        # many events arrive per edit: refresh once, after the event loop settles
+        if not self._refreshPending:
+            self._refreshPending = True
+            qt.QTimer.singleShot(0, self.refreshTable)
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPointRemoved(self, caller, event, index) -> None:
+        review.forget_removed_point(caller, index)
+        self.onFindingsModified(caller, event)
+
+    def refreshTable(self) -> None:
+        self._refreshPending = False
+        node = self._findings()
+        table = self.ui.reviewTable
+        rows = self.logic.review_table(node) if node else []  # also adopts reader-placed points
+        table.setRowCount(len(rows))
+        for rowIndex, row in enumerate(rows):
+            for column, key in enumerate(self.TABLE_COLUMNS):
+                value = row[key]
+                text = f"{value:.2f}" if isinstance(value, float) and value == value else (
+                    "" if isinstance(value, float) else str(value))
+                item = qt.QTableWidgetItem(text)
+                if not row["visible"]:
+                    item.setForeground(qt.QBrush(qt.QColor("gray")))
+                table.setItem(rowIndex, column, item)
+        if 0 <= self._currentIndex < len(rows):
+            table.selectRow(self._currentIndex)
+        self.ui.countsLabel.text = self.logic.counts_text(node) if node else ""
+        self.updateButtons()
+
+    def _show(self, index: int) -> None:
+        self._currentIndex = index
+        node = self._findings()
+        if node is not None and index >= 0:
+            self.logic.jump_to(node, index)
+            self.ui.reviewTable.selectRow(index)
+
+    def onTableClicked(self, row: int, column: int) -> None:
+        self._show(row)
+
+    def onNext(self) -> None:
+        if self._findings():
+            self._show(self.logic.step(self._findings(), self._currentIndex, +1))
+
+    def onPrevious(self) -> None:
+        if self._findings():
+            self._show(self.logic.step(self._findings(), max(self._currentIndex, 0), -1))
+
+    def _decide(self, state: str) -> None:
+        node = self._findings()
+        if node is None or not 0 <= self._currentIndex < node.GetNumberOfControlPoints():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not record the decision.")):
+            self._show(self.logic.set_state(node, self._currentIndex, state))
+
+    def onAccept(self) -> None:
+        self._decide("accepted")
+
+    def onReject(self) -> None:
+        self._decide("rejected")
+
+    def onAddPoint(self) -> None:
+        """Place one point with the mouse; it becomes an "added" finding when placed."""
+        node = self._findings()
+        if node is None:
+            return
+        self.logic.markups_logic.SetActiveList(node)
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        interaction.SetPlaceModePersistence(0)
+        interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def onThresholdChanged(self, value: float) -> None:
+        node = self._findings()
+        if node is not None:
+            self.logic.apply_threshold(node, float(value))
+            self.refreshTable()
+
+    def onExport(self) -> None:
+        node, p = self._findings(), self._parameterNode
+        if node is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+            written = self.logic.export(node, self.ui.exportDirectoryButton.directory, reader=p.reader,
+                                        input_node=p.inputVolume, threshold=p.threshold)
+            self.appendLog(_("Exported: ") + ", ".join(str(path) for path in written.values()))
+
+    def onExportLabelmap(self) -> None:
+        node, p = self._findings(), self._parameterNode
+        if node is None or p.inputVolume is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Labelmap export failed.")):
+            labelmap = self.logic.export_labelmap(node, p.inputVolume)
+            slicer.util.setSliceViewerLayers(label=labelmap)
+
+    def updateButtons(self, *args) -> None:
+        running = self._process is not None
+        p = self._parameterNode
+        hasInput = bool(p and p.inputVolume)
+        hasFindings = bool(p and p.findings and p.findings.GetNumberOfControlPoints() >= 0)
+        self.ui.detectButton.enabled = hasInput and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.loadSampleButton.enabled = not running
+        for button in (self.ui.previousButton, self.ui.nextButton, self.ui.acceptButton, self.ui.rejectButton,
+                       self.ui.addPointButton, self.ui.exportButton, self.ui.exportLabelmapButton):
+            button.enabled = hasFindings
+
+
+# =============================================================================================
+# Self-test (real Slicer: Developer mode -> Reload and Test)
+# =============================================================================================
+
+class CMBDetectorTest(ScriptedLoadableModuleTest):
+    """Exercises the Logic on a simulated sample scan; no download, no model weights needed."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_review_on_simulated_scan()
+        self.setUp()
+        self.test_detection_process_cancel()
+
+    def test_review_on_simulated_scan(self):
+        self.delayDisplay("Simulating a sample scan")
+        logic = CMBDetectorLogic()
+        magnitude = logic.load_sample_scan(seed=3)
+        truth = slicer.mrmlScene.GetNodeByID(magnitude.GetAttribute("CMBDetector.truthNodeID"))
+        self.assertGreater(truth.GetNumberOfControlPoints(), 0)
+        findings = review.node_findings(truth)
+        for finding in findings:
+            finding.status = "pending"
+        node = review.findings_to_markups_node(slicer.mrmlScene, findings, "CMB self-test")
+        logic.accept(node, 0)
+        if node.GetNumberOfControlPoints() > 1:
+            logic.reject(node, 1)
+        counts = review.review_counts(node)
+        self.assertEqual(counts["accepted"], 1)
+        self.assertEqual(counts["total"], len(findings))
+        labelmap = logic.export_labelmap(node, magnitude)
+        self.assertEqual(int(slicer.util.arrayFromVolume(labelmap).max()), 1)
+        out_dir = Path(tempfile.mkdtemp(prefix="CMBDetectorTest-"))
+        written = logic.export(node, out_dir, reader="self-test", input_node=magnitude)
+        self.assertTrue(all(Path(path).is_file() for path in written.values()))
+        self.delayDisplay("Review test passed")
+
+    def test_detection_process_cancel(self):
+        command = [sys.executable, "-c", "import time\nfor i in range(100):\n print(f'[{i}/100]', flush=True)\n"
+                   " time.sleep(0.1)"]
+        process = DetectionProcess(command)
+        time.sleep(1.0)
+        process.poll()
+        self.assertGreater(process.progress, 0.0)
+        process.cancel()
+        process.wait(10)
+        self.assertTrue(process.cancelled)
+        self.delayDisplay("Cancel test passed")

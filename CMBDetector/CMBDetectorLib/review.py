@@ -1,0 +1,517 @@
+"""The review layer: review states, counts and exports over a Slicer markups fiducial node.
+
+MRML only: this module uses `slicer` MRML classes (from the desktop application or from the
+`slicer-core` wheel) and `vtk`, never Qt, so the module widget, the module logic, the self-test and
+pytest all call the same functions.
+
+How a finding lives in a markups node (one control point per finding):
+- position: the control point position, RAS millimetres (world frame).
+- review state: the control point *description*, one word of findings.REVIEW_STATES. A point the reader
+  places has an empty description; it counts as "added" (adopt_new_points writes the word).
+- score, diameter, region, lobe: four static measurements (vtkMRMLStaticMeasurement) whose
+  ControlPointValues array holds one value per control point, in control point order. Static
+  measurements are written to and read from `.mrk.json` ("measurements": [{"name",
+  "controlPointValues"}]), so they survive a scene save / reload. Region and lobe are stored as codes:
+  the index into findings.REGIONS and into LOBES (NaN = unknown).
+  Slicer does not keep these arrays aligned when points are added or removed: adopt_new_points pads
+  them, remove_point / forget_removed_point drop the removed point's entry.
+
+What the reader sees at a glance (a markups display node has only Color and SelectedColor):
+- pending points are *selected*: drawn in SelectedColor (amber), label "CMB-3".
+- decided points are *unselected*: drawn in Color (cyan), and the label carries the decision:
+  "CMB-3 [A]" accepted, "CMB-3 [R]" rejected, "CMB-7 [+]" added by the reader.
+- rejected points are also locked, so they cannot be dragged by accident.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import findings as findings_module
+from .errors import CMBError, InputError
+from .findings import CSV_COLUMNS, REGIONS, REVIEW_STATES, Finding, read_csv, write_csv
+
+# Lobe codes: index into LOBES (findings.py is the owner once it writes region/lobe measurements itself).
+LOBES = getattr(findings_module, "LOBES", ("", "frontal", "parietal", "temporal", "occipital", "insula"))
+# measurement name -> (units, print format); "score" and "diameter" match findings.write_markups_json.
+MEASUREMENTS = {
+    "score": ("", "%.3f"),
+    "diameter": ("mm", "%.1f"),
+    "region": ("", "%.0f"),   # index into findings.REGIONS
+    "lobe": ("", "%.0f"),     # index into LOBES
+}
+LABEL_SUFFIX = {"pending": "", "accepted": " [A]", "rejected": " [R]", "added": " [+]"}
+PENDING_COLOR = (1.0, 0.75, 0.0)   # SelectedColor: amber, "still to read"
+DECIDED_COLOR = (0.3, 0.85, 1.0)   # Color: cyan, "read"; the label suffix tells which decision
+LABEL_FORMAT = "CMB-%d"
+CONFIRMED_STATES = ("accepted", "added")  # states that count as a lesion in counts and the labelmap
+_SUFFIX_PATTERN = re.compile(r"\s\[[AR+]\]$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a node
+# ---------------------------------------------------------------------------------------------
+
+def findings_to_markups_node(scene, findings: list, name: str = "CMB detections"):
+    """A new vtkMRMLMarkupsFiducialNode in `scene`, one control point per Finding (RAS positions)."""
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetMarkupLabelFormat(LABEL_FORMAT)
+    was_modifying = node.StartModify()
+    for finding in findings:
+        index = node.AddControlPoint([float(v) for v in finding.position_ras], finding.label)
+        node.SetNthControlPointDescription(index, finding.status if finding.status in REVIEW_STATES else "pending")
+    node.EndModify(was_modifying)
+    columns = {
+        "score": [f.score for f in findings],
+        "diameter": [f.diameter_mm for f in findings],
+        "region": [_code(REGIONS, f.region) for f in findings],
+        "lobe": [_code(LOBES, f.lobe) for f in findings],
+    }
+    for measurement_name, values in columns.items():
+        _set_measurement_values(node, measurement_name, values, slicer)
+    style_node(node)
+    return node
+
+
+def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = None, csv_path=None):
+    """Load a STEM.mrk.json (from `cmbdetector detect` or a saved review) with the markups logic.
+
+    Region and lobe come from the file's "region"/"lobe" measurements when present; otherwise from the
+    STEM.csv beside it (or `csv_path`), matched by label. Returns the styled markups node.
+    """
+    mrk_path = Path(mrk_path)
+    if not mrk_path.is_file():
+        raise InputError(f"markups file not found: {mrk_path}")
+    node_id = markups_logic.LoadMarkups(str(mrk_path), name or _stem(mrk_path))
+    node = scene.GetNodeByID(node_id) if node_id else None
+    if node is None:
+        raise InputError(f"Slicer could not load the markups file {mrk_path}")
+    node.SetMarkupLabelFormat(LABEL_FORMAT)
+    csv_path = Path(csv_path) if csv_path else mrk_path.with_name(_stem(mrk_path) + ".csv")
+    if node.GetMeasurement("region") is None and csv_path.is_file():
+        _regions_from_csv(node, csv_path)
+    adopt_new_points(node)
+    style_node(node)
+    return node
+
+
+def _regions_from_csv(node, csv_path: Path) -> None:
+    import slicer
+
+    by_label = {f.label: f for f in read_csv(csv_path)}
+    rows = [by_label.get(base_label(node, i)) for i in range(node.GetNumberOfControlPoints())]
+    _set_measurement_values(node, "region", [_code(REGIONS, r.region) if r else math.nan for r in rows], slicer)
+    _set_measurement_values(node, "lobe", [_code(LOBES, r.lobe) if r else math.nan for r in rows], slicer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-point values (static measurements)
+# ---------------------------------------------------------------------------------------------
+
+def _set_measurement_values(node, measurement_name: str, values, slicer_module=None) -> None:
+    """Replace (or create) the static measurement `measurement_name` with one value per point."""
+    import vtk
+
+    slicer_module = slicer_module or __import__("slicer")
+    array = vtk.vtkDoubleArray()
+    array.SetName(measurement_name)
+    for value in values:
+        array.InsertNextValue(float(value) if value is not None else math.nan)
+    measurement = node.GetMeasurement(measurement_name)
+    if measurement is None:
+        measurement = slicer_module.vtkMRMLStaticMeasurement()
+        measurement.SetName(measurement_name)
+        units, print_format = MEASUREMENTS.get(measurement_name, ("", "%.3f"))
+        measurement.SetUnits(units)
+        measurement.SetPrintFormat(print_format)
+        measurement.SetEnabled(True)
+        measurement.SetControlPointValues(array)
+        node.AddMeasurement(measurement)
+    else:
+        measurement.SetControlPointValues(array)
+
+
+def _measurement_values(node, measurement_name: str) -> list:
+    """The measurement's per-point values as a list of floats (may be shorter than the point count)."""
+    measurement = node.GetMeasurement(measurement_name)
+    array = measurement.GetControlPointValues() if measurement is not None else None
+    if array is None:
+        return []
+    return [array.GetValue(i) for i in range(array.GetNumberOfTuples())]
+
+
+def _value(values: list, index: int) -> float:
+    return float(values[index]) if index < len(values) else math.nan
+
+
+def point_values(node, index: int, columns: dict | None = None) -> dict:
+    """score, diameter_mm (NaN when unknown), region, lobe ("unknown"/"" when unknown) of point `index`.
+
+    columns: {measurement name: values} from _measurement_columns, to avoid re-reading per point.
+    """
+    columns = columns or _measurement_columns(node)
+    return {
+        "score": _value(columns["score"], index),
+        "diameter_mm": _value(columns["diameter"], index),
+        "region": _name(REGIONS, _value(columns["region"], index), "unknown"),
+        "lobe": _name(LOBES, _value(columns["lobe"], index), ""),
+    }
+
+
+def _measurement_columns(node) -> dict:
+    return {name: _measurement_values(node, name) for name in MEASUREMENTS}
+
+
+def set_point_values(node, index: int, score=None, diameter_mm=None, region=None, lobe=None) -> None:
+    """Change some per-point values of point `index` (None leaves a value as it is)."""
+    adopt_new_points(node)
+    updates = {"score": score, "diameter": diameter_mm,
+               "region": None if region is None else _code(REGIONS, region),
+               "lobe": None if lobe is None else _code(LOBES, lobe)}
+    for measurement_name, value in updates.items():
+        if value is None:
+            continue
+        values = _padded(_measurement_values(node, measurement_name), node.GetNumberOfControlPoints())
+        values[index] = float(value)
+        _set_measurement_values(node, measurement_name, values)
+
+
+def _padded(values: list, count: int) -> list:
+    return (list(values) + [math.nan] * count)[:count]
+
+
+def adopt_new_points(node) -> list:
+    """Make points placed by the reader first-class: description "added", NaN values, styled label.
+
+    Returns the indices that were adopted. Call after a point is placed (PointPositionDefinedEvent)
+    and before reading measurements.
+    """
+    count = node.GetNumberOfControlPoints()
+    for measurement_name in MEASUREMENTS:
+        values = _measurement_values(node, measurement_name)
+        if len(values) < count:
+            _set_measurement_values(node, measurement_name, _padded(values, count))
+    adopted = [i for i in range(count) if not node.GetNthControlPointDescription(i).strip()]
+    for index in adopted:
+        set_state(node, index, "added")
+    return adopted
+
+
+def remove_point(node, index: int) -> None:
+    """Delete point `index` and its entries in every per-point measurement."""
+    node.RemoveNthControlPoint(index)
+    forget_removed_point(node, index)
+
+
+def forget_removed_point(node, index: int) -> None:
+    """Drop entry `index` from every measurement longer than the point count (after a removal).
+
+    The widget calls this from its PointRemovedEvent observer, which receives the removed index.
+    """
+    count = node.GetNumberOfControlPoints()
+    for measurement_name in MEASUREMENTS:
+        values = _measurement_values(node, measurement_name)
+        if len(values) > count and index < len(values):
+            del values[index]
+            _set_measurement_values(node, measurement_name, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review states and their look
+# ---------------------------------------------------------------------------------------------
+
+def get_state(node, index: int) -> str:
+    """Review state of point `index`; an empty or unknown description is a reader-placed point: "added"."""
+    word = node.GetNthControlPointDescription(index).strip().lower()
+    return word if word in REVIEW_STATES else "added"
+
+
+def set_state(node, index: int, state: str) -> None:
+    """Set the review state word and the visible cues (label suffix, selected and locked flags)."""
+    if state not in REVIEW_STATES:
+        raise CMBError(f"unknown review state {state!r}; expected one of {', '.join(REVIEW_STATES)}")
+    if not 0 <= index < node.GetNumberOfControlPoints():
+        raise CMBError(f"no control point {index} in {node.GetName()} ({node.GetNumberOfControlPoints()} points)")
+    was_modifying = node.StartModify()
+    node.SetNthControlPointDescription(index, state)
+    _style_point(node, index, state)
+    node.EndModify(was_modifying)
+
+
+def base_label(node, index: int) -> str:
+    """The point's label without the review suffix, e.g. "CMB-3"."""
+    return _SUFFIX_PATTERN.sub("", node.GetNthControlPointLabel(index))
+
+
+def _style_point(node, index: int, state: str) -> None:
+    node.SetNthControlPointLabel(index, base_label(node, index) + LABEL_SUFFIX[state])
+    node.SetNthControlPointSelected(index, state == "pending")
+    node.SetNthControlPointLocked(index, state == "rejected")
+
+
+def style_node(node) -> None:
+    """Colours and label cues for every point (see the module docstring)."""
+    display = node.GetDisplayNode()
+    if display is None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    if display is not None:
+        display.SetSelectedColor(*PENDING_COLOR)
+        display.SetColor(*DECIDED_COLOR)
+        display.SetPointLabelsVisibility(True)
+    was_modifying = node.StartModify()
+    for index in range(node.GetNumberOfControlPoints()):
+        _style_point(node, index, get_state(node, index))
+    node.EndModify(was_modifying)
+
+
+# ---------------------------------------------------------------------------------------------
+# Threshold, navigation, table, counts
+# ---------------------------------------------------------------------------------------------
+
+def is_shown_at(state: str, score: float, threshold: float) -> bool:
+    """Reader decisions (accepted, added) always show; detector findings show when score >= threshold."""
+    if state in CONFIRMED_STATES:
+        return True
+    return not (math.isfinite(score) and score < threshold)
+
+
+def apply_threshold(node, threshold: float) -> int:
+    """Hide (visibility off, never delete) pending/rejected points scoring below `threshold`.
+
+    Returns the number of hidden points.
+    """
+    scores = _measurement_values(node, "score")
+    hidden = 0
+    was_modifying = node.StartModify()
+    for index in range(node.GetNumberOfControlPoints()):
+        shown = is_shown_at(get_state(node, index), _value(scores, index), threshold)
+        node.SetNthControlPointVisibility(index, shown)
+        hidden += not shown
+    node.EndModify(was_modifying)
+    return hidden
+
+
+def next_index(node, current: int, step: int = 1, pending_first: bool = False) -> int:
+    """The next (step=+1) or previous (step=-1) visible point after `current`, wrapping around.
+
+    With pending_first, a pending point is preferred when one is visible. -1 when nothing is visible.
+    """
+    count = node.GetNumberOfControlPoints()
+    order = [(current + step * offset) % count for offset in range(1, count + 1)] if count else []
+    visible = [i for i in order if node.GetNthControlPointVisibility(i)]
+    if pending_first:
+        pending = [i for i in visible if get_state(node, i) == "pending"]
+        visible = pending or visible
+    return visible[0] if visible else -1
+
+
+def review_table(node) -> list:
+    """One dict per point, in control point order: index, label, score, diameter_mm, region, lobe,
+    state, visible, position_ras (tuple of 3 floats, RAS mm)."""
+    adopt_new_points(node)
+    columns = _measurement_columns(node)
+    rows = []
+    for index in range(node.GetNumberOfControlPoints()):
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, position)
+        rows.append({"index": index, "label": base_label(node, index), **point_values(node, index, columns),
+                     "state": get_state(node, index), "visible": bool(node.GetNthControlPointVisibility(index)),
+                     "position_ras": tuple(float(v) for v in position)})
+    return rows
+
+
+def review_counts(node) -> dict:
+    """Counts per state, and per region: {"accepted", "rejected", "added", "pending", "total",
+    "confirmed" (accepted + added), "by_region": {region: {state: n, "confirmed": n}},
+    "lobar_by_lobe": {lobe: confirmed n}}."""
+    rows = review_table(node)
+    counts = {state: 0 for state in REVIEW_STATES}
+    by_region = {region: {**{state: 0 for state in REVIEW_STATES}, "confirmed": 0} for region in REGIONS}
+    by_lobe = {lobe: 0 for lobe in LOBES if lobe}
+    for row in rows:
+        counts[row["state"]] += 1
+        by_region[row["region"]][row["state"]] += 1
+        if row["state"] in CONFIRMED_STATES:
+            by_region[row["region"]]["confirmed"] += 1
+            if row["region"] == "lobar" and row["lobe"]:
+                by_lobe[row["lobe"]] += 1
+    counts["total"] = len(rows)
+    counts["confirmed"] = counts["accepted"] + counts["added"]
+    counts["by_region"] = by_region
+    counts["lobar_by_lobe"] = by_lobe
+    return counts
+
+
+def node_findings(node) -> list:
+    """The node's points as Finding records (base labels, RAS positions, review state as status)."""
+    return [Finding(label=row["label"], position_ras=row["position_ras"], score=row["score"],
+                    diameter_mm=row["diameter_mm"], region=row["region"], lobe=row["lobe"], status=row["state"])
+            for row in review_table(node)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports
+# ---------------------------------------------------------------------------------------------
+
+def export_review(node, csv_path, json_path, reader: str = "", input_name: str = "",
+                  model_versions: dict | None = None, threshold: float | None = None) -> dict:
+    """Write the reviewed findings.
+
+    csv_path: findings.CSV_COLUMNS, one row per point (every state), readable by findings.read_csv.
+    json_path: {"software", "reviewed_at" (UTC ISO 8601), "reader", "input", "model_versions",
+    "threshold", "counts" (review_counts), "findings" (Finding.to_dict per point)}.
+    Returns the JSON document.
+    """
+    findings = node_findings(node)
+    write_csv(findings, csv_path)
+    document = {
+        "software": f"CMBDetector {__version__}",
+        "reviewed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "reader": reader,
+        "input": input_name,
+        "model_versions": dict(model_versions or {}),
+        "threshold": threshold,
+        "counts": review_counts(node),
+        "findings": [_json_safe(f.to_dict()) for f in findings],
+    }
+    Path(json_path).write_text(json.dumps(document, indent=2, allow_nan=False))
+    return document
+
+
+def _json_safe(record: dict) -> dict:
+    """NaN (unknown score/diameter of reader-added points) becomes null: JSON has no NaN."""
+    return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+            for key, value in record.items()}
+
+
+def export_accepted_labelmap(scene, node, reference_volume_node, radius_mm: float = 1.5,
+                             name: str | None = None):
+    """A vtkMRMLLabelMapVolumeNode on the reference volume's grid marking confirmed lesions.
+
+    Each accepted or reader-added point becomes a sphere of its diameter (or of `radius_mm` when the
+    diameter is unknown) with label value = control point index + 1. Pending and rejected points are
+    left out. Voxels are in the reference volume's IJK grid; sphere membership is tested in RAS mm, so
+    anisotropic and oblique grids are handled.
+    """
+    import slicer
+    import vtk
+
+    reference_image = reference_volume_node.GetImageData() if reference_volume_node else None
+    if reference_image is None:
+        raise InputError("export_accepted_labelmap needs a reference volume with image data")
+    dims_ijk = reference_image.GetDimensions()
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference_volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    affine = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
+    ras_to_ijk = np.linalg.inv(affine)
+    labels_kji = np.zeros(dims_ijk[::-1], dtype=np.uint16)
+    for row in review_table(node):
+        if row["state"] not in CONFIRMED_STATES:
+            continue
+        radius = row["diameter_mm"] / 2 if math.isfinite(row["diameter_mm"]) and row["diameter_mm"] > 0 else radius_mm
+        _paint_sphere(labels_kji, affine, ras_to_ijk, np.asarray(row["position_ras"]), radius, row["index"] + 1)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name or f"{node.GetName()} accepted")
+    labelmap.SetIJKToRASMatrix(ijk_to_ras)
+    slicer.util.updateVolumeFromArray(labelmap, labels_kji)
+    labelmap.CreateDefaultDisplayNodes()
+    return labelmap
+
+
+def _paint_sphere(labels_kji: np.ndarray, affine: np.ndarray, ras_to_ijk: np.ndarray,
+                  centre_ras: np.ndarray, radius_mm: float, value: int) -> None:
+    """Set voxels whose centre lies within radius_mm (RAS) of centre_ras; at least the nearest voxel."""
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    centre_ijk = ras_to_ijk[:3, :3] @ centre_ras + ras_to_ijk[:3, 3]
+    reach = np.ceil(radius_mm / spacing).astype(int) + 1
+    shape_ijk = labels_kji.shape[::-1]
+    low = np.maximum(np.floor(centre_ijk).astype(int) - reach, 0)
+    high = np.minimum(np.ceil(centre_ijk).astype(int) + reach + 1, shape_ijk)
+    if np.any(high <= low):
+        return  # the lesion lies outside the reference grid
+    i, j, k = np.meshgrid(*(np.arange(lo, hi) for lo, hi in zip(low, high)), indexing="ij")
+    ijk = np.stack([i, j, k], axis=-1).reshape(-1, 3)
+    ras = ijk @ affine[:3, :3].T + affine[:3, 3]
+    inside = np.linalg.norm(ras - centre_ras, axis=1) <= radius_mm
+    if not inside.any():
+        nearest = np.clip(np.rint(centre_ijk).astype(int), 0, np.asarray(shape_ijk) - 1)
+        ijk, inside = nearest[None, :], np.array([True])
+    hits = ijk[inside]
+    labels_kji[hits[:, 2], hits[:, 1], hits[:, 0]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes: CMBDetectorLib.image.Volume <-> vtkMRMLScalarVolumeNode
+# ---------------------------------------------------------------------------------------------
+
+def volume_node_from_volume(scene, volume, name: str = "CMB input", labelmap: bool = False):
+    """A scalar (or labelmap) volume node holding `volume`.
+
+    Volume.array is (I, J, K) in voxel order; VTK image scalars are laid out with i fastest, which
+    slicer.util sees as a (K, J, I) array, hence the transpose. Volume.affine is the IJK->RAS matrix.
+    """
+    import slicer
+
+    node_class = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(node_class, name)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.asarray(volume.affine, dtype=float)))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.transpose(volume.array, (2, 1, 0))))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def volume_from_volume_node(node):
+    """The node's voxels as a Volume (float32 (I, J, K) array, IJK->RAS affine)."""
+    import slicer
+    import vtk
+
+    from .image import Volume
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    array_ijk = np.transpose(slicer.util.arrayFromVolume(node), (2, 1, 0)).astype(np.float32)
+    return Volume(np.ascontiguousarray(array_ijk), slicer.util.arrayFromVTKMatrix(matrix),
+                  {"source": f"Slicer node {node.GetName()}"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+def _code(names: tuple, name: str) -> float:
+    """Index of `name` in `names` as a float; NaN when it is not one of them."""
+    return float(names.index(name)) if name in names else math.nan
+
+
+def _name(names: tuple, code: float, default: str) -> str:
+    if not math.isfinite(code) or not 0 <= int(code) < len(names):
+        return default
+    return names[int(code)]
+
+
+def _stem(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".mrk.json", ".json", ".csv"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def read_review_csv(path) -> list:
+    """Rows of a CSV written by export_review, as dicts keyed by findings.CSV_COLUMNS."""
+    with Path(path).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            raise InputError(f"{path}: columns {reader.fieldnames} are not CMBDetector's {CSV_COLUMNS}")
+        return list(reader)

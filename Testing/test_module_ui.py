@@ -1,0 +1,263 @@
+"""The Slicer module's files, and its Qt-free Logic on slicer-core.
+
+The Widget needs the Slicer desktop application (Qt, CTK); here we check what can be checked without
+it: the .ui parses and holds every widget the Widget uses, the module compiles and imports on
+slicer-core, the background process runner reports progress and Cancel kills the whole process tree,
+and the extension description files carry the keys the Extensions Index needs.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import re
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_FILE = ROOT / "CMBDetector" / "CMBDetector.py"
+UI_FILE = ROOT / "CMBDetector" / "Resources" / "UI" / "CMBDetector.ui"
+
+
+def ui_widgets() -> dict:
+    """name -> (class, {dynamic property: value}) for every widget in the .ui file."""
+    tree = ElementTree.parse(UI_FILE)
+    widgets = {}
+    for widget in tree.iter("widget"):
+        properties = {p.get("name"): "".join(p.itertext()).strip() for p in widget.findall("property")}
+        widgets[widget.get("name")] = (widget.get("class"), properties)
+    return widgets
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(), filename=str(MODULE_FILE))
+
+
+def test_ui_parses_and_every_widget_the_module_uses_exists():
+    widgets = ui_widgets()
+    used = {node.attr for node in ast.walk(module_tree())
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+    assert len(used) > 15  # the scan itself works
+    assert sorted(used - set(widgets)) == []
+
+
+def test_parameter_names_in_ui_match_the_parameter_node():
+    tree = module_tree()
+    parameter_class = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "CMBDetectorParameterNode")
+    parameters = {n.target.id for n in parameter_class.body if isinstance(n, ast.AnnAssign)}
+    bound = {props["SlicerParameterName"] for _, props in ui_widgets().values() if "SlicerParameterName" in props}
+    assert bound and bound <= parameters
+    assert {"inputVolume", "findings", "threshold"} <= bound
+
+
+def test_module_compiles_and_has_slicer_structure():
+    compile(MODULE_FILE.read_text(), str(MODULE_FILE), "exec")
+    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in ast.walk(module_tree()) if isinstance(n, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["CMBDetector"]
+    assert set(classes["CMBDetectorWidget"]) == {"ScriptedLoadableModuleWidget", "VTKObservationMixin"}
+    assert "ScriptedLoadableModuleLogic" in classes["CMBDetectorLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["CMBDetectorTest"]
+    source = MODULE_FILE.read_text()
+    assert 'slicer.util.loadUI(self.resourcePath("UI/CMBDetector.ui"))' in source
+    for key in ("A", "R", "N", "P"):
+        assert re.search(rf'\("{key}", "on\w+"\)', source), key
+
+
+# ---- the Logic without Qt ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def module():
+    pytest.importorskip("slicer")
+    spec = importlib.util.spec_from_file_location("CMBDetector", MODULE_FILE)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def test_module_imports_without_qt(module):
+    assert module.HAVE_SLICER_GUI is False
+    assert "qt" not in sys.modules or module.qt is None
+
+
+def test_detection_command_line(module, tmp_path):
+    request = module.DetectionRequest(input_path=tmp_path / "sub 1.nii.gz", out_dir=tmp_path / "out",
+                                      phase_path=tmp_path / "p.nii.gz", threshold=0.25, device="cuda")
+    command = module.CMBDetectorLogic(scene=None).detection_command(request)
+    assert command[1:4] == ["-m", "CMBDetectorLib.cli", "detect"]
+    assert command[4:] == [str(tmp_path / "sub 1.nii.gz"), "--out", str(tmp_path / "out"),
+                           "--phase", str(tmp_path / "p.nii.gz"), "--threshold", "0.25", "--device", "cuda"]
+    assert request.stem == "sub 1"
+    auto = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"))
+    assert auto.arguments() == ["detect", "a.nii", "--out", "o"]
+
+
+def test_progress_parsing(module):
+    assert module.parse_progress("classify 42%") == pytest.approx(0.42)
+    assert module.parse_progress("[3/6] candidates") == pytest.approx(0.5)
+    assert module.parse_progress("stage 2 of 5: CNN") == pytest.approx(0.4)
+    assert module.parse_progress("reading /data/scan_3/4.nii.gz") is None
+
+
+def test_dependency_check_asks_before_installing(module, monkeypatch):
+    logic = module.CMBDetectorLogic(scene=None)
+    questions = []
+    if logic.missing_packages():
+        pytest.skip(f"this environment lacks {logic.missing_packages()}")
+    assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or True) is True
+    assert questions == []  # nothing missing: no question
+    monkeypatch.setitem(module.PIP_REQUIREMENTS, "cmbdetector_absent_package", "cmbdetector-absent-package")
+    assert logic.missing_packages() == ["cmbdetector_absent_package"]
+    assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or False) is False
+    assert len(questions) == 1 and "cmbdetector_absent_package" in questions[0]
+    assert logic.ensure_dependencies(ask=None) is False  # never installs without asking
+
+
+def test_the_cli_runs_through_the_process_runner(module):
+    """`python -m CMBDetectorLib.cli --version` through the same runner and environment as detection."""
+    logic = module.CMBDetectorLogic(scene=None)
+    command = [sys.executable, "-m", "CMBDetectorLib.cli", "--version"]
+    process = module.DetectionProcess(command, logic.detection_environment())
+    assert process.wait(60) == 0
+    assert any(line.startswith("cmbdetector ") for line in process.lines)
+
+
+def test_cancel_kills_the_whole_process_tree(module, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    child_pid_file = tmp_path / "child.pid"
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(child_pid_file)!r}, "w").write(str(child.pid))
+        for step in range(1, 1000):
+            print(f"[{{step}}/1000] working", flush=True)
+            time.sleep(0.05)
+    """)
+    process = module.DetectionProcess([sys.executable, "-c", script])
+    deadline = time.time() + 30
+    while (not child_pid_file.exists() or process.progress == 0) and time.time() < deadline:
+        process.poll()
+        time.sleep(0.05)
+    assert process.progress > 0 and process.running
+    child_pid = int(child_pid_file.read_text())
+    assert psutil.pid_exists(child_pid)
+    process.cancel()
+    assert process.wait(10) != 0
+    assert process.cancelled and not process.running
+    gone = not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    assert gone, "the worker's child survived Cancel"
+
+
+def test_logic_writes_input_and_loads_results(module, mrml, tmp_path):
+    """prepare_request writes the node as NIfTI that the core reads back with the same geometry;
+    load_results turns a detection output folder into a styled review node."""
+    import numpy as np
+
+    from CMBDetectorLib import review
+    from CMBDetectorLib.findings import Finding, write_csv, write_markups_json
+    from CMBDetectorLib.image import Volume
+    from CMBDetectorLib.io import read_volume
+
+    affine = np.array([[0.5, 0, 0, -20], [0, 0.5, 0, 10], [0, 0, 2.0, -5], [0, 0, 0, 1]], dtype=float)
+    array = np.random.default_rng(0).random((30, 20, 8)).astype(np.float32)
+    node = review.volume_node_from_volume(mrml.scene, Volume(array, affine), "sub-01 swi")
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
+    request = logic.prepare_request(node, threshold=0.3, work_dir=tmp_path / "work")
+    assert request.input_path.name == "sub-01_swi.nii.gz" and request.stem == "sub-01_swi"
+    written = read_volume(request.input_path)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(written.array, array, rtol=1e-6)
+
+    findings = [Finding("CMB-1", (-12.0, 15.0, 3.0), 0.9, 4.0, "deep", ""),
+                Finding("CMB-2", (-5.0, 2.0, 0.0), 0.2, 2.0, "lobar", "temporal")]
+    request.out_dir.mkdir(parents=True)
+    write_markups_json(findings, request.out_dir / f"{request.stem}.mrk.json")
+    write_csv(findings, request.out_dir / f"{request.stem}.csv")
+    (request.out_dir / f"{request.stem}.json").write_text(json.dumps({"model_versions": {"cnn": "v1"}}))
+    review_node = logic.load_results(request.out_dir, request.stem)
+    assert [r["region"] for r in review.review_table(review_node)] == ["deep", "lobar"]
+    next_index = logic.accept(review_node, 0)
+    assert next_index == 1 and review.get_state(review_node, 0) == "accepted"
+    assert "1 accepted" in logic.counts_text(review_node)
+    exported = logic.export(review_node, tmp_path / "export", reader="R", input_node=node)
+    report = json.loads(exported["json"].read_text())
+    assert report["model_versions"] == {"cnn": "v1"} and report["input"] == "sub-01 swi"
+    labels = read_volume(exported["labelmap"])
+    assert labels.array.max() == 1 and labels.array.shape == array.shape
+
+
+# ---- extension description files -----------------------------------------------------------------
+
+
+def test_s4ext_has_the_required_keys():
+    text = (ROOT / "CMBDetector.s4ext").read_text()
+    entries = dict(line.split(" ", 1) for line in text.splitlines() if line.strip() and not line.startswith("#")
+                   and " " in line)
+    for key in ("scm", "scmurl", "scmrevision", "depends", "homepage", "contributors", "category", "iconurl",
+                "description", "screenshoturls", "enabled", "status"):
+        assert key in entries, key
+    assert "PyTorch" in entries["depends"]
+
+
+def test_catalog_entry_has_the_required_keys():
+    entry = json.loads((ROOT / "CMBDetector.json").read_text())
+    for key in ("$schema", "category", "scm_url", "scm_revision", "build_dependencies", "tier"):
+        assert key in entry, key
+    assert entry["build_dependencies"] == ["PyTorch"]
+    # schema v1.0.2 has additionalProperties: false
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "dicom_support_rule",
+               "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed
+    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+    assert entry["scm_url"].startswith("https://")
+
+
+def test_cmake_files_name_the_module_and_its_scripts():
+    top = (ROOT / "CMakeLists.txt").read_text()
+    for token in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_DEPENDS PyTorch", "find_package(Slicer REQUIRED)",
+                  "include(${Slicer_USE_FILE})", "add_subdirectory(CMBDetector)",
+                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert token in top, token
+    module_cmake = (ROOT / "CMBDetector" / "CMakeLists.txt").read_text()
+    for token in ("slicerMacroBuildScriptedModule", "GLOB_RECURSE", "CMBDetectorLib", "Resources/UI/${MODULE_NAME}.ui",
+                  "Resources/Icons/${MODULE_NAME}.png", "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)"):
+        assert token in module_cmake, token
+    for icon in (ROOT / "CMBDetector" / "Resources" / "Icons" / "CMBDetector.png", ROOT / "Resources" / "CMBDetector.png"):
+        assert icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sample_scan_lesions_are_dark_where_the_truth_points_sit(module, mrml):
+    """load_sample_scan end to end (about 45 s: one simulated SWI scan): the magnitude node, the truth
+    markups and a labelmap of the truth lesions must agree, i.e. voxel order and IJK->RAS are right."""
+    import numpy as np
+    import slicer
+
+    from CMBDetectorLib import review
+
+    pytest.importorskip("CMBDetectorLib.simulate.synth")
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
+    magnitude = logic.load_sample_scan(seed=7)
+    phase = mrml.scene.GetNodeByID(magnitude.GetAttribute("CMBDetector.phaseNodeID"))
+    truth = mrml.scene.GetNodeByID(magnitude.GetAttribute("CMBDetector.truthNodeID"))
+    assert phase is not None and truth.GetNumberOfControlPoints() > 0
+    assert not truth.GetDisplayNode().GetVisibility()
+    labelmap = logic.export_labelmap(truth, magnitude)
+    image = slicer.util.arrayFromVolume(magnitude)  # (K, J, I)
+    lesions = slicer.util.arrayFromVolume(labelmap)
+    assert lesions.shape == image.shape
+    brain = image > np.percentile(image, 60)  # bright tissue, roughly the brain
+    darker = 0
+    for row in review.review_table(truth):
+        inside = lesions == row["index"] + 1
+        assert inside.any(), row["label"]
+        darker += np.median(image[inside]) < np.median(image[brain])
+    # microbleeds are hypointense on SWI: most lesions must be darker than brain tissue at their spot
+    assert darker >= 0.8 * truth.GetNumberOfControlPoints()

@@ -1,0 +1,286 @@
+"""The review layer on real MRML (slicer-core): markups loading, states, save/reload, threshold, exports.
+
+Volumes here are small synthetic ones built in the test (an oblique, anisotropic grid so that axis-order
+and IJK->RAS mistakes show); the scene, logics, storage nodes and files are real.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from CMBDetectorLib.findings import (CSV_COLUMNS, Finding, read_csv, read_markups_json, write_csv,
+                                     write_markups_json)
+from CMBDetectorLib.image import Volume
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("needs slicer-core", allow_module_level=True)
+
+from CMBDetectorLib import review  # noqa: E402  (imports slicer lazily, but keep the skip first)
+
+
+def oblique_affine(spacing=(0.5, 0.6, 2.0), degrees=20.0, origin=(-30.0, 25.0, -10.0)) -> np.ndarray:
+    """IJK->RAS with a rotation about S and unequal spacing, like an oblique axial SWI."""
+    angle = math.radians(degrees)
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0.0],
+                         [math.sin(angle), math.cos(angle), 0.0],
+                         [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def synthetic_volume(shape=(60, 50, 12)) -> Volume:
+    """float32 (I, J, K) ramp, so every voxel value tells its own index: value = i + 100 j + 10000 k."""
+    i, j, k = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return Volume((i + 100 * j + 10000 * k).astype(np.float32), oblique_affine())
+
+
+def sample_findings(volume: Volume) -> list:
+    """Four findings at known voxel centres, with regions, lobes and decreasing scores."""
+    voxels = [(10, 10, 3), (40, 20, 6), (25, 35, 9), (50, 40, 2)]
+    regions = [("lobar", "frontal"), ("deep", ""), ("infratentorial", ""), ("lobar", "occipital")]
+    scores = [0.95, 0.8, 0.55, 0.3]
+    diameters = [4.0, 3.0, 6.0, 2.5]
+    return [Finding(label=f"CMB-{n + 1}", position_ras=tuple(volume.ijk_to_ras(ijk)[0]), score=score,
+                    diameter_mm=diameter, region=region, lobe=lobe)
+            for n, (ijk, (region, lobe), score, diameter) in enumerate(zip(voxels, regions, scores, diameters))]
+
+
+def point_ras(node, index: int) -> np.ndarray:
+    position = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPositionWorld(index, position)
+    return np.asarray(position)
+
+
+def save_and_reload(mrml, node, directory, name="reloaded"):
+    """Write `node` with its own storage node (.mrk.json) and load it back with the markups logic."""
+    path = directory / f"{name}.mrk.json"
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node) == 1
+    mrml.scene.AddNode(storage)  # keep it alive with the scene
+    return review.load_findings_markups(mrml.markups_logic, mrml.scene, path, name=name), path
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_volume_node_matches_volume_geometry_and_voxel_order(mrml):
+    volume = synthetic_volume()
+    node = review.volume_node_from_volume(mrml.scene, volume, "swi")
+    assert node.GetImageData().GetDimensions() == volume.shape
+    matrix = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(node))
+    np.testing.assert_allclose(matrix, volume.affine, atol=1e-9)
+    assert node.GetSpacing() == pytest.approx(tuple(volume.spacing))
+    # VTK's scalar at (i, j, k) must be the Volume's array[i, j, k]
+    image = node.GetImageData()
+    for ijk in [(0, 0, 0), (59, 0, 0), (3, 49, 0), (7, 8, 11)]:
+        assert image.GetScalarComponentAsDouble(*ijk, 0) == volume.array[ijk]
+    back = review.volume_from_volume_node(node)
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.affine, volume.affine)
+
+
+def _ijk_to_ras(node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def test_findings_file_loads_at_the_right_ras_positions(mrml, tmp_path):
+    volume = synthetic_volume()
+    volume_node = review.volume_node_from_volume(mrml.scene, volume, "swi")
+    findings = sample_findings(volume)
+    write_markups_json(findings, tmp_path / "scan.mrk.json")
+    write_csv(findings, tmp_path / "scan.csv")
+    node = review.load_findings_markups(mrml.markups_logic, mrml.scene, tmp_path / "scan.mrk.json")
+    assert node.GetNumberOfControlPoints() == len(findings)
+    ras_to_ijk = np.linalg.inv(slicer.util.arrayFromVTKMatrix(_ijk_to_ras(volume_node)))
+    for index, finding in enumerate(findings):
+        ras = point_ras(node, index)
+        np.testing.assert_allclose(ras, finding.position_ras, atol=1e-4)
+        # and through the volume node's own geometry, the point lands on the voxel it was made from
+        ijk = ras_to_ijk[:3, :3] @ ras + ras_to_ijk[:3, 3]
+        np.testing.assert_allclose(ijk, volume.ras_to_ijk(finding.position_ras)[0], atol=1e-4)
+    rows = review.review_table(node)
+    assert [r["label"] for r in rows] == [f.label for f in findings]
+    assert [r["score"] for r in rows] == pytest.approx([f.score for f in findings])
+    assert [r["diameter_mm"] for r in rows] == pytest.approx([f.diameter_mm for f in findings])
+    # region/lobe: from the file's region/lobe measurements, else from the STEM.csv beside it
+    assert [(r["region"], r["lobe"]) for r in rows] == [(f.region, f.lobe) for f in findings]
+    assert {r["state"] for r in rows} == {"pending"}
+
+
+def test_states_change_label_and_flags(mrml):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 0, "accepted")
+    review.set_state(node, 1, "rejected")
+    assert [review.get_state(node, i) for i in range(4)] == ["accepted", "rejected", "pending", "pending"]
+    assert node.GetNthControlPointLabel(0) == "CMB-1 [A]"
+    assert node.GetNthControlPointLabel(1) == "CMB-2 [R]"
+    assert node.GetNthControlPointLabel(2) == "CMB-3"
+    assert [bool(node.GetNthControlPointSelected(i)) for i in range(4)] == [False, False, True, True]
+    assert bool(node.GetNthControlPointLocked(1)) and not node.GetNthControlPointLocked(0)
+    # changing one's mind replaces the suffix instead of stacking it
+    review.set_state(node, 1, "accepted")
+    review.set_state(node, 1, "pending")
+    assert node.GetNthControlPointLabel(1) == "CMB-2"
+    assert review.base_label(node, 0) == "CMB-1"
+    with pytest.raises(Exception, match="unknown review state"):
+        review.set_state(node, 0, "maybe")
+    display = node.GetDisplayNode()
+    assert display.GetSelectedColor() == pytest.approx(review.PENDING_COLOR)
+    assert display.GetColor() == pytest.approx(review.DECIDED_COLOR)
+
+
+def test_review_survives_save_and_reload(mrml, tmp_path):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings, "review")
+    review.set_state(node, 0, "accepted")
+    review.set_state(node, 2, "rejected")
+    node.AddControlPoint([1.0, 2.0, 3.0])  # placed by the reader
+    review.adopt_new_points(node)
+    review.set_point_values(node, 4, diameter_mm=3.5, region="deep")
+    review.apply_threshold(node, 0.5)
+    before_rows, before_counts = review.review_table(node), review.review_counts(node)
+
+    reloaded, path = save_and_reload(mrml, node, tmp_path)
+    document = json.loads(path.read_text())
+    names = {m["name"] for m in document["markups"][0]["measurements"]}
+    assert {"score", "diameter", "region", "lobe"} <= names
+    after_rows = review.review_table(reloaded)
+    assert len(after_rows) == len(before_rows) == 5
+    for before, after in zip(before_rows, after_rows):
+        for key in ("label", "state", "region", "lobe", "visible"):
+            assert after[key] == before[key], key
+        for key in ("score", "diameter_mm"):
+            assert (math.isnan(after[key]) and math.isnan(before[key])) or after[key] == pytest.approx(before[key])
+        np.testing.assert_allclose(after["position_ras"], before["position_ras"], atol=1e-6)
+    assert review.review_counts(reloaded) == before_counts
+    assert before_counts["accepted"] == 1 and before_counts["rejected"] == 1 and before_counts["added"] == 1
+    # findings' own reader understands the saved review
+    states = [f.status for f in read_markups_json(path)]
+    assert states == ["accepted", "pending", "rejected", "pending", "added"]
+
+
+def test_threshold_hides_without_deleting(mrml):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 3, "accepted")  # score 0.3, but the reader said yes
+    hidden = review.apply_threshold(node, 0.6)
+    assert hidden == 1  # CMB-3 (0.55); CMB-4 is accepted and stays
+    assert node.GetNumberOfControlPoints() == 4
+    assert [bool(node.GetNthControlPointVisibility(i)) for i in range(4)] == [True, True, False, True]
+    assert review.next_index(node, 1) == 3  # navigation skips the hidden point
+    assert review.next_index(node, 0, step=-1) == 3
+    assert review.apply_threshold(node, 0.0) == 0
+    assert all(node.GetNthControlPointVisibility(i) for i in range(4))
+    assert review.apply_threshold(node, 0.99) == 3
+
+
+def test_reader_placed_point_counts_as_added(mrml):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    new_index = node.AddControlPoint([5.0, -7.0, 12.0])
+    assert node.GetNthControlPointDescription(new_index) == ""
+    assert review.get_state(node, new_index) == "added"  # before adoption too
+    counts = review.review_counts(node)  # adopts it
+    assert counts["added"] == 1 and counts["pending"] == 4 and counts["total"] == 5
+    assert node.GetNthControlPointDescription(new_index) == "added"
+    assert node.GetNthControlPointLabel(new_index).endswith("[+]")
+    assert math.isnan(review.point_values(node, new_index)["score"])
+    assert review.point_values(node, new_index)["region"] == "unknown"
+    # removing a point keeps the per-point values aligned
+    review.remove_point(node, 1)
+    rows = review.review_table(node)
+    assert [r["label"] for r in rows] == ["CMB-1", "CMB-3", "CMB-4", "CMB-5"]
+    assert [r["score"] for r in rows[:3]] == pytest.approx([0.95, 0.55, 0.3])
+    assert [r["region"] for r in rows] == ["lobar", "infratentorial", "lobar", "unknown"]
+
+
+def test_counts_by_region(mrml):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    for index, state in enumerate(["accepted", "rejected", "accepted", "pending"]):
+        review.set_state(node, index, state)
+    counts = review.review_counts(node)
+    assert (counts["accepted"], counts["rejected"], counts["pending"], counts["added"]) == (2, 1, 1, 0)
+    assert counts["confirmed"] == 2
+    assert counts["by_region"]["lobar"]["confirmed"] == 1
+    assert counts["by_region"]["lobar"]["pending"] == 1
+    assert counts["by_region"]["deep"]["rejected"] == 1 and counts["by_region"]["deep"]["confirmed"] == 0
+    assert counts["by_region"]["infratentorial"]["confirmed"] == 1
+    assert counts["lobar_by_lobe"]["frontal"] == 1 and counts["lobar_by_lobe"]["occipital"] == 0
+
+
+def test_export_csv_and_json_field_by_field(mrml, tmp_path):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 0, "accepted")
+    review.set_state(node, 1, "rejected")
+    added = node.AddControlPoint([1.5, 2.5, -3.5])
+    document = review.export_review(node, tmp_path / "review.csv", tmp_path / "review.json", reader="Dr R",
+                                    input_name="sub-01_swi.nii.gz", model_versions={"cnn": "cnn-v1"},
+                                    threshold=0.5)
+    with (tmp_path / "review.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    assert len(rows) == 5
+    for row, finding, state in zip(rows, findings, ["accepted", "rejected", "pending", "pending"]):
+        assert row["label"] == finding.label
+        assert [float(row[c]) for c in ("x_ras", "y_ras", "z_ras")] == pytest.approx(finding.position_ras, abs=0.01)
+        assert float(row["score"]) == pytest.approx(finding.score, abs=1e-4)
+        assert float(row["diameter_mm"]) == pytest.approx(finding.diameter_mm, abs=0.01)
+        assert (row["region"], row["lobe"], row["status"]) == (finding.region, finding.lobe, state)
+    assert rows[added]["status"] == "added"
+    assert [float(rows[added][c]) for c in ("x_ras", "y_ras", "z_ras")] == pytest.approx([1.5, 2.5, -3.5])
+    assert [f.status for f in read_csv(tmp_path / "review.csv")] == ["accepted", "rejected", "pending", "pending", "added"]
+
+    on_disk = json.loads((tmp_path / "review.json").read_text())
+    assert on_disk == json.loads(json.dumps(document))
+    assert on_disk["reader"] == "Dr R" and on_disk["input"] == "sub-01_swi.nii.gz"
+    assert on_disk["model_versions"] == {"cnn": "cnn-v1"} and on_disk["threshold"] == 0.5
+    assert on_disk["reviewed_at"].endswith("+00:00")
+    assert on_disk["counts"]["accepted"] == 1 and on_disk["counts"]["added"] == 1
+    assert on_disk["counts"]["by_region"]["lobar"]["confirmed"] == 1
+    assert [f["status"] for f in on_disk["findings"]] == ["accepted", "rejected", "pending", "pending", "added"]
+    assert on_disk["findings"][added]["score"] is None  # unknown, not NaN (JSON has no NaN)
+    assert on_disk["findings"][0]["position_ras"] == pytest.approx(list(findings[0].position_ras), abs=1e-4)
+
+
+def test_labelmap_holds_accepted_lesions_only(mrml):
+    volume = synthetic_volume()
+    volume_node = review.volume_node_from_volume(mrml.scene, volume, "swi")
+    findings = sample_findings(volume)
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 0, "accepted")   # 4 mm diameter
+    review.set_state(node, 1, "rejected")
+    review.set_state(node, 2, "accepted")   # 6 mm diameter
+    labelmap = review.export_accepted_labelmap(mrml.scene, node, volume_node, radius_mm=1.0)
+    assert labelmap.IsA("vtkMRMLLabelMapVolumeNode")
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(_ijk_to_ras(labelmap)), volume.affine)
+    labels = np.transpose(slicer.util.arrayFromVolume(labelmap), (2, 1, 0))  # -> (I, J, K)
+    assert labels.shape == volume.shape
+    assert set(np.unique(labels)) == {0, 1, 3}
+    voxel_volume = float(np.prod(volume.spacing))
+    for value, finding in ((1, findings[0]), (3, findings[2])):
+        ijk = np.argwhere(labels == value)
+        centre = volume.ijk_to_ras(ijk).mean(axis=0)
+        assert np.linalg.norm(centre - np.asarray(finding.position_ras)) < 0.6
+        sphere_mm3 = math.pi / 6 * finding.diameter_mm ** 3
+        assert len(ijk) * voxel_volume == pytest.approx(sphere_mm3, rel=0.35)
+        inside = np.linalg.norm(volume.ijk_to_ras(ijk) - np.asarray(finding.position_ras), axis=1)
+        assert inside.max() <= finding.diameter_mm / 2 + 1e-6
+    for finding in (findings[1], findings[3]):  # rejected and pending: nothing painted there
+        ijk = np.rint(volume.ras_to_ijk(finding.position_ras)[0]).astype(int)
+        assert labels[tuple(ijk)] == 0
