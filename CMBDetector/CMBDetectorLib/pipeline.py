@@ -205,6 +205,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
     parser.add_argument("--keep-outside", action="store_true", help="keep findings that fall outside the brain")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")
+    parser.add_argument("--no-yolo", action="store_true", help="skip the YOLO stage (3D CNN alone)")
 
 
 def _read(path, what, echo="combine"):

@@ -22,6 +22,7 @@ from .simulate.physics import homodyne_phase
 logger = logging.getLogger(__name__)
 
 MIN_BRAIN_ML = 250.0  # less than this in a whole-head field of view is not a brain
+MAX_BRAIN_ML = 3200.0  # more than this is not a brain either (noise, a phantom, a body scan)
 BIAS_SIGMA_MM = 12.0
 
 
@@ -128,9 +129,10 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
     else:
         brain = brain_mask(volume, crop=crop)
     brain_ml = brain.sum() * float(np.prod(spacing)) / 1000.0
-    if not crop and brain_ml < MIN_BRAIN_ML:
-        raise InputError(f"input: no brain found (the brain mask holds {brain_ml:.0f} mL); is this a head "
-                         "GRE/SWI scan? For a partial-brain crop use --crop")
+    if not crop and not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
+        raise InputError(f"input: does not look like a brain (the automatic brain mask holds {brain_ml:.0f} mL, "
+                         f"expected {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f}); is this a head GRE/SWI scan? "
+                         "For a partial-brain crop use --crop, or give --mask")
     image = normalise(volume.array.astype(np.float32), brain, spacing)
     phase_hp = None
     if phase is not None:

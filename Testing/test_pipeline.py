@@ -1,0 +1,133 @@
+"""The detector end to end: simulated scans, real MRML round trip, real GRE crops, weights, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from CMBDetectorLib import classify, review
+from CMBDetectorLib.errors import WeightsError
+from CMBDetectorLib.evaluate import match
+from CMBDetectorLib.io import read_volume
+from CMBDetectorLib.pipeline import detect, write_outputs
+from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
+
+REAL_GRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre"
+TEST_SEED = 777  # not among the training (1xxxx) or validation (2xxxx) seeds
+
+
+def cli(*arguments):
+    return subprocess.run([sys.executable, "-m", "CMBDetectorLib.cli", *map(str, arguments)],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def detected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("detect")
+    scan = simulate_scan(TEST_SEED, "gre3t", n_cmb=4)
+    files = write_scan(scan, out / "scan")
+    detection = detect(scan.magnitude, scan.phase)
+    paths = write_outputs(detection, out / "result", scan.scan_id)
+    return scan, files, detection, paths
+
+
+def test_detection_finds_the_simulated_microbleeds(detected):
+    scan, _, detection, _ = detected
+    truth = np.array([m["center_ras"] for m in scan.truth["microbleeds"]])
+    found = np.array([f.position_ras for f in detection.findings]).reshape(-1, 3)
+    matched = match(truth, found, 5.0)
+    assert len(matched) >= 3, (truth, found)
+    assert len(found) - len(matched) <= 3
+    assert all(0.0 <= f.score <= 1.0 for f in detection.findings)
+    assert [f.label for f in detection.findings] == [f"CMB-{i + 1}" for i in range(len(found))]
+
+
+def test_outputs_hold_every_finding_with_its_score(detected):
+    _, _, detection, paths = detected
+    document = json.loads(paths["markups"].read_text())
+    points = document["markups"][0]["controlPoints"]
+    assert document["@schema"].endswith("markups-schema-v1.0.3.json#")
+    assert len(points) == len(detection.findings)
+    assert all(p["description"] == "pending" for p in points)
+    rows = paths["csv"].read_text().splitlines()
+    assert rows[0].split(",")[:5] == ["id", "label", "x_ras", "y_ras", "z_ras"]
+    assert len(rows) == 1 + len(detection.findings)
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["counts"]["total"] == len(detection.findings)
+    assert summary["model"]["sha256"] == classify.sha256_of(classify.DEFAULT_MODEL)
+    assert set(summary["timings_s"]) >= {"preprocess", "candidates", "cnn", "total"}
+    assert paths["png"].stat().st_size > 1000
+
+
+def test_markups_file_lands_on_the_lesions_in_a_real_mrml_scene(detected, mrml):
+    scan, _, detection, paths = detected
+    node = review.load_findings_markups(mrml.markups_logic, mrml.scene, paths["markups"])
+    assert node.GetNumberOfControlPoints() == len(detection.findings)
+    truth = np.array([m["center_ras"] for m in scan.truth["microbleeds"]])
+    world = np.zeros(3)
+    for index, finding in enumerate(detection.findings):
+        node.GetNthControlPointPositionWorld(index, world)
+        np.testing.assert_allclose(world, finding.position_ras, atol=1e-3)
+    positions = [node.GetNthControlPointPositionWorld(i, world) or world.copy()
+                 for i in range(node.GetNumberOfControlPoints())]
+    assert len(match(truth, np.array(positions), 5.0)) >= 3
+
+
+@pytest.mark.parametrize("name", ["romeo_small", "romeo_small2"])
+def test_real_gre_crops_run_without_a_flood_of_detections(name, tmp_path):
+    folder = REAL_GRE / name
+    if not folder.is_dir():
+        pytest.skip(f"real GRE crops not found at {folder}")
+    result = cli("detect", folder / "Mag.nii", "--phase", folder / "Phase.nii", "--crop", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "Mag.json").read_text())
+    volume_ml = np.prod(summary["shape"]) * np.prod(summary["spacing_mm"]) / 1000
+    assert summary["counts"]["total"] <= max(2, volume_ml / 10), summary["counts"]
+
+
+def test_corrupt_weights_are_refused_by_hash(tmp_path):
+    weights = tmp_path / "cmb_cnn.pt"
+    shutil.copy(classify.DEFAULT_MODEL, weights)
+    shutil.copy(classify.card_path(classify.DEFAULT_MODEL), classify.card_path(weights))
+    classify.load_model(weights)  # an intact copy loads
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="do not match their model card"):
+        classify.load_model(weights)
+
+
+def _write(tmp_path, name, array, affine=None):
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda tmp: tmp / "missing.nii.gz", "file not found"),
+    (lambda tmp: _write(tmp, "flat.nii.gz", np.random.default_rng(0).random((64, 64)).astype(np.float32)), "2D"),
+    (lambda tmp: _write(tmp, "empty.nii.gz", np.zeros((64, 64, 64), np.float32)), "empty"),
+    (lambda tmp: _write(tmp, "nan.nii.gz", np.where(np.random.default_rng(0).random((64, 64, 64)) > 0.5, np.nan, 1.0).astype(np.float32)), "NaN"),
+    (lambda tmp: _write(tmp, "labels.nii.gz", np.random.default_rng(0).integers(0, 4, (80, 80, 80)).astype(np.int16)), "label map"),
+    (lambda tmp: _write(tmp, "noise.nii.gz", np.random.default_rng(0).random((200, 220, 180)).astype(np.float32)), "does not look like a brain"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, make, words):
+    result = cli("detect", make(tmp_path), "--out", tmp_path / "out", "--no-png")
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_weights_through_the_command_line(tmp_path, detected):
+    _, files, _, _ = detected
+    weights = tmp_path / "bad.pt"
+    weights.write_bytes(b"not a model")
+    shutil.copy(classify.card_path(classify.DEFAULT_MODEL), classify.card_path(weights))
+    result = cli("detect", files["magnitude"], "--model", weights, "--out", tmp_path, "--no-png")
+    assert result.returncode == 2 and "do not match their model card" in result.stderr
