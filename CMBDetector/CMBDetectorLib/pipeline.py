@@ -72,8 +72,13 @@ def apparent_diameter_mm(prepared: Prepared, ijk) -> float:
 
 def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
            threshold: float | None = None, crop: bool = False, model_path=DEFAULT_MODEL,
-           device: str = "cpu", locate: bool = True, keep_outside: bool = False, progress=None) -> Detection:
-    """Find microbleeds in one volume. Returns findings (RAS mm, labelled CMB-1.. by score) and a summary."""
+           device: str = "cpu", locate: bool = True, keep_outside: bool = False, use_yolo: bool = True,
+           yolo_path=None, progress=None) -> Detection:
+    """Find microbleeds in one volume. Returns findings (RAS mm, labelled CMB-1.. by score) and a summary.
+
+    use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights ship
+    (yolo_path, default Resources/Models/cmb_yolo.pt); False runs the 3D CNN alone.
+    """
     timings = {}
     warnings = []
     started = time.perf_counter()
@@ -100,7 +105,27 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
     tick = time.perf_counter()
     centres = volume.ijk_to_ras(np.array([c.ijk for c in candidates])) if candidates else np.zeros((0, 3))
     scores = score_patches(model, extract_patches(prepared, centres))
+    cnn_scores = scores.copy()
     timings["cnn"] = time.perf_counter() - tick
+
+    yolo_info = {"used": False}
+    yolo_scores = np.full(len(scores), np.nan)
+    if use_yolo:
+        from . import yolo
+
+        yolo_path = Path(yolo_path or yolo.DEFAULT_YOLO)
+        if yolo_path.is_file():
+            _progress(progress, 65, "stage 3: YOLO on the uncertain candidates")
+            tick = time.perf_counter()
+            yolo_model = yolo.load_yolo(yolo_path, device)
+            band = yolo.consulted(scores, yolo_model.fusion)
+            yolo_scores[band] = yolo.score_candidates(yolo_model, prepared, centres[band])
+            scores = yolo.fuse(scores, np.nan_to_num(yolo_scores), yolo_model.fusion)
+            timings["yolo"] = time.perf_counter() - tick
+            yolo_info = {"used": True, "consulted": int(band.sum()), "sha256": yolo_model.sha256,
+                         "fusion": yolo_model.fusion}
+        else:
+            warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
 
     passing = np.nonzero(scores >= threshold)[0]
     kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing
@@ -109,8 +134,7 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
         findings.append(Finding(label="", position_ras=tuple(float(v) for v in centres[index]),
                                 score=float(scores[index]),
                                 diameter_mm=apparent_diameter_mm(prepared, candidates[index].ijk),
-                                stage_scores={"candidate": round(candidates[index].response, 4),
-                                              "cnn": round(float(scores[index]), 4)}))
+                                stage_scores=_stage_scores(candidates[index], cnn_scores[index], yolo_scores[index])))
 
     registration_info = {"done": False}
     dropped = []
@@ -148,11 +172,19 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "model": {"file": Path(model_path).name, "sha256": model.sha256, "device": model.device},
+        "yolo": yolo_info,
         "versions": _versions(),
         "warnings": warnings,
         "findings": [f.to_dict() for f in findings],
     }
     return Detection(findings, summary, prepared, warnings)
+
+
+def _stage_scores(candidate, cnn_score, yolo_score) -> dict:
+    scores = {"candidate": round(candidate.response, 4), "cnn": round(float(cnn_score), 4)}
+    if np.isfinite(yolo_score):
+        scores["yolo"] = round(float(yolo_score), 4)
+    return scores
 
 
 def _counts(findings) -> dict:
@@ -227,7 +259,7 @@ def run(args) -> int:
 
     detection = detect(volume, phase, mask, threshold=args.threshold, crop=args.crop, model_path=args.model,
                        device=args.device, locate=not args.no_locate, keep_outside=args.keep_outside,
-                       progress=report)
+                       use_yolo=not args.no_yolo, progress=report)
     stem = stem_of(Path(args.input))
     paths = write_outputs(detection, args.out, stem, png=not args.no_png)
     for warning in detection.warnings:
