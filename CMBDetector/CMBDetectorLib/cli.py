@@ -19,6 +19,7 @@ COMMANDS = {
     "detect": ("CMBDetectorLib.pipeline", "find microbleeds in one GRE/SWI volume"),
     "evaluate": ("CMBDetectorLib.evaluate", "score detections against ground truth"),
     "train": ("CMBDetectorLib.train.train_cnn", "train the stage-2 3D CNN on simulated scans"),
+    "train-yolo": ("CMBDetectorLib.train.train_yolo", "train the stage-3 YOLO on simulated scans, tune its fusion"),
     "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
     "bench": ("CMBDetectorLib.bench", "simulate the validation set, detect, evaluate, time"),
 }

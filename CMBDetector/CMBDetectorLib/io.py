@@ -202,7 +202,20 @@ def read_volume(path, echo="combine", series_uid: str | None = None) -> Volume:
         raise InputError(f"cannot read image file {path}: {reason}") from None
     volume = sitk_to_volume(image, echo, source=str(path))
     volume.meta["format"] = _format_name(path)
+    if volume.meta["format"] == "nifti":
+        _refuse_hidden_nan(path)
     return volume
+
+
+def _refuse_hidden_nan(path: Path) -> None:
+    """ITK's NIfTI reader turns NaN into 0 without a word; look at the stored floats ourselves."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    if np.issubdtype(image.get_data_dtype(), np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(image.dataobj))))
+        if bad:
+            raise InputError(f"{path}: contains {bad} NaN or infinite voxel values")
 
 
 def _format_name(path: Path) -> str:

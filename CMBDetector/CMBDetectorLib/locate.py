@@ -20,6 +20,7 @@ import numpy as np
 
 from . import atlas
 from .image import Volume
+from .io import volume_to_sitk  # noqa: F401 - also used by the tests through this module
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 WORKING_SPACING_MM = 2.0
@@ -61,20 +62,6 @@ class Registration:
         if self.mni_to_scan is None:
             return np.full(points.shape, np.nan)
         return points @ self.mni_to_scan[:3, :3].T + self.mni_to_scan[:3, 3]
-
-
-def volume_to_sitk(volume: Volume, dtype=np.float32):
-    """SimpleITK image of a Volume: array (I, J, K) -> sitk (x=i, y=j, z=k), RAS affine -> LPS geometry."""
-    import SimpleITK as sitk
-
-    array = np.asarray(volume.array, dtype=dtype)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    spacing = volume.spacing
-    direction_lps = _LPS @ (volume.affine[:3, :3] / spacing)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in direction_lps.ravel()])
-    image.SetOrigin([float(v) for v in _LPS @ volume.affine[:3, 3]])
-    return image
 
 
 def _to_working_resolution(image, spacing_mm: float = WORKING_SPACING_MM):

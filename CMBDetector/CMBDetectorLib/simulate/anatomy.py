@@ -1,26 +1,21 @@
 """Anatomy for the simulator: MNI152 2009 templates from the nilearn wheel and a head built around them.
 
 Everything here lives in template (MNI) space, 1 mm, and is computed once per process.
-The templates are read from the files shipped inside the installed nilearn package: no download.
+The templates are read from the files shipped inside the installed nilearn package (atlas.py finds
+them): no download.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from ..atlas import nilearn_template_path
 from ..errors import CMBError
 from ..image import Volume
-
-TEMPLATE_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
 
 # Head labels (uint8) in template space. Values >= NUCLEUS_BASE are iron-rich nuclei (see NUCLEI).
 AIR, SCALP, SKULL, EXTRA_CSF, BRAIN, SINUS_AIR = 0, 1, 2, 3, 4, 5
@@ -55,20 +50,12 @@ SINUSES = (
 )
 
 
-def nilearn_data_dir() -> Path:
-    try:
-        import nilearn
-    except ImportError:
-        raise CMBError("the simulator needs the nilearn package (it ships the MNI152 templates)") from None
-    return Path(nilearn.__file__).parent / "datasets" / "data"
-
-
 @functools.lru_cache(maxsize=None)
 def load_template(name: str) -> Volume:
-    """One MNI152 2009 template as a Volume scaled to [0, 1] (t1, gm or wm)."""
+    """One MNI152 2009 template (t1, gm or wm) as a Volume scaled to [0, 1]."""
     import nibabel as nib
 
-    path = nilearn_data_dir() / TEMPLATE_FILES[name]
+    path = nilearn_template_path(name)
     if not path.is_file():
         raise CMBError(f"MNI152 template not found in the nilearn package: {path}")
     image = nib.load(str(path))
