@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--table", default="docs/benchmark.md", help="Markdown results table to write")
     parser.add_argument("--jobs", type=int, default=2, help="processes for simulating the validation set")
     parser.add_argument("--configs", default="auto", help="cnn, full or auto (both when YOLO weights ship)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the validation predictions already in OUT instead of detecting again "
+                             "(the timing scan is always run again, alone)")
 
 
 def _simulate_validation(folder: Path, jobs: int) -> None:
@@ -166,7 +169,10 @@ def run(args) -> int:
     for config in configs:
         (out / f"pred-{config}").mkdir(exist_ok=True)
     jobs = [(scan, out, configs) for scan in scans]
-    if args.jobs > 1:
+    if args.reuse:
+        per_scan = [{config: json.loads((out / f"pred-{config}" / scan.name.replace(".nii.gz", ".json")).read_text())
+                     for config in configs} for scan in scans]
+    elif args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -197,8 +203,8 @@ def run(args) -> int:
     report["parallel_workers"] = args.jobs
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(format_report(report))
     table.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    table.write_text(format_report(report))
     print(table.read_text())
     print(f"wrote {table} and {table.with_suffix('.json')}")
     return 0
@@ -230,7 +236,7 @@ def format_report(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, config in report["configs"].items():
         r = config["results"]
-        pooled = r["lesion"]["pooled"]
+        pooled = r["lesion"]
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) |".format(
             name, _fmt(pooled["sensitivity"]), _fmt(pooled["precision"]), _fmt(pooled["f1"]),
             _fmt(pooled["fp_per_scan"], 2), _fmt(r["scan"]["balanced_accuracy"]),
@@ -239,7 +245,7 @@ def format_report(report: dict) -> str:
     lines += ["", "## Mimic-rich half of the scans (most veins and calcifications)", "",
               "| configuration | sensitivity | precision | FP/scan |", "|---|---|---|---|"]
     for name, config in report["configs"].items():
-        pooled = config["mimic_rich"]["lesion"]["pooled"]
+        pooled = config["mimic_rich"]["lesion"]
         lines.append(f"| {name} | {_fmt(pooled['sensitivity'])} | {_fmt(pooled['precision'])} | "
                      f"{_fmt(pooled['fp_per_scan'], 2)} |")
     lines += ["", "## By acquisition", "", "| configuration | acquisition | sensitivity | precision | FP/scan |",

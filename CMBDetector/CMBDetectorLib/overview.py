@@ -1,5 +1,5 @@
-"""PNG overview of a detection run: a minimum-intensity projection with every finding marked, and a
-close-up of each finding on its own slice."""
+"""PNG overview of a detection run: a mean axial projection of the brain with every finding marked, and
+a close-up of each finding on its own slice."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ def write_overview(prepared, findings, path, max_tiles: int = 15) -> Path:
     rows = 1 + int(np.ceil(tiles / columns))
     figure = plt.figure(figsize=(columns * 2.6, rows * 2.7))
     overview = figure.add_subplot(rows, 1, 1)
-    projection = np.where(prepared.mask, image, np.nan)
-    projection = np.nanmin(np.where(prepared.mask.any(axis=2, keepdims=True), projection, 1.0), axis=2)
-    overview.imshow(np.nan_to_num(projection, nan=0.0).T, cmap="gray", origin="lower", vmin=0, vmax=1.3,
-                    aspect=spacing[1] / spacing[0])
+    # Mean over the brain's slices: anatomy stays readable (a whole-volume minimum is all veins and noise).
+    inside = prepared.mask.sum(axis=2)
+    projection = np.where(inside > 0, (image * prepared.mask).sum(axis=2) / np.maximum(inside, 1), 0.0)
+    overview.imshow(projection.T, cmap="gray", origin="lower", vmin=0, vmax=1.3, aspect=spacing[1] / spacing[0])
     for finding in findings:
         i, j, _ = volume.ras_to_ijk(finding.position_ras)[0]
         overview.plot(i, j, "o", markersize=9, markerfacecolor="none", markeredgecolor="orange")
         overview.text(i + 6, j + 6, finding.label.replace("CMB-", ""), color="orange", fontsize=7)
-    overview.set_title(f"{len(findings)} finding(s): minimum-intensity projection (axial)", fontsize=9)
+    overview.set_title(f"{len(findings)} finding(s) on the mean axial projection of the brain", fontsize=9)
     overview.axis("off")
     for index, finding in enumerate(findings[:tiles]):
         axis = figure.add_subplot(rows, columns, columns + index + 1)
