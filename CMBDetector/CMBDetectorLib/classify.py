@@ -85,30 +85,44 @@ class LoadedModel:
     device: str
 
 
-def load_model(weights_path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
-    """Load weights after checking them against the SHA-256 in their model card."""
-    import torch
-
+def verified_card(weights_path, what: str = "model") -> tuple:
+    """(card dict, SHA-256) of a weights file whose hash matches its model card; WeightsError otherwise."""
     weights_path = Path(weights_path)
     card_file = card_path(weights_path)
     if not weights_path.is_file():
-        raise WeightsError(f"model weights not found: {weights_path}")
+        raise WeightsError(f"{what} weights not found: {weights_path}")
     if not card_file.is_file():
-        raise WeightsError(f"model card not found beside the weights: {card_file}")
-    card = json.loads(card_file.read_text())
+        raise WeightsError(f"{what} card not found beside the weights: {card_file}")
+    try:
+        card = json.loads(card_file.read_text())
+    except ValueError as error:
+        raise WeightsError(f"{what} card {card_file.name} is not valid JSON: {error}") from None
     actual = sha256_of(weights_path)
     if actual != card.get("sha256"):
-        raise WeightsError(f"weights {weights_path.name} do not match their model card "
+        raise WeightsError(f"{what} weights {weights_path.name} do not match their model card "
                            f"(SHA-256 {actual[:12]}..., expected {str(card.get('sha256'))[:12]}...): "
                            "the file is corrupt or was replaced")
-    if card.get("architecture") != ARCHITECTURE:
-        raise WeightsError(f"weights {weights_path.name} were trained for another architecture")
-    network = build_model()
+    return card, actual
+
+
+def load_state_dict(network, weights_path, what: str = "model", convert=None) -> None:
+    """torch.load(weights_only=True): tensors only, no pickled code runs. convert maps each tensor."""
+    import torch
+
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
+        network.load_state_dict({k: convert(v) for k, v in state.items()} if convert else state)
     except Exception as error:  # noqa: BLE001 - any failure here means unusable weights
-        raise WeightsError(f"cannot load weights {weights_path.name}: {error}") from None
+        raise WeightsError(f"cannot load {what} weights {Path(weights_path).name}: {error}") from None
+
+
+def load_model(weights_path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
+    """Load stage-2 weights after checking them against the SHA-256 in their model card."""
+    card, actual = verified_card(weights_path)
+    if card.get("architecture") != ARCHITECTURE:
+        raise WeightsError(f"weights {Path(weights_path).name} were trained for another architecture")
+    network = build_model()
+    load_state_dict(network, weights_path)
     device = resolve_device(device)
     network.to(device).eval()
     return LoadedModel(network, card, actual, device)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .classify import card_path, resolve_device, sha256_of
+from .classify import load_state_dict, resolve_device, verified_card
 from .errors import WeightsError
 from .preprocess import Prepared
 
@@ -216,31 +216,12 @@ def build_network(nc: int = 1):
 
 def load_yolo(path=DEFAULT_YOLO, device: str = "cpu") -> LoadedYolo:
     """Load stage-3 weights from a local file after checking their SHA-256 against the model card."""
-    import torch
-
-    path = Path(path)
-    card_file = card_path(path)
-    if not path.is_file():
-        raise WeightsError(f"YOLO weights not found: {path}")
-    if not card_file.is_file():
-        raise WeightsError(f"YOLO model card not found beside the weights: {card_file}")
-    try:
-        card = json.loads(card_file.read_text())
-    except ValueError as error:
-        raise WeightsError(f"YOLO model card {card_file.name} is not valid JSON: {error}") from None
-    actual = sha256_of(path)
-    if actual != card.get("sha256"):
-        raise WeightsError(f"YOLO weights {path.name} do not match their model card (SHA-256 {actual[:12]}..., "
-                           f"expected {str(card.get('sha256'))[:12]}...): the file is corrupt or was replaced")
+    card, actual = verified_card(path, what="YOLO model")
     architecture = card.get("architecture") or {}
     if {k: architecture.get(k) for k in ARCHITECTURE} != ARCHITECTURE:
-        raise WeightsError(f"YOLO weights {path.name} were trained for another tile/architecture: {architecture}")
+        raise WeightsError(f"YOLO weights {Path(path).name} were trained for another tile/architecture: {architecture}")
     network = build_network(nc=int(architecture["nc"]))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        network.load_state_dict({k: v.float() for k, v in state.items()})
-    except Exception as error:  # noqa: BLE001 - any failure here means unusable weights
-        raise WeightsError(f"cannot load YOLO weights {path.name}: {error}") from None
+    load_state_dict(network, path, what="YOLO", convert=lambda tensor: tensor.float())
     network = network.fuse(verbose=False) if _fuse_takes_verbose(network) else network.fuse()
     device = resolve_device(device)
     network.to(device).eval()
