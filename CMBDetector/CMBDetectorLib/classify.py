@@ -36,8 +36,10 @@ def patch_offsets_mm() -> np.ndarray:
     return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)
 
 
-def extract_patches(prepared: Prepared, centres_ras: np.ndarray) -> np.ndarray:
-    """float32 (N, 2, P, P, P) patches around RAS centres (trilinear, zero outside the image)."""
+def extract_patches(prepared: Prepared, centres_ras: np.ndarray, use_phase: bool = True) -> np.ndarray:
+    """float32 (N, 2, P, P, P) patches around RAS centres (trilinear, zero outside the image).
+
+    use_phase False leaves channel 1 at zero, as for a scan without phase."""
     centres_ras = np.atleast_2d(np.asarray(centres_ras, float))
     patches = np.zeros((len(centres_ras), 2, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE), np.float32)
     if len(centres_ras) == 0:
@@ -51,7 +53,7 @@ def extract_patches(prepared: Prepared, centres_ras: np.ndarray) -> np.ndarray:
         shape = (len(chunk), PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
         patches[start:start + len(chunk), 0] = ndimage.map_coordinates(
             prepared.image, ijk, order=1, mode="constant", cval=0.0).reshape(shape)
-        if prepared.phase is not None:
+        if use_phase and prepared.phase is not None:
             patches[start:start + len(chunk), 1] = ndimage.map_coordinates(
                 prepared.phase, ijk, order=1, mode="constant", cval=0.0).reshape(shape) / np.pi
     return patches

@@ -73,11 +73,14 @@ def apparent_diameter_mm(prepared: Prepared, ijk) -> float:
 def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
            threshold: float | None = None, crop: bool = False, model_path=DEFAULT_MODEL,
            device: str = "cpu", locate: bool = True, keep_outside: bool = False, use_yolo: bool = True,
-           yolo_path=None, progress=None) -> Detection:
+           yolo_path=None, cnn_phase: bool = False, progress=None) -> Detection:
     """Find microbleeds in one volume. Returns findings (RAS mm, labelled CMB-1.. by score) and a summary.
 
     use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights ship
     (yolo_path, default Resources/Models/cmb_yolo.pt); False runs the 3D CNN alone.
+    cnn_phase: give the CNN the phase channel too. Off by default: on the tuning scans (synth seed 3)
+    magnitude alone did better (residual background phase near air-tissue interfaces survives the
+    homodyne filter). With it off, a given phase is read and checked but no model uses it.
     """
     timings = {}
     warnings = []
@@ -104,7 +107,7 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
     _progress(progress, 50, f"stage 2: CNN on {len(candidates)} candidates")
     tick = time.perf_counter()
     centres = volume.ijk_to_ras(np.array([c.ijk for c in candidates])) if candidates else np.zeros((0, 3))
-    scores = score_patches(model, extract_patches(prepared, centres))
+    scores = score_patches(model, extract_patches(prepared, centres, use_phase=cnn_phase))
     cnn_scores = scores.copy()
     timings["cnn"] = time.perf_counter() - tick
 
@@ -161,7 +164,8 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
         "input": volume.meta.get("source", ""),
         "shape": list(volume.shape),
         "spacing_mm": [round(float(s), 4) for s in volume.spacing],
-        "phase_used": phase is not None,
+        "phase_given": phase is not None,
+        "phase_used_by_cnn": bool(cnn_phase and phase is not None),
         "mask": "provided" if mask is not None else ("automatic (crop)" if crop else "automatic"),
         "threshold": threshold,
         "counts": _counts(findings),
@@ -238,6 +242,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep-outside", action="store_true", help="keep findings that fall outside the brain")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")
     parser.add_argument("--no-yolo", action="store_true", help="skip the YOLO stage (3D CNN alone)")
+    parser.add_argument("--cnn-phase", action="store_true",
+                        help="feed the phase to the CNN as its second channel (off: magnitude did better in tuning)")
 
 
 def _read(path, what, echo="combine"):
@@ -259,7 +265,7 @@ def run(args) -> int:
 
     detection = detect(volume, phase, mask, threshold=args.threshold, crop=args.crop, model_path=args.model,
                        device=args.device, locate=not args.no_locate, keep_outside=args.keep_outside,
-                       use_yolo=not args.no_yolo, progress=report)
+                       use_yolo=not args.no_yolo, cnn_phase=args.cnn_phase, progress=report)
     stem = stem_of(Path(args.input))
     paths = write_outputs(detection, args.out, stem, png=not args.no_png)
     for warning in detection.warnings:
