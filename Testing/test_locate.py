@@ -281,3 +281,20 @@ def test_scan_covering_part_of_the_brain_is_rejected(thick_slice_case):
     registration = locate.register_to_mni(top_slab)
     assert registration.ok is False
     assert "template brain inside the scan" in registration.message or "mutual information" in registration.message
+
+
+def test_thalamus_occipital_cortex_and_cerebellum_of_a_simulated_deformed_scan():
+    """The simulator poses and elastically deforms the anatomy; its truth carries where three fixed MNI
+    landmarks ended up in the scan. Registration must send them back to the right classes."""
+    from CMBDetectorLib.findings import Finding
+    from CMBDetectorLib.simulate.synth import simulate_scan
+
+    scan = simulate_scan(seed=21, acquisition="gre15t", cmb_free=True)
+    landmarks = scan.truth["landmarks"]
+    findings = [Finding(name, tuple(point["center_ras"]), 1.0) for name, point in landmarks.items()]
+    warnings = locate.locate_findings(scan.magnitude, findings)
+    assert not [w for w in warnings if "unknown" in w], warnings
+    classes = {f.label: (f.region, f.lobe) for f in findings}
+    assert classes["left thalamus"] == ("deep", "")
+    assert classes["right calcarine cortex"] == ("lobar", "occipital")
+    assert classes["right cerebellar hemisphere"] == ("infratentorial", "")

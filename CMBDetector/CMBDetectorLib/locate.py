@@ -27,7 +27,7 @@ WORKING_SPACING_MM = 2.0
 SCALE_RANGE = (0.75, 1.35)        # plausible template -> scan scale per axis (head size, voxel-size errors)
 MAX_SHEAR = 0.15                  # |off-diagonal| of the normalised stretch matrix
 MAX_METRIC = -0.12                # Mattes MI (negative; closer to 0 = less shared information)
-MAX_INTERIOR_METRIC = -0.10       # the same inside the eroded brain (a uniform blob scores ~0)
+MAX_INTERIOR_METRIC = -0.07       # the same inside the eroded brain (a uniform blob scores ~0)
 MIN_BRAIN_IN_FOV = 0.80           # fraction of the template brain that must land inside the scan
 OUTSIDE_REGIONS = ("outside", "csf")
 

@@ -32,6 +32,9 @@ from .structures import (CALCIFICATION_SITES, Sphere, apparent_diameter, rasteri
 TISSUE_CHI_PPM = {"gm": 0.02, "wm": -0.03, "csf": 0.0, "skull": -2.0}
 WATER_VS_AIR_PPM = -9.4  # tissue is diamagnetic relative to air; air is the zero of this map
 CMB_REGION_WEIGHTS = {"lobar": 0.55, "deep": 0.25, "infratentorial": 0.20}
+# Fixed MNI points carried into every scan's truth, so location tests can ask "where is the thalamus here?"
+ANATOMICAL_LANDMARKS_MNI = {"left thalamus": (-12, -18, 8), "right calcarine cortex": (10, -85, 8),
+                            "right cerebellar hemisphere": (25, -65, -35)}
 APPARENT_RANGE_MM = (2.0, 10.0)  # the clinical definition of a microbleed's apparent size
 
 
@@ -301,6 +304,8 @@ def _truth(scan_id, seed, acq, spheres, veins, deformation, labels, affine, seco
             "iron_nuclei": nuclei,
             "air_bone": [{"name": name, "center_ras": centre} for name, centre in landmarks.items()],
         },
+        "landmarks": {name: {"center_mni": list(point), "center_ras": ras(deformation.to_scanner(np.array([point]))[0])}
+                      for name, point in ANATOMICAL_LANDMARKS_MNI.items()},
         "mimic_level": mimic_level,
         "simulation_seconds": round(seconds, 2),
         "template_to_scanner_note": "positions in RAS mm of the scanner frame; center_mni in MNI152 2009 space",

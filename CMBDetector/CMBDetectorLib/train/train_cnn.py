@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2500, help="optimiser steps (batch of 64)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="scans held out for the card's metrics")
+    parser.add_argument("--hold-out", default="", help="comma-separated scan names to hold out instead of a "
+                        "random --val-fraction (e.g. scans the YOLO stage never saw)")
     parser.add_argument("--jobs", type=int, default=2, help="processes for building patches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -90,9 +92,15 @@ def run(args) -> int:
     if len(files) < 4:
         raise CMBError(f"need at least 4 simulated scans in {args.data}, found {len(files)}")
     order = rng.permutation(len(files))
-    n_val = max(1, int(round(len(files) * args.val_fraction)))
-    val_files = [files[i] for i in sorted(order[:n_val])]
-    train_files = [files[i] for i in sorted(order[n_val:])]
+    if args.hold_out:
+        names = {name.strip().replace(".truth.json", "") for name in args.hold_out.split(",") if name.strip()}
+        val_files = [f for f in files if f.name.replace(".truth.json", "") in names]
+        if len(val_files) != len(names):
+            raise CMBError(f"--hold-out names scans that are not in {args.data}")
+    else:
+        n_val = max(1, int(round(len(files) * args.val_fraction)))
+        val_files = [files[i] for i in sorted(order[:n_val])]
+    train_files = [f for f in files if f not in val_files]
     print(f"building patches: {len(train_files)} training scans, {len(val_files)} held-out scans", flush=True)
     train_items = dataset.build(train_files, args.seed, keep_all=False, jobs=args.jobs)
     val_items = dataset.build(val_files, args.seed + 100000, keep_all=True, jobs=args.jobs)
@@ -147,7 +155,8 @@ def run(args) -> int:
         "architecture": ARCHITECTURE,
         "framework": f"MONAI Classifier, torch {torch.__version__}",
         "command": (f"cmbdetector train --data {shlex.quote(str(args.data))} --out {shlex.quote(str(args.out))} "
-                    f"--seed {args.seed} --steps {args.steps} --val-fraction {args.val_fraction}"),
+                    f"--seed {args.seed} --steps {args.steps} --val-fraction {args.val_fraction}"
+                    + (f" --hold-out {shlex.quote(args.hold_out)}" if args.hold_out else "")),
         "seed": args.seed,
         "steps": args.steps,
         "training_data": {
