@@ -191,6 +191,19 @@ def _interior_check(method, transform, fixed, moving, brain_mask) -> tuple:
             f"interior mutual information {value:.3f} (must be <= {MAX_INTERIOR_METRIC})")
 
 
+def _run_level_pair(method, fixed, moving, transform, sampling, learning_rate, iterations, shrink, smoothing_mm):
+    """One optimisation of `transform` (in place) over two resolution levels."""
+    method.SetInitialTransform(transform, inPlace=True)
+    method.SetMetricSamplingPercentagePerLevel(sampling, seed=12345)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=1e-3,
+                                                    numberOfIterations=iterations, relaxationFactor=0.6,
+                                                    gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel(smoothing_mm)
+    method.Execute(fixed, moving)
+
+
 def register_to_mni(volume: Volume, mask=None, threads: int = 2) -> Registration:
     """Affine registration of a scan to the MNI152 2009 T1; never raises.
 
@@ -225,29 +238,17 @@ def register_to_mni(volume: Volume, mask=None, threads: int = 2) -> Registration
         # Stage 1, rigid at coarse levels: gets rotation and position without letting scale run away.
         # Sampling: all voxels at 8 mm (a few thousand; fewer made the coarse metric too noisy and 20 deg
         # poses failed), then fewer as voxels get smaller.
-        method.SetInitialTransform(rigid, inPlace=True)
-        method.SetMetricSamplingPercentagePerLevel([1.0, 0.5], seed=12345)
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=150,
-                                                        relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-        method.SetOptimizerScalesFromPhysicalShift()
-        method.SetShrinkFactorsPerLevel([4, 2])
-        method.SetSmoothingSigmasPerLevel([2.0, 1.0])
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        method.Execute(fixed, moving)
+        _run_level_pair(method, fixed, moving, rigid, sampling=[1.0, 0.5], learning_rate=2.0, iterations=150,
+                        shrink=[4, 2], smoothing_mm=[2.0, 1.0])
 
         # Stage 2, full affine at finer levels.
         affine = sitk.AffineTransform(3)
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        method.SetInitialTransform(affine, inPlace=True)
-        method.SetMetricSamplingPercentagePerLevel([0.5, 0.15], seed=12345)
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=80,
-                                                        relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-        method.SetOptimizerScalesFromPhysicalShift()
-        method.SetShrinkFactorsPerLevel([2, 1])
-        method.SetSmoothingSigmasPerLevel([1.0, 0.0])
-        method.Execute(fixed, moving)
+        _run_level_pair(method, fixed, moving, affine, sampling=[0.5, 0.15], learning_rate=1.0, iterations=80,
+                        shrink=[2, 1], smoothing_mm=[1.0, 0.0])
         metric = float(method.GetMetricValue())
         mni_to_scan = _affine_lps_to_ras(affine)
         checks = _plausibility(mni_to_scan, metric, volume)
