@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
 
 
 def _simulate_validation(folder: Path, jobs: int) -> None:
-    from .simulate.synth import _simulate_and_write, scan_plan
+    from .simulate.synth import simulate_and_write, scan_plan
 
     plan = scan_plan(VALIDATION["n"], VALIDATION["seed"], VALIDATION["acquisition"], VALIDATION["cmb_free_fraction"])
     todo = [(seed, protocol, free, str(folder), VALIDATION["mimic_level"], False)
@@ -51,11 +51,11 @@ def _simulate_validation(folder: Path, jobs: int) -> None:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs) as pool:
-            for result in pool.map(_simulate_and_write, todo):
+            for result in pool.map(simulate_and_write, todo):
                 print("  {} : {} microbleeds, {:.1f} s".format(*result[:3]), flush=True)
     else:
         for job in todo:
-            print("  {} : {} microbleeds, {:.1f} s".format(*_simulate_and_write(job)[:3]), flush=True)
+            print("  {} : {} microbleeds, {:.1f} s".format(*simulate_and_write(job)[:3]), flush=True)
 
 
 def _simulate_timing_scan(folder: Path) -> Path:

@@ -246,19 +246,17 @@ def add_arguments(parser) -> None:
                         help="do not feed a given phase to the CNN (magnitude alone)")
 
 
-def _read(path, what, echo="combine"):
-    if path is None:
-        return None
-    return read_volume(path, echo=echo)
+def _read(path, echo="combine"):
+    return None if path is None else read_volume(path, echo=echo)
 
 
 def run(args) -> int:
     echo = int(args.echo) if str(args.echo).isdigit() else args.echo
     if echo != "combine" and not isinstance(echo, int):
         raise InputError(f"--echo must be 'combine' or an echo index, got {args.echo}")
-    volume = _read(args.input, "input", echo)
-    phase = _read(args.phase, "phase", echo)
-    mask = _read(args.mask, "mask")
+    volume = _read(args.input, echo)
+    phase = _read(args.phase, echo)
+    mask = _read(args.mask)
 
     def report(percent, message):
         print(f"PROGRESS {percent}% {message}", flush=True)

@@ -365,7 +365,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, help="simulate only the first LIMIT scans of the N-scan plan")
 
 
-def _simulate_and_write(job):
+def simulate_and_write(job):
+    """(seed, protocol, cmb_free, out, mimic_level, preview) -> (scan_id, microbleeds, seconds, magnitude path)."""
     scan_seed, protocol, cmb_free, out, mimic_level, preview = job
     scan = simulate_scan(scan_seed, protocol, cmb_free=cmb_free, mimic_level=mimic_level)
     paths = write_scan(scan, out)
@@ -384,10 +385,10 @@ def run(args) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs) as pool:
-            results = pool.map(_simulate_and_write, jobs)
+            results = pool.map(simulate_and_write, jobs)
             for result in results:
                 print("{} : {} microbleeds, {:.1f} s -> {}".format(*result), flush=True)
     else:
         for job in jobs:
-            print("{} : {} microbleeds, {:.1f} s -> {}".format(*_simulate_and_write(job)), flush=True)
+            print("{} : {} microbleeds, {:.1f} s -> {}".format(*simulate_and_write(job)), flush=True)
     return 0
