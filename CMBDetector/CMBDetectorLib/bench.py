@@ -69,13 +69,17 @@ def _simulate_timing_scan(folder: Path) -> Path:
     return path
 
 
+def _truth_of(magnitude: Path) -> dict:
+    return json.loads(magnitude.with_name(magnitude.name.replace(".nii.gz", ".truth.json")).read_text())
+
+
 def _detect_scan(job) -> dict:
     """Detect one validation scan under every configuration, in this worker process; write predictions."""
     magnitude, out, configs = job
     from .io import read_volume
     from .pipeline import detect, write_outputs
 
-    truth = json.loads(magnitude.with_name(magnitude.name.replace(".nii.gz", ".truth.json")).read_text())
+    truth = _truth_of(magnitude)
     volume = read_volume(magnitude)
     phase = read_volume(magnitude.with_name(truth["files"]["phase"]))
     summaries = {}
@@ -88,8 +92,7 @@ def _detect_scan(job) -> dict:
 
 def _detect_alone(magnitude: Path, out: Path, config: str) -> dict:
     """Run detect in a fresh process, alone on the machine: honest time and peak memory for one scan."""
-    truth = json.loads(magnitude.with_name(magnitude.name.replace(".nii.gz", ".truth.json")).read_text())
-    phase = magnitude.with_name(truth["files"]["phase"])
+    phase = magnitude.with_name(_truth_of(magnitude)["files"]["phase"])
     command = [sys.executable, "-m", "CMBDetectorLib.cli", "detect", str(magnitude), "--phase", str(phase),
                "--out", str(out), "--no-png"]
     if config == "cnn":

@@ -16,6 +16,7 @@ from .grids import block_mean
 from .preprocess import Prepared, sigma_voxels
 
 SIGMAS_MM = (0.7, 1.0, 1.4, 2.0, 2.8)
+MAX_CANDIDATES = 800  # recall first: the strongest 800 blobs hold every microbleed in our held-out scans
 
 
 @dataclass
@@ -43,7 +44,7 @@ def blob_response(image: np.ndarray, spacing) -> tuple:
 SCREEN_MM = 0.9  # finer voxels are block-averaged to about this before screening (speed)
 
 
-def find_candidates(prepared: Prepared, min_response: float = 0.04, max_candidates: int = 600,
+def find_candidates(prepared: Prepared, min_response: float = 0.04, max_candidates: int = MAX_CANDIDATES,
                     separation_mm: float = 2.5) -> list:
     """Local maxima of the blob response inside the brain, strongest first (native voxel indices)."""
     factors = tuple(max(1, int(round(SCREEN_MM / s))) for s in prepared.spacing)
@@ -67,6 +68,13 @@ def find_candidates(prepared: Prepared, min_response: float = 0.04, max_candidat
         candidates.append(Candidate(centre, float(values[index]), SIGMAS_MM[scale[tuple(coarse)]],
                                     float(image[tuple(coarse)])))
     return candidates
+
+
+def centres_ras(prepared: Prepared, candidates: list) -> np.ndarray:
+    """(N, 3) RAS mm centres of candidates (an empty (0, 3) array for none)."""
+    if not candidates:
+        return np.zeros((0, 3))
+    return prepared.volume.ijk_to_ras(np.array([c.ijk for c in candidates]))
 
 
 def _refine(image: np.ndarray, ijk: np.ndarray, reach: np.ndarray) -> np.ndarray:

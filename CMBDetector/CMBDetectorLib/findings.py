@@ -194,9 +194,13 @@ def _index_or(names: tuple, name: str, default: int) -> int:
     return names.index(name) if name in names else default
 
 
-def _name_at(names: tuple, codes, index: int, default: str) -> str:
-    code = _value_at(codes, index)
+def name_of_code(names: tuple, code: float, default: str) -> str:
+    """names[code] for a region or lobe code stored as a measurement value; default when not valid."""
     return names[int(code)] if math.isfinite(code) and 0 <= int(code) < len(names) else default
+
+
+def _name_at(names: tuple, codes, index: int, default: str) -> str:
+    return name_of_code(names, _value_at(codes, index), default)
 
 
 def _json_default(value):

@@ -92,8 +92,6 @@ _TEMPLATE_CACHE = None
 
 def _normalised_moving(volume: Volume):
     """Scan at working resolution, intensities clipped to the 0.5-99.5 percentiles (robust to hot voxels)."""
-    import SimpleITK as sitk
-
     array = np.nan_to_num(np.asarray(volume.array, dtype=np.float32))
     low, high = np.percentile(array, [0.5, 99.5])
     if not np.isfinite(high - low) or high - low <= 0:

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import __version__
-from .candidates import find_candidates
+from .candidates import centres_ras, find_candidates
 from .classify import DEFAULT_MODEL, extract_patches, load_model, score_patches
 from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
@@ -27,7 +27,6 @@ from .io import read_volume
 from .preprocess import Prepared, prepare
 
 MERGE_MM = 3.0  # detections closer than this are one lesion
-MAX_CANDIDATES = 800
 
 
 @dataclass
@@ -101,12 +100,12 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
 
     _progress(progress, 30, "stage 1: candidate screening")
     tick = time.perf_counter()
-    candidates = find_candidates(prepared, max_candidates=MAX_CANDIDATES)
+    candidates = find_candidates(prepared)
     timings["candidates"] = time.perf_counter() - tick
 
     _progress(progress, 50, f"stage 2: CNN on {len(candidates)} candidates")
     tick = time.perf_counter()
-    centres = volume.ijk_to_ras(np.array([c.ijk for c in candidates])) if candidates else np.zeros((0, 3))
+    centres = centres_ras(prepared, candidates)
     scores = score_patches(model, extract_patches(prepared, centres, use_phase=cnn_phase))
     cnn_scores = scores.copy()
     timings["cnn"] = time.perf_counter() - tick

@@ -25,7 +25,6 @@ What the reader sees at a glance (a markups display node has only Color and Sele
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import math
@@ -37,7 +36,7 @@ import numpy as np
 from . import __version__
 from . import findings as findings_module
 from .errors import CMBError, InputError
-from .findings import CSV_COLUMNS, REGIONS, REVIEW_STATES, Finding, read_csv, write_csv
+from .findings import REGIONS, REVIEW_STATES, Finding, name_of_code, read_csv, write_csv
 
 # Lobe codes: index into LOBES (findings.py is the owner once it writes region/lobe measurements itself).
 LOBES = getattr(findings_module, "LOBES", ("", "frontal", "parietal", "temporal", "occipital", "insula"))
@@ -164,8 +163,8 @@ def point_values(node, index: int, columns: dict | None = None) -> dict:
     return {
         "score": _value(columns["score"], index),
         "diameter_mm": _value(columns["diameter"], index),
-        "region": _name(REGIONS, _value(columns["region"], index), "unknown"),
-        "lobe": _name(LOBES, _value(columns["lobe"], index), ""),
+        "region": name_of_code(REGIONS, _value(columns["region"], index), "unknown"),
+        "lobe": name_of_code(LOBES, _value(columns["lobe"], index), ""),
     }
 
 
@@ -494,24 +493,9 @@ def _code(names: tuple, name: str) -> float:
     return float(names.index(name)) if name in names else math.nan
 
 
-def _name(names: tuple, code: float, default: str) -> str:
-    if not math.isfinite(code) or not 0 <= int(code) < len(names):
-        return default
-    return names[int(code)]
-
-
 def _stem(path: Path) -> str:
     name = Path(path).name
     for suffix in (".mrk.json", ".json", ".csv"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
-
-
-def read_review_csv(path) -> list:
-    """Rows of a CSV written by export_review, as dicts keyed by findings.CSV_COLUMNS."""
-    with Path(path).open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-            raise InputError(f"{path}: columns {reader.fieldnames} are not CMBDetector's {CSV_COLUMNS}")
-        return list(reader)

@@ -65,11 +65,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     template_ijk = head.to_ijk(np.moveaxis(deformation.grid_points_to_template(), 0, -1)).astype(np.float32)
     template_ijk = np.moveaxis(template_ijk, -1, 0)
 
-    def warp(array, order):
-        return ndimage.map_coordinates(array, template_ijk, order=order, mode="constant", cval=0, prefilter=False)
-
-    gm, wm, csf = (warp(m, 1) for m in (head.gm, head.wm, head.csf))
-    labels = warp(head.labels, 0)
+    gm, wm, csf = (_warp(m, template_ijk, 1) for m in (head.gm, head.wm, head.csf))
+    labels = _warp(head.labels, template_ijk, 0)
     del template_ijk
 
     veins = vein_network(rng, head, n_medullary=int(rng.integers(15, 40) * mimic_level),
@@ -118,6 +115,11 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     truth = _truth(scan_id, seed, acq, spheres, veins, deformation, brain_acquired, acquired_affine,
                    time.perf_counter() - started, mimic_level)
     return SimulatedScan(scan_id, magnitude_volume, phase_volume, truth)
+
+
+def _warp(array, template_ijk, order):
+    """Template-space map sampled at the working grid's template coordinates (3, I, J, K)."""
+    return ndimage.map_coordinates(array, template_ijk, order=order, mode="constant", cval=0, prefilter=False)
 
 
 def _tissue_maps(labels, gm, wm, csf, vein_fraction, vein_chi, acq, iron_scale):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..candidates import find_candidates
+from ..candidates import centres_ras, find_candidates
 from ..classify import extract_patches
 from ..errors import CMBError
 from ..io import read_volume
@@ -41,15 +41,19 @@ def truth_files(folder) -> list:
     return files
 
 
-def scan_patches(truth_file, rng: np.random.Generator, keep_all: bool = False, top_negatives: int = 250,
-                 random_negatives: int = 100, jitter_copies: int = 4) -> ScanPatches:
+def read_scan(truth_file, with_phase: bool = True) -> tuple:
+    """(truth dict, magnitude Volume, Prepared) of a simulated scan, through the pipeline's preprocessing."""
     truth = json.loads(Path(truth_file).read_text())
     folder = Path(truth_file).parent
     magnitude = read_volume(folder / truth["files"]["magnitude"])
-    phase = read_volume(folder / truth["files"]["phase"])
-    prepared = prepare(magnitude, phase)
-    candidates = find_candidates(prepared, max_candidates=800)
-    centres = magnitude.ijk_to_ras(np.array([c.ijk for c in candidates])) if candidates else np.zeros((0, 3))
+    phase = read_volume(folder / truth["files"]["phase"]) if with_phase else None
+    return truth, magnitude, prepare(magnitude, phase)
+
+
+def scan_patches(truth_file, rng: np.random.Generator, keep_all: bool = False, top_negatives: int = 250,
+                 random_negatives: int = 100, jitter_copies: int = 4) -> ScanPatches:
+    truth, _, prepared = read_scan(truth_file)
+    centres = centres_ras(prepared, find_candidates(prepared))
     cmbs = np.array([m["center_ras"] for m in truth["microbleeds"]]).reshape(-1, 3)
     if len(cmbs) and len(centres):
         distance = np.linalg.norm(centres[:, None] - cmbs[None], axis=-1).min(axis=1)

@@ -97,25 +97,10 @@ def tuning_scans(files: list, yolo_training_names: list, cnn_card: dict | None) 
 # Tiles and labels
 # ----------------------------------------------------------------------------------------------------
 
-def _read_scan(truth_file, with_phase: bool):
-    from ..io import read_volume
-    from ..preprocess import prepare
-
-    truth = json.loads(Path(truth_file).read_text())
-    folder = Path(truth_file).parent
-    magnitude = read_volume(folder / truth["files"]["magnitude"])
-    phase = read_volume(folder / truth["files"]["phase"]) if with_phase else None
-    return truth, magnitude, prepare(magnitude, phase)
-
-
 def _candidate_centres(prepared) -> np.ndarray:
-    from ..candidates import find_candidates
-    from ..pipeline import MAX_CANDIDATES
+    from ..candidates import centres_ras, find_candidates
 
-    candidates = find_candidates(prepared, max_candidates=MAX_CANDIDATES)
-    if not candidates:
-        return np.zeros((0, 3))
-    return prepared.volume.ijk_to_ras(np.array([c.ijk for c in candidates]))
+    return centres_ras(prepared, find_candidates(prepared))
 
 
 def _native_slice_mm(prepared) -> float:
@@ -173,7 +158,7 @@ class ScanTiles:
 def scan_tiles(truth_file, rng: np.random.Generator, positive_copies: int = 10, top_negatives: int = 60,
                random_negatives: int = 30) -> ScanTiles:
     """Training tiles of one simulated scan (see the module docstring)."""
-    truth, _, prepared = _read_scan(truth_file, with_phase=False)
+    truth, _, prepared = dataset.read_scan(truth_file, with_phase=False)
     microbleeds = truth["microbleeds"]
     slice_mm = _native_slice_mm(prepared)
     cmbs = np.array([m["center_ras"] for m in microbleeds], float).reshape(-1, 3)
@@ -292,7 +277,7 @@ def score_held_out(files: list, cnn_path, yolo_model, timings: list | None = Non
     cnn_model = load_model(cnn_path)
     scans = []
     for truth_file in files:
-        truth, _, prepared = _read_scan(truth_file, with_phase=True)
+        truth, _, prepared = dataset.read_scan(truth_file, with_phase=True)
         centres = _candidate_centres(prepared)
         tick = time.perf_counter()
         cnn = score_patches(cnn_model, extract_patches(prepared, centres))
