@@ -262,3 +262,38 @@ def test_fuse_with_zero_weight_is_the_cnn_and_bad_parameters_are_rejected():
         yolo.fuse(cnn, cnn, dict(PARAMS, lo=0.9, hi=0.2))
     with pytest.raises(ValueError):
         yolo.fuse(cnn, cnn, dict(PARAMS, weight=-1))
+
+
+def _tuning_scan(scan_id, truth, candidates):
+    """A held-out scan for tune_fusion: truth points, and (RAS, CNN score, YOLO score) per candidate."""
+    from CMBDetectorLib.train.train_yolo import HeldOutScan
+
+    centres = np.array([c[0] for c in candidates], float).reshape(-1, 3)
+    return HeldOutScan(scan_id, np.array(truth, float).reshape(-1, 3), centres,
+                       np.array([c[1] for c in candidates], float), np.array([c[2] for c in candidates], float))
+
+
+def test_tune_fusion_finds_the_most_sensitive_point_within_the_fp_budget():
+    from CMBDetectorLib.train.train_yolo import lesion_counts, tune_fusion
+
+    # per scan: one clear lesion, one lesion the CNN doubts but YOLO sees, one vein the CNN likes but YOLO rejects
+    scans = [_tuning_scan(f"s{i}", [[0, 0, 0], [30, 0, 0]],
+                          [([0, 0, 0], 0.99, 0.9), ([30, 0, 0], 0.55, 0.95), ([0, 30, 0], 0.93, 0.02)])
+             for i in range(4)]
+    scans.append(_tuning_scan("free", [], [([0, 0, 0], 0.5, 0.1)]))  # a CMB-free scan
+    params, baseline, table = tune_fusion(scans, cnn_threshold=0.9, fp_budget=0.3)
+    assert baseline["sensitivity"] == 0.5 and baseline["fp_per_scan"] == 0.8  # the CNN alone at 0.9
+    fused = lesion_counts(scans, [yolo.fuse(s.cnn, s.yolo, params) for s in scans], params["threshold"])
+    assert fused["sensitivity"] == 1.0 and fused["fp_per_scan"] <= 0.3
+    within = [row for row in table if row["fp_per_scan"] <= 0.3]
+    assert max(row["sensitivity"] for row in within) == fused["sensitivity"]
+    assert min(row["fp_per_scan"] for row in within if row["sensitivity"] == 1.0) == fused["fp_per_scan"]
+    assert len(table) > 100  # thresholds x bands x weights were all tried
+
+
+def test_tune_fusion_stays_neutral_when_nothing_fits_the_budget():
+    from CMBDetectorLib.train.train_yolo import tune_fusion
+
+    scans = [_tuning_scan("s", [], [([0, 0, 0], 0.99, 0.99), ([0, 20, 0], 0.99, 0.99)])]
+    params, _, _ = tune_fusion(scans, cnn_threshold=0.9, fp_budget=0.5)
+    assert params["weight"] == 0.0 and params["threshold"] == 0.9

@@ -2,7 +2,7 @@
 
 Patches are sampled on a RAS-aligned grid of PATCH_SIZE^3 points, PATCH_MM apart, whatever the scan's
 orientation and voxel size (the dipole pattern of a lesion is tied to B0, i.e. to the scanner z axis).
-Channel 0: normalised magnitude; channel 1: high-pass phase / pi, or zeros when no phase was given
+Channel 0: normalised magnitude, anatomy outside the brain mask kept (Prepared.unmasked); channel 1: high-pass phase / pi, or zeros when no phase was given
 (the network is trained with phase dropped at random, so it works with magnitude alone).
 
 Weights are a plain state_dict loaded with torch.load(weights_only=True) only after their SHA-256
@@ -52,7 +52,7 @@ def extract_patches(prepared: Prepared, centres_ras: np.ndarray, use_phase: bool
         ijk = (points @ inverse[:3, :3].T + inverse[:3, 3]).T
         shape = (len(chunk), PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
         patches[start:start + len(chunk), 0] = ndimage.map_coordinates(
-            prepared.image, ijk, order=1, mode="constant", cval=0.0).reshape(shape)
+            prepared.unmasked, ijk, order=1, mode="constant", cval=0.0).reshape(shape)
         if use_phase and prepared.phase is not None:
             patches[start:start + len(chunk), 1] = ndimage.map_coordinates(
                 prepared.phase, ijk, order=1, mode="constant", cval=0.0).reshape(shape) / np.pi
@@ -139,13 +139,32 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-def score_patches(model: LoadedModel, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Probability (float32, N) that each patch is centred on a microbleed."""
+VIEWS = 8  # test-time augmentation: mean over the in-plane turns and flips (B0 stays along z)
+
+
+def in_plane_views(patches: np.ndarray, count: int = VIEWS):
+    """The first `count` of the 8 turns/flips about z of (N, C, X, Y, Z) patches, under which a
+    microbleed's dipole pattern is unchanged (the training augmentation uses the same group)."""
+    for index in range(count):
+        view = np.rot90(patches, k=index // 2, axes=(2, 3))
+        yield np.ascontiguousarray(view[:, :, ::-1] if index % 2 else view)
+
+
+def probabilities(network, patches: np.ndarray, device: str = "cpu", views: int = VIEWS,
+                  batch_size: int = 256) -> np.ndarray:
+    """Mean sigmoid output (float32, N) of an eval-mode network over `views` in-plane views."""
     import torch
 
-    scores = np.zeros(len(patches), np.float32)
+    total = np.zeros(len(patches), np.float64)
     with torch.inference_mode():
-        for start in range(0, len(patches), batch_size):
-            batch = torch.from_numpy(patches[start:start + batch_size]).to(model.device)
-            scores[start:start + len(batch)] = torch.sigmoid(model.network(batch)[:, 0]).cpu().numpy()
-    return scores
+        for view in in_plane_views(patches, views):
+            for start in range(0, len(view), batch_size):
+                batch = torch.from_numpy(view[start:start + batch_size].astype(np.float32, copy=False)).to(device)
+                total[start:start + len(batch)] += torch.sigmoid(network(batch)[:, 0]).double().cpu().numpy()
+    return (total / max(views, 1)).astype(np.float32)
+
+
+def score_patches(model: LoadedModel, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probability (float32, N) that each patch is centred on a microbleed (mean over the in-plane views
+    the model card names; 1 for cards without the entry)."""
+    return probabilities(model.network, patches, model.device, int(model.card.get("test_time_views", 1)), batch_size)

@@ -77,6 +77,8 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
 
     use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights ship
     (yolo_path, default Resources/Models/cmb_yolo.pt); False runs the 3D CNN alone.
+    threshold: None takes the operating point tuned for the configuration that runs: the YOLO card's
+    fusion threshold with YOLO, the CNN card's threshold without (both tuned on scans never benchmarked).
     cnn_phase: give the CNN the phase channel when a phase is given (default). On the tuning scans
     (synth seed 3, tools/compare_on_tuning_scans.py) the shipped CNN with phase matched the
     magnitude-only sensitivity with fewer false positives, with and without YOLO.
@@ -87,7 +89,19 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
 
     _progress(progress, 5, "loading model")
     model = load_model(model_path, device)
-    threshold = float(model.card.get("operating_threshold", 0.5) if threshold is None else threshold)
+    yolo_model = None
+    if use_yolo:
+        from . import yolo
+
+        yolo_path = Path(yolo_path or yolo.DEFAULT_YOLO)
+        if yolo_path.is_file():
+            yolo_model = yolo.load_yolo(yolo_path, device)
+        else:
+            warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
+    if threshold is None:
+        fusion_threshold = yolo_model.fusion.get("threshold") if yolo_model is not None else None
+        threshold = fusion_threshold if fusion_threshold is not None else model.card.get("operating_threshold", 0.5)
+    threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be between 0 and 1, got {threshold}")
     timings["load_model"] = time.perf_counter() - started
@@ -112,22 +126,15 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
 
     yolo_info = {"used": False}
     yolo_scores = np.full(len(scores), np.nan)
-    if use_yolo:
-        from . import yolo
-
-        yolo_path = Path(yolo_path or yolo.DEFAULT_YOLO)
-        if yolo_path.is_file():
-            _progress(progress, 65, "stage 3: YOLO on the uncertain candidates")
-            tick = time.perf_counter()
-            yolo_model = yolo.load_yolo(yolo_path, device)
-            band = yolo.consulted(scores, yolo_model.fusion)
-            yolo_scores[band] = yolo.score_candidates(yolo_model, prepared, centres[band])
-            scores = yolo.fuse(scores, np.nan_to_num(yolo_scores), yolo_model.fusion)
-            timings["yolo"] = time.perf_counter() - tick
-            yolo_info = {"used": True, "consulted": int(band.sum()), "sha256": yolo_model.sha256,
-                         "fusion": yolo_model.fusion}
-        else:
-            warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
+    if yolo_model is not None:
+        _progress(progress, 65, "stage 3: YOLO on the uncertain candidates")
+        tick = time.perf_counter()
+        band = yolo.consulted(scores, yolo_model.fusion)
+        yolo_scores[band] = yolo.score_candidates(yolo_model, prepared, centres[band])
+        scores = yolo.fuse(scores, np.nan_to_num(yolo_scores), yolo_model.fusion)
+        timings["yolo"] = time.perf_counter() - tick
+        yolo_info = {"used": True, "consulted": int(band.sum()), "sha256": yolo_model.sha256,
+                     "fusion": yolo_model.fusion}
 
     passing = np.nonzero(scores >= threshold)[0]
     kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing

@@ -30,8 +30,12 @@ BIAS_SIGMA_MM = 12.0
 class Prepared:
     """A scan ready for detection.
 
-    image: float32 (I, J, K) magnitude divided by a smooth local tissue level (about 1 in brain tissue).
+    image: float32 (I, J, K) magnitude divided by a smooth local tissue level (about 1 in brain tissue),
+    zero outside the brain mask (what stage 1 screens and the YOLO stage sees).
     mask: bool (I, J, K) brain mask. phase: float32 high-pass phase in radians, or None.
+    context: the same normalised magnitude without the mask (clipped to CONTEXT_MAX), for the CNN's
+    patches: a lesion at the brain surface then sits in real anatomy, not next to an artificial black
+    cut that looks like the edge artefacts the CNN learns to reject.
     """
 
     volume: Volume
@@ -40,6 +44,11 @@ class Prepared:
     phase: np.ndarray | None
     crop: bool
     warnings: list = field(default_factory=list)
+    context: np.ndarray | None = None
+
+    @property
+    def unmasked(self) -> np.ndarray:
+        return self.image if self.context is None else self.context
 
     @property
     def spacing(self) -> np.ndarray:
@@ -99,8 +108,12 @@ def brain_mask(volume: Volume, crop: bool = False) -> np.ndarray:
     return upsample_blocks(mask, factors, volume.shape, nearest=True)
 
 
+CONTEXT_MAX = 3.0  # scalp fat and vessels outside the brain can be far brighter than tissue
+
+
 def normalise(array: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
-    """Divide by a smooth local tissue level (masked Gaussian average): removes coil bias, keeps dots."""
+    """Divide by a smooth local tissue level (masked Gaussian average): removes coil bias, keeps dots.
+    Not masked: outside the brain the level is the nearby brain's (extrapolated by the same average)."""
     factors = _coarse_factors(spacing)
     coarse_spacing = np.asarray(spacing) * np.array(factors)
     weights = mask.astype(np.float32)
@@ -111,7 +124,7 @@ def normalise(array: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
     level = upsample_blocks(level, factors, array.shape)
     median = float(np.median(array[mask])) if mask.any() else float(np.median(array))
     level = np.maximum(level, 0.2 * median)
-    return (array / level * weights).astype(np.float32)
+    return (array / level).astype(np.float32)
 
 
 def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
@@ -133,7 +146,9 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
         raise InputError(f"input: does not look like a brain (the automatic brain mask holds {brain_ml:.0f} mL, "
                          f"expected {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f}); is this a head GRE/SWI scan? "
                          "For a partial-brain crop use --crop, or give --mask")
-    image = normalise(volume.array.astype(np.float32), brain, spacing)
+    unmasked = normalise(volume.array.astype(np.float32), brain, spacing)
+    image = unmasked * brain
+    context = np.clip(unmasked, 0.0, CONTEXT_MAX, out=unmasked)
     phase_hp = None
     if phase is not None:
         validate_brain_volume(phase, "phase", allow_crop=True)
@@ -145,4 +160,4 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
             warnings.append("phase rescaled from integer units to radians")
         complex_signal = volume.array * np.exp(1j * radians)
         phase_hp = homodyne_phase(complex_signal, spacing) * brain
-    return Prepared(volume, image, brain, phase_hp, crop, warnings)
+    return Prepared(volume, image, brain, phase_hp, crop, warnings, context)
