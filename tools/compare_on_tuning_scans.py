@@ -28,9 +28,9 @@ def main(folder: str) -> None:
         phase = read_volume(Path(folder) / truth["files"]["phase"])
         scans.append((truth, magnitude, phase))
     for name, (cnn_phase, use_yolo) in VARIANTS.items():
-        found = [(truth, detect(magnitude, phase, threshold=0.5, locate=False, cnn_phase=cnn_phase,
+        found = [(truth, detect(magnitude, phase, threshold=0.1, locate=False, cnn_phase=cnn_phase,
                                 use_yolo=use_yolo).findings) for truth, magnitude, phase in scans]
-        for threshold in (0.5, 0.9, 0.95, 0.99):
+        for threshold in (0.2, 0.3, 0.5, 0.7):
             result = evaluate_scans(found, threshold=threshold)
             print(f"{name:28s} threshold {threshold:.2f}: sensitivity {result['lesion']['sensitivity']:.3f} "
                   f"FP/scan {result['lesion']['fp_per_scan']:.3f} "
