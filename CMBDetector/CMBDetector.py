@@ -431,6 +431,18 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         return node
 
     @staticmethod
+    def run_threshold(out_dir, stem: str) -> Optional[float]:
+        """The score threshold the detection run used (its STEM.json summary), or None when unknown:
+        the review starts at it, so every finding the run reported is shown."""
+        import json
+
+        try:
+            value = json.loads((Path(out_dir) / f"{stem}.json").read_text()).get("threshold")
+        except (OSError, ValueError):
+            return None
+        return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 1.0 else None
+
+    @staticmethod
     def model_versions(out_dir) -> dict:
         """Model names/versions recorded in the run's summary JSON (STEM.json), if any."""
         import json
@@ -682,6 +694,9 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node = self.logic.load_results(self._request.out_dir, self._request.stem)
                 self.ui.progressBar.setValue(100)
                 self._parameterNode.findings = node
+                threshold = self.logic.run_threshold(self._request.out_dir, self._request.stem)
+                if threshold is not None:
+                    self._parameterNode.threshold = threshold  # the slider is bound to it
                 self.onThresholdChanged(self.ui.thresholdSlider.value)
 
     def onCancel(self) -> None:

@@ -180,7 +180,9 @@ def test_logic_writes_input_and_loads_results(module, mrml, tmp_path):
     request.out_dir.mkdir(parents=True)
     write_markups_json(findings, request.out_dir / f"{request.stem}.mrk.json")
     write_csv(findings, request.out_dir / f"{request.stem}.csv")
-    (request.out_dir / f"{request.stem}.json").write_text(json.dumps({"model_versions": {"cnn": "v1"}}))
+    assert logic.run_threshold(request.out_dir, request.stem) is None  # no summary yet
+    (request.out_dir / f"{request.stem}.json").write_text(json.dumps({"model_versions": {"cnn": "v1"}, "threshold": 0.3}))
+    assert logic.run_threshold(request.out_dir, request.stem) == 0.3  # the review slider starts where the run cut
     review_node = logic.load_results(request.out_dir, request.stem)
     assert [r["region"] for r in review.review_table(review_node)] == ["deep", "lobar"]
     next_index = logic.accept(review_node, 0)

@@ -238,7 +238,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("input", help="GRE/SWI magnitude: .nii/.nii.gz/.nrrd/.mha or a DICOM folder")
     parser.add_argument("--phase", help="phase image on the same grid (radians or vendor integers)")
     parser.add_argument("--mask", help="brain mask on the same grid (overrides the automatic mask)")
-    parser.add_argument("--threshold", type=float, help="score threshold (default: the model's operating point)")
+    parser.add_argument("--threshold", type=float, help="score threshold (default: the tuned operating point, "
+                        "with or without the YOLO stage)")
     parser.add_argument("--out", default=".", help="output folder (default: current)")
     parser.add_argument("--echo", default="combine", help="4D multi-echo input: 'combine' (RSS, default) or an echo index")
     parser.add_argument("--crop", action="store_true", help="the input is a partial-brain crop (no head-size check, no atlas)")
