@@ -90,6 +90,10 @@ def _stack(items, attribute):
     return np.concatenate([getattr(item, attribute) for item in items])
 
 
+FP_BUDGET = 0.3  # false positives per scan the operating point may spend (the product target is <= 0.5)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
 def operating_points(scores, labels, items) -> dict:
     """Per-lesion sensitivity and FP/scan over held-out scans, as if every candidate were reported."""
     results = {}
@@ -108,12 +112,6 @@ def operating_points(scores, labels, items) -> dict:
         results[f"{threshold:.2f}"] = {"sensitivity": round(detected / max(n_cmb, 1), 4),
                                        "fp_per_scan": round(fp / max(n_scans, 1), 3)}
     return results
-
-
-FP_BUDGET = 0.3  # false positives per scan the operating point may spend (the product target is <= 0.5)
-
-
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def choose_threshold(points: dict, fp_budget: float = FP_BUDGET) -> float:
