@@ -2,8 +2,9 @@
 
 Patches are sampled on a RAS-aligned grid of PATCH_SIZE^3 points, PATCH_MM apart, whatever the scan's
 orientation and voxel size (the dipole pattern of a lesion is tied to B0, i.e. to the scanner z axis).
-Channel 0: normalised magnitude, anatomy outside the brain mask kept (Prepared.unmasked); channel 1: high-pass phase / pi, or zeros when no phase was given
-(the network is trained with phase dropped at random, so it works with magnitude alone).
+Channel 0: normalised magnitude, anatomy outside the brain mask kept (Prepared.unmasked); channel 1:
+high-pass phase / pi, or zeros when no phase was given (the network is trained with phase dropped at
+random, so it works with magnitude alone).
 
 Weights are a plain state_dict loaded with torch.load(weights_only=True) only after their SHA-256
 matches the model card shipped beside them: no arbitrary pickle is ever executed.

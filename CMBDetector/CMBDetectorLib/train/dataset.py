@@ -50,11 +50,21 @@ def read_scan(truth_file, with_phase: bool = True) -> tuple:
     return truth, magnitude, prepare(magnitude, phase)
 
 
+def truth_points(truth: dict) -> np.ndarray:
+    """(T, 3) RAS centres of a simulated scan's microbleeds (an empty (0, 3) array for none)."""
+    return np.array([m["center_ras"] for m in truth["microbleeds"]], float).reshape(-1, 3)
+
+
+def candidate_centres(prepared) -> np.ndarray:
+    """(N, 3) RAS centres of the pipeline's stage-1 candidates, strongest first."""
+    return centres_ras(prepared, find_candidates(prepared))
+
+
 def scan_patches(truth_file, rng: np.random.Generator, keep_all: bool = False, top_negatives: int = 250,
                  random_negatives: int = 100, jitter_copies: int = 4) -> ScanPatches:
     truth, _, prepared = read_scan(truth_file)
-    centres = centres_ras(prepared, find_candidates(prepared))
-    cmbs = np.array([m["center_ras"] for m in truth["microbleeds"]]).reshape(-1, 3)
+    centres = candidate_centres(prepared)
+    cmbs = truth_points(truth)
     if len(cmbs) and len(centres):
         distance = np.linalg.norm(centres[:, None] - cmbs[None], axis=-1).min(axis=1)
         found = int((np.linalg.norm(centres[:, None] - cmbs[None], axis=-1).min(axis=0) <= POSITIVE_MM).sum())

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..candidates import centres_ras, find_candidates
 from ..classify import (ARCHITECTURE, DEFAULT_MODEL, VIEWS, build_model, card_path, load_state_dict,
-                        extract_patches, probabilities, sha256_of)
+                        probabilities, sha256_of)
 from ..errors import CMBError
 from . import dataset
 
@@ -125,16 +124,9 @@ def choose_threshold(points: dict, fp_budget: float = FP_BUDGET) -> float:
 def lesion_operating_points(network, files: list) -> dict:
     """Per-lesion sensitivity and FP/scan of the CNN alone, pipeline rules (merge, one-to-one 5 mm
     matching, CMB-free scans included), at each threshold, on whole scans never trained on."""
-    from .train_yolo import HeldOutScan, lesion_counts
+    from .train_yolo import lesion_counts, score_held_out
 
-    scans = []
-    for truth_file in files:
-        truth, _, prepared = dataset.read_scan(truth_file)
-        centres = centres_ras(prepared, find_candidates(prepared))
-        network.eval()
-        scores = probabilities(network, extract_patches(prepared, centres), "cpu", VIEWS)
-        points = np.array([m["center_ras"] for m in truth["microbleeds"]], float).reshape(-1, 3)
-        scans.append(HeldOutScan(truth["scan_id"], points, centres, scores, np.zeros(len(scores))))
+    scans = score_held_out(files, lambda patches: score_all(network, patches, VIEWS))
     return {f"{t:.2f}": lesion_counts(scans, [s.cnn for s in scans], t) for t in THRESHOLDS}
 
 

@@ -14,6 +14,7 @@ single-process data loading by default).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -27,9 +28,10 @@ import numpy as np
 from .. import __version__
 from .. import yolo
 from ..classify import DEFAULT_MODEL as DEFAULT_CNN
-from ..classify import card_path, sha256_of
+from ..classify import card_path, load_model, score_patches, sha256_of
 from ..errors import CMBError
 from . import dataset
+from .train_cnn import FP_BUDGET  # one false-positive budget for both operating points
 
 POSITIVE_MM = dataset.POSITIVE_MM
 NEGATIVE_MM = dataset.NEGATIVE_MM
@@ -99,12 +101,6 @@ def tuning_scans(files: list, yolo_training_names: list, cnn_card: dict | None) 
 # Tiles and labels
 # ----------------------------------------------------------------------------------------------------
 
-def _candidate_centres(prepared) -> np.ndarray:
-    from ..candidates import centres_ras, find_candidates
-
-    return centres_ras(prepared, find_candidates(prepared))
-
-
 def _native_slice_mm(prepared) -> float:
     direction = np.abs(prepared.volume.affine[:3, :3]) / prepared.spacing
     return float(prepared.spacing[int(np.argmax(direction[2]))])
@@ -163,8 +159,8 @@ def scan_tiles(truth_file, rng: np.random.Generator, positive_copies: int = 10, 
     truth, _, prepared = dataset.read_scan(truth_file, with_phase=False)
     microbleeds = truth["microbleeds"]
     slice_mm = _native_slice_mm(prepared)
-    cmbs = np.array([m["center_ras"] for m in microbleeds], float).reshape(-1, 3)
-    candidates = _candidate_centres(prepared)
+    cmbs = dataset.truth_points(truth)
+    candidates = dataset.candidate_centres(prepared)
     if len(cmbs) and len(candidates):
         distance = np.linalg.norm(candidates[:, None] - cmbs[None], axis=-1).min(axis=1)
     else:
@@ -272,22 +268,24 @@ class HeldOutScan:
     yolo: np.ndarray  # (N,)
 
 
-def score_held_out(files: list, cnn_path, yolo_model, timings: list | None = None) -> list:
-    """CNN and YOLO scores of every stage-1 candidate of each held-out scan (pipeline preprocessing)."""
-    from ..classify import extract_patches, load_model, score_patches
+def score_held_out(files: list, cnn_scores, yolo_model=None, timings: list | None = None) -> list:
+    """CNN (and YOLO) scores of every stage-1 candidate of each held-out scan (pipeline preprocessing).
 
-    cnn_model = load_model(cnn_path)
+    cnn_scores: patches -> probabilities (the pipeline's scoring); yolo_model None leaves YOLO at 0."""
+    from ..classify import extract_patches
+
     scans = []
     for truth_file in files:
         truth, _, prepared = dataset.read_scan(truth_file, with_phase=True)
-        centres = _candidate_centres(prepared)
+        centres = dataset.candidate_centres(prepared)
         tick = time.perf_counter()
-        cnn = score_patches(cnn_model, extract_patches(prepared, centres))
+        cnn = cnn_scores(extract_patches(prepared, centres))
         cnn_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
-        yolo_scores = yolo.score_candidates(yolo_model, prepared, centres)
+        yolo_scores = (yolo.score_candidates(yolo_model, prepared, centres) if yolo_model is not None
+                       else np.zeros(len(centres)))
         yolo_seconds = time.perf_counter() - tick
-        points = np.array([m["center_ras"] for m in truth["microbleeds"]], float).reshape(-1, 3)
+        points = dataset.truth_points(truth)
         scans.append(HeldOutScan(truth["scan_id"], points, centres, cnn, yolo_scores))
         if timings is not None:
             timings.append({"scan": truth["scan_id"], "candidates": len(centres), "cnn_s": round(cnn_seconds, 3),
@@ -314,7 +312,6 @@ def lesion_counts(scans: list, scores: list, threshold: float) -> dict:
             "tp": tp, "fp": fp, "microbleeds": total, "scans": len(scans)}
 
 
-FP_BUDGET = 0.3  # FP/scan the full pipeline may spend on the tuning scans (the product target is <= 0.5)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
 
@@ -324,21 +321,20 @@ def tune_fusion(scans: list, cnn_threshold: float, fp_budget: float = FP_BUDGET)
     Returns (params incl. "threshold", CNN-alone result at its own threshold, table of every setting)."""
     baseline = lesion_counts(scans, [s.cnn for s in scans], cnn_threshold)
     best, best_key, table = None, None, []
-    for threshold in THRESHOLDS:
-        for lo in (0.05, 0.1, 0.2, 0.3, 0.4, 0.45):
-            for hi in (0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0):
-                if not lo < threshold < hi:
-                    continue
-                for weight in (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0):
-                    params = {"rule": "band-power", "lo": lo, "hi": hi, "weight": weight, "threshold": threshold}
-                    result = lesion_counts(scans, [yolo.fuse(s.cnn, s.yolo, params) for s in scans], threshold)
-                    consulted = float(np.mean([yolo.consulted(s.cnn, params).sum() for s in scans]))
-                    table.append({**params, **result, "consulted_per_scan": round(consulted, 1)})
-                    if result["fp_per_scan"] > fp_budget:
-                        continue
-                    key = (-result["sensitivity"], result["fp_per_scan"], consulted)
-                    if best_key is None or key < best_key:
-                        best, best_key = params, key
+    grid = itertools.product(THRESHOLDS, (0.05, 0.1, 0.2, 0.3, 0.4, 0.45), (0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0),
+                             (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0))
+    for threshold, lo, hi, weight in grid:
+        if not lo < threshold < hi:  # the threshold must fall inside the band YOLO can move scores in
+            continue
+        params = {"rule": "band-power", "lo": lo, "hi": hi, "weight": weight, "threshold": threshold}
+        result = lesion_counts(scans, [yolo.fuse(s.cnn, s.yolo, params) for s in scans], threshold)
+        consulted = float(np.mean([yolo.consulted(s.cnn, params).sum() for s in scans]))
+        table.append({**params, **result, "consulted_per_scan": round(consulted, 1)})
+        if result["fp_per_scan"] > fp_budget:
+            continue
+        key = (-result["sensitivity"], result["fp_per_scan"], consulted)
+        if best_key is None or key < best_key:
+            best, best_key = params, key
     if best is None:  # nothing fits the budget: YOLO left neutral at the CNN's own threshold
         best = {"rule": "band-power", "lo": 0.2, "hi": 0.98, "weight": 0.0, "threshold": cnn_threshold}
     table.sort(key=lambda row: (-row["sensitivity"], row["fp_per_scan"], row["consulted_per_scan"]))
@@ -440,7 +436,8 @@ def run(args) -> int:
         print(f"tuning the fusion on {len(tuning_files)} held-out scans against {args.cnn}", flush=True)
         model = yolo.load_yolo(out)
         timings = []
-        scans = score_held_out(tuning_files, args.cnn, model, timings)
+        cnn_model = load_model(args.cnn)
+        scans = score_held_out(tuning_files, lambda patches: score_patches(cnn_model, patches), model, timings)
         threshold = float(cnn_card.get("operating_threshold", 0.5))
         params, baseline, table = tune_fusion(scans, threshold, args.fp_budget)
         fused = lesion_counts(scans, [yolo.fuse(s.cnn, s.yolo, params) for s in scans], params["threshold"])
