@@ -191,6 +191,17 @@ def test_froc_points_by_hand():
     assert froc["cpm"] == pytest.approx((0.375 + 0.5 + 0.75 * 5) / 7)
     assert froc["sensitivity_at_1fp"] == pytest.approx(0.75)
     assert froc["best_threshold_1fp"] == pytest.approx(0.4)  # fewest FP among the best
+    assert froc["best_within"]["0.5"] == {"threshold": pytest.approx(0.4), "fp_per_scan": 0.5,
+                                          "sensitivity": 0.75}
+    assert froc["fp_reach"] == pytest.approx(0.75)
+
+
+def test_fp_to_reach_picks_the_cheapest_point_at_that_sensitivity():
+    points = evaluate.evaluate_scans(study())["froc"]["points"]
+    assert evaluate.fp_to_reach(points, 0.5) == {"threshold": pytest.approx(0.7), "fp_per_scan": 0.25,
+                                                 "sensitivity": 0.5}
+    assert evaluate.fp_to_reach(points, 0.75)["threshold"] == pytest.approx(0.4)
+    assert evaluate.fp_to_reach(points, 1.0) is None  # the curve never gets there
 
 
 def test_best_threshold_respects_the_fp_budget():

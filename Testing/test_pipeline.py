@@ -10,12 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from CMBDetectorLib import classify, review
+from CMBDetectorLib import classify, review, yolo
 from CMBDetectorLib.errors import WeightsError
 from CMBDetectorLib.evaluate import match
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import write_volume
-from CMBDetectorLib.pipeline import detect, write_outputs
+from CMBDetectorLib.pipeline import detect, merge_nearby, write_outputs
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 
 REAL_GRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre"
@@ -62,7 +62,22 @@ def test_outputs_hold_every_finding_with_its_score(detected):
     assert summary["counts"]["total"] == len(detection.findings)
     assert summary["model"]["sha256"] == classify.sha256_of(classify.DEFAULT_MODEL)
     assert set(summary["timings_s"]) >= {"preprocess", "candidates", "cnn", "total"}
+    fusion = json.loads(Path(yolo.DEFAULT_YOLO).with_suffix(".json").read_text())["fusion"]
+    assert summary["threshold"] == summary["operating_threshold"] == fusion["threshold"]
     assert paths["png"].stat().st_size > 1000
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_lower_threshold_only_adds_findings_below_the_higher_one(seed):
+    # The benchmark detects once down to a floor and reads the operating point off the same findings:
+    # that is exact only if merging nearby candidates never lets a weaker one remove a stronger one.
+    rng = np.random.default_rng(seed)
+    centres, scores = rng.uniform(0, 20, (200, 3)), rng.uniform(0, 1, 200)
+    def kept_at(threshold):
+        passing = np.nonzero(scores >= threshold)[0]
+        return set(passing[merge_nearby(centres[passing], scores[passing])])
+    loose, strict = kept_at(0.05), kept_at(0.5)
+    assert strict == {i for i in loose if scores[i] >= 0.5}
 
 
 def test_markups_file_lands_on_the_lesions_in_a_real_mrml_scene(detected, mrml):

@@ -35,6 +35,7 @@ from .errors import InputError
 
 DEFAULT_TOLERANCE_MM = 5.0
 FROC_LEVELS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+FP_BUDGETS = (0.5, 1.0)  # FP/scan budgets for the best real operating point (the product target is <= 0.5)
 REGION_ORDER = ("lobar", "deep", "infratentorial", "unknown")
 TRUTH_SUFFIX = ".truth.json"
 
@@ -239,14 +240,29 @@ def _froc(rows: list) -> dict:
     at_levels = np.interp(FROC_LEVELS, curve_fp, curve_sens)
     result["sensitivity_at"] = {f"{level:g}": float(value) for level, value in zip(FROC_LEVELS, at_levels)}
     result["cpm"] = float(np.mean(at_levels))
-    within_budget = [p for p in points if p["fp_per_scan"] <= 1.0]
-    if within_budget:
-        best = max(within_budget, key=lambda p: (p["sensitivity"], -p["fp_per_scan"], p["threshold"]))
-        result["sensitivity_at_1fp"] = best["sensitivity"]
-        result["best_threshold_1fp"] = best["threshold"]
-    else:
-        result["sensitivity_at_1fp"] = 0.0
+    result["fp_reach"] = float(fps.max())  # levels beyond it read the loosest point (a lower bound)
+    result["best_within"] = {f"{budget:g}": best_within(points, budget) for budget in FP_BUDGETS}
+    best = result["best_within"]["1"]
+    result["sensitivity_at_1fp"] = best["sensitivity"]
+    result["best_threshold_1fp"] = best["threshold"]
     return result
+
+
+def best_within(points: list, fp_per_scan: float) -> dict:
+    """The most sensitive FROC point (a real threshold, no interpolation) at <= fp_per_scan FP/scan;
+    ties go to fewer FP, then to the higher threshold."""
+    within = [p for p in points if p["fp_per_scan"] <= fp_per_scan]
+    if not within:
+        return {"threshold": None, "sensitivity": 0.0, "fp_per_scan": 0.0}
+    return dict(max(within, key=lambda p: (p["sensitivity"], -p["fp_per_scan"], p["threshold"])))
+
+
+def fp_to_reach(points: list, sensitivity: float) -> dict | None:
+    """The FROC point with the fewest FP/scan whose sensitivity is >= `sensitivity` (None if none is)."""
+    reaching = [p for p in points if p["sensitivity"] is not None and p["sensitivity"] >= sensitivity - 1e-12]
+    if not reaching:
+        return None
+    return dict(min(reaching, key=lambda p: (p["fp_per_scan"], -p["threshold"])))
 
 
 def _region_metrics(rows: list) -> dict:

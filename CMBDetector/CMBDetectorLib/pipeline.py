@@ -98,10 +98,10 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
             yolo_model = yolo.load_yolo(yolo_path, device)
         else:
             warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
-    if threshold is None:
-        fusion_threshold = yolo_model.fusion.get("threshold") if yolo_model is not None else None
-        threshold = fusion_threshold if fusion_threshold is not None else model.card.get("operating_threshold", 0.5)
-    threshold = float(threshold)
+    fusion_threshold = yolo_model.fusion.get("threshold") if yolo_model is not None else None
+    operating_threshold = float(fusion_threshold if fusion_threshold is not None
+                                else model.card.get("operating_threshold", 0.5))
+    threshold = operating_threshold if threshold is None else float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be between 0 and 1, got {threshold}")
     timings["load_model"] = time.perf_counter() - started
@@ -174,6 +174,7 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
         "phase_used_by_cnn": bool(cnn_phase and phase is not None),
         "mask": "provided" if mask is not None else ("automatic (crop)" if crop else "automatic"),
         "threshold": threshold,
+        "operating_threshold": operating_threshold,  # the tuned one; differs when the caller chose its own
         "counts": _counts(findings),
         "scan_level": {"any_microbleed": bool(findings), "max_score": float(scores.max()) if len(scores) else 0.0},
         "candidates": len(candidates),

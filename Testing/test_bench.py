@@ -1,0 +1,53 @@
+"""The benchmark report: FROC table and the full pipeline read off its curve at the CNN alone's
+sensitivity (the detection itself is exercised by `make bench`, too slow for the tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from CMBDetectorLib import bench, evaluate
+from test_evaluate import det, study
+
+
+def configuration(scans, threshold):
+    results = evaluate.evaluate_scans(scans, threshold=threshold)
+    return {"operating_threshold": threshold, "results": results, "mimic_rich": results,
+            "time_per_scan_s": {"mean": 1.0, "max": 2.0}, "registration_s": {"mean": 0.5, "max": 0.6},
+            "timing_scan": {"shape": [10, 10, 10], "timings_s": {"cnn": 0.5, "total": 1.0},
+                            "process_wall_s": 2.0, "peak_rss_mb": 100.0}}
+
+
+def report_for(full_scans):
+    report = {"date": "today", "machine": "test", "commit": "abc", "validation": bench.VALIDATION,
+              "parallel_workers": 1, "froc_floor": 0.05,
+              "configs": {"cnn": configuration(study(), 0.6), "full": configuration(full_scans, 0.6)}}
+    report["configs"]["full"]["matched"] = bench._matched_sensitivity(report)
+    return report
+
+
+def test_full_pipeline_is_read_at_the_cnn_alone_sensitivity():
+    # CNN alone at 0.6 on the hand-worked study: A gives TP .9, FP .8, TP .7, FP .6 -> sensitivity 2/4,
+    # 2 FP over 4 scans. The "full" pipeline scores A's duplicate 0.1 instead of 0.6: it reaches 2/4 at
+    # threshold 0.7 with only the 0.8 FP left, 0.25 FP/scan, half the CNN alone's.
+    full = study()
+    full[0] = (full[0][0], full[0][1][:3] + [det(0, 41, 0, 0.1, "infratentorial")])
+    report = report_for(full)
+    matched = report["configs"]["full"]["matched"]
+    assert matched["cnn_sensitivity"] == 0.5 and matched["cnn_fp_per_scan"] == 0.5
+    assert matched["full"]["threshold"] == pytest.approx(0.7) and matched["full"]["fp_per_scan"] == 0.25
+    assert matched["fp_change"] == pytest.approx(-0.5)
+    text = bench.format_report(report)
+    assert "0.25 FP/scan at threshold 0.70 (-50 % FP/scan)" in text
+    # Both configurations in the FROC table, with their best real point at <= 0.5 FP/scan.
+    rows = [line for line in text.splitlines() if line.startswith("| cnn |") or line.startswith("| full |")]
+    assert len(rows) == 2 * 6  # overall, FROC, mimic-rich, two acquisitions, timing
+    assert "| cnn | 0.60 | 0.500 |" in text  # threshold column, then sensitivity
+    assert "0.750 at 0.50 FP/scan (threshold 0.40)" in text
+
+
+def test_operating_thresholds_must_agree_across_scans():
+    assert bench._operating_threshold([{"threshold": 0.05, "operating_threshold": 0.3}] * 3) == 0.3
+    assert bench._operating_threshold([{"threshold": 0.3}]) == 0.3  # predictions from before the FROC floor
+    with pytest.raises(Exception, match="different operating thresholds"):
+        bench._operating_threshold([{"threshold": 0.05, "operating_threshold": 0.3},
+                                    {"threshold": 0.05, "operating_threshold": 0.5}])
