@@ -256,9 +256,8 @@ def _froc_lines(report: dict) -> list:
             _fmt(best["sensitivity"]), _fmt(best["fp_per_scan"], 2), _fmt(best["threshold"], 2))
         lines.append(f"| {name} | " + " | ".join(_fmt(froc["sensitivity_at"].get(level)) for level in FROC_TABLE_LEVELS)
                      + f" | {point} | {_fmt(froc.get('fp_reach'), 2)} |")
-    configs = report["configs"]
-    if "cnn" in configs and "full" in configs and "matched" in configs["full"]:
-        matched = configs["full"]["matched"]
+    matched = report["configs"].get("full", {}).get("matched")  # present when both configurations ran
+    if matched is not None:
         lines += ["", "Full pipeline at the CNN alone's operating sensitivity "
                   f"({_fmt(matched['cnn_sensitivity'])}, {_fmt(matched['cnn_fp_per_scan'], 2)} FP/scan): "
                   + ("never reached within the FROC floor." if matched["full"] is None else
