@@ -36,8 +36,13 @@ def test_full_pipeline_is_read_at_the_cnn_alone_sensitivity():
     assert matched["cnn_sensitivity"] == 0.5 and matched["cnn_fp_per_scan"] == 0.5
     assert matched["full"]["threshold"] == pytest.approx(0.7) and matched["full"]["fp_per_scan"] == 0.25
     assert matched["fp_change"] == pytest.approx(-0.5)
+    # The CNN alone's own curve is read at the same sensitivity, so a gain a threshold change alone gives shows.
+    own = evaluate.fp_to_reach(report["configs"]["cnn"]["results"]["froc"]["points"], 0.5)
+    assert matched["cnn_curve"] == own and own["sensitivity"] >= 0.5
     text = bench.format_report(report)
     assert "0.25 FP/scan at threshold 0.70 (-50 % FP/scan)" in text
+    assert "own curve reaches that sensitivity at {:.2f} FP/scan (threshold {:.2f})".format(
+        own["fp_per_scan"], own["threshold"]) in text
     # Both configurations in the FROC table, with their best real point at <= 0.5 FP/scan.
     rows = [line for line in text.splitlines() if line.startswith("| cnn |") or line.startswith("| full |")]
     assert len(rows) == 2 * 6  # overall, FROC, mimic-rich, two acquisitions, timing

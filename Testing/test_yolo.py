@@ -228,6 +228,17 @@ def test_shipped_weights_prefer_a_dot_to_a_vein_or_tissue():
     assert set(model.fusion) >= {"rule", "lo", "hi", "weight"}
 
 
+@pytest.mark.skipif(not yolo.DEFAULT_YOLO.is_file(), reason="shipped YOLO weights not present")
+def test_shipped_fusion_was_tuned_against_the_shipped_cnn():
+    # A fusion band tuned for another CNN's score distribution would silently move the operating point.
+    from CMBDetectorLib.classify import DEFAULT_MODEL, card_path
+
+    cnn_card = json.loads(card_path(DEFAULT_MODEL).read_text())
+    tuning = json.loads(card_path(yolo.DEFAULT_YOLO).read_text())["fusion_tuning"]
+    assert tuning["cnn"]["sha256"] == cnn_card["sha256"] == sha256_of(DEFAULT_MODEL)
+    assert tuning["cnn"]["threshold"] == cnn_card["operating_threshold"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # fusion
 # ----------------------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def _machine() -> str:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        # "-dirty" marks numbers measured with uncommitted changes (weights included)
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -264,20 +265,27 @@ def _froc_lines(report: dict) -> list:
                      "{} FP/scan at threshold {} ({} FP/scan).".format(
                          _fmt(matched["full"]["fp_per_scan"], 2), _fmt(matched["full"]["threshold"], 2),
                          "n/a" if matched["fp_change"] is None else f"{matched['fp_change'] * 100:+.0f} %"))]
+        if matched.get("cnn_curve") is not None:
+            lines[-1] += " The CNN alone's own curve reaches that sensitivity at {} FP/scan (threshold {}).".format(
+                _fmt(matched["cnn_curve"]["fp_per_scan"], 2), _fmt(matched["cnn_curve"]["threshold"], 2))
     return lines
 
 
 def _matched_sensitivity(report: dict) -> dict:
-    """The full pipeline's cheapest FROC point that is at least as sensitive as the CNN alone."""
+    """The full pipeline's cheapest FROC point that is at least as sensitive as the CNN alone at its operating
+    threshold, and the CNN alone's own cheapest such point: a lower CNN threshold choice alone could give
+    that one, so only a gain over it is the YOLO stage's."""
     from .evaluate import fp_to_reach
 
     cnn = report["configs"]["cnn"]["results"]["lesion"]
-    full = fp_to_reach(report["configs"]["full"]["results"]["froc"]["points"], cnn["sensitivity"] or 0.0)
+    sensitivity = cnn["sensitivity"] or 0.0
+    full = fp_to_reach(report["configs"]["full"]["results"]["froc"]["points"], sensitivity)
+    cnn_curve = fp_to_reach(report["configs"]["cnn"]["results"]["froc"]["points"], sensitivity)
     change = None
     if full is not None and cnn["fp_per_scan"]:
         change = full["fp_per_scan"] / cnn["fp_per_scan"] - 1
     return {"cnn_sensitivity": cnn["sensitivity"], "cnn_fp_per_scan": cnn["fp_per_scan"], "full": full,
-            "fp_change": change}
+            "fp_change": change, "cnn_curve": cnn_curve}
 
 
 def format_report(report: dict) -> str:
