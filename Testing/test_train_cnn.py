@@ -11,7 +11,7 @@ from CMBDetectorLib import classify
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.train import train_cnn
 
-TRAIN_TEST_SEEDS = (881, 882, 883, 884)  # outside the training (1-, 4-, 5-, 6xxxx), tuning (3-, 7xxxx), benchmark (2xxxx) seeds
+TRAIN_TEST_SEEDS = (881, 882, 883, 884)  # not training (1-, 4-, 5-, 6xxxx), tuning (3-, 7xxxx) or bench (2xxxx)
 
 
 def test_hard_weights_favour_what_the_network_gets_wrong():

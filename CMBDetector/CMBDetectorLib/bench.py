@@ -273,7 +273,7 @@ def _froc_lines(report: dict) -> list:
 
 def _matched_sensitivity(report: dict) -> dict:
     """The full pipeline's cheapest FROC point that is at least as sensitive as the CNN alone at its operating
-    threshold, and the CNN alone's own cheapest such point: a lower CNN threshold choice alone could give
+    threshold, and the CNN alone's own cheapest such point: another CNN threshold alone could give
     that one, so only a gain over it is the YOLO stage's."""
     from .evaluate import fp_to_reach
 
