@@ -45,7 +45,9 @@ def test_full_pipeline_is_read_at_the_cnn_alone_sensitivity():
         own["fp_per_scan"], own["threshold"]) in text
     # Both configurations in the FROC table, with their best real point at <= 0.5 FP/scan.
     rows = [line for line in text.splitlines() if line.startswith("| cnn |") or line.startswith("| full |")]
-    assert len(rows) == 2 * 6  # overall, FROC, mimic-rich, two acquisitions, timing
+    assert len(rows) == 2 * 7  # overall, FROC, mimic-rich, false-positive causes, two acquisitions, timing
+    # study() lists no mimics, so its 2 FP at 0.6 (A's 5.1 mm miss and duplicate) are "other".
+    assert "| cnn | 0.60 | 0.500 | 0 | 0 | 0 | 0 | 2 | 2 |" in text
     assert "| cnn | 0.60 | 0.500 |" in text  # threshold column, then sensitivity
     assert "0.750 at 0.50 FP/scan (threshold 0.40)" in text
 
@@ -56,3 +58,14 @@ def test_operating_thresholds_must_agree_across_scans():
     with pytest.raises(Exception, match="different operating thresholds"):
         bench._operating_threshold([{"threshold": 0.05, "operating_threshold": 0.3},
                                     {"threshold": 0.05, "operating_threshold": 0.5}])
+
+
+def test_cause_table_adds_the_cnn_alone_at_the_full_pipelines_threshold():
+    report = report_for(study())
+    same_cut = evaluate.evaluate_scans(study(), threshold=0.35)  # B's 0.4 TP counts, C's 0.3 FP not
+    report["configs"]["cnn"]["at_full_threshold"] = {key: same_cut[key] for key in ("threshold", "lesion", "fp_causes")}
+    lines = bench.format_report(report).splitlines()
+    start = lines.index("## False positives by cause")
+    rows = [line for line in lines[start:] if line.startswith("| cnn") or line.startswith("| full")][:3]
+    assert rows[1] == "| cnn at the full pipeline's threshold | 0.35 | 0.750 | 0 | 0 | 0 | 0 | 2 | 2 |"
+    assert rows[0].startswith("| cnn | 0.60 |") and rows[2].startswith("| full | 0.60 |")

@@ -172,6 +172,42 @@ def test_breakdown_by_acquisition_and_region():
     assert location["n_lobar_matched"] == 2 and location["lobe_agreement"] == pytest.approx(1 / 2)
 
 
+MIMICS = {"veins": [{"kind": "medullary vein", "radius_mm": 1.0, "chi_ppm": 0.4, "points_ras": [[0, 0, 0], [0, 20, 0]]}],
+          "calcifications": [{"center_ras": [20, 0, 0], "diameter_mm": 2.0}, {"center_ras": [4, 10, 0], "diameter_mm": 2.0}],
+          "iron_nuclei": [{"name": "right globus pallidus", "center_ras": [40, 0, 0]}],  # largest half-axis 8 mm
+          "air_bone": [{"name": "sphenoid sinus", "center_ras": [0, 0, -60]}]}  # largest half-axis 11 mm
+
+
+@pytest.mark.parametrize("point, cause", [
+    ((-5.9, 10, 0), "vein"),  # 4.9 mm outside the vein wall
+    ((-6.1, 10, 0), "other"),  # 5.1 mm: out of reach
+    ((0, 23, 0), "vein"),  # past the polyline's end: 3 mm from its last point, 2 mm from the wall
+    ((16, 0, 0), "calcification"),
+    ((1.5, 10, 0), "vein"),  # vein wall 0.5 mm, calcification surface 1.5 mm: the nearer wins
+    ((2.5, 10, 0), "calcification"),  # 1.5 against 0.5
+    ((40, 12, 0), "iron-rich nucleus"),  # 12 mm from the centre, 4 mm outside the half-axis
+    ((0, 0, -35), "air-bone"),  # 14 mm outside the sinus: air-bone reaches 15 mm
+    ((0, 0, -33), "other"),
+])
+def test_false_positives_are_blamed_on_the_nearest_mimic(point, cause):
+    assert evaluate.fp_cause(MIMICS, point) == cause
+
+
+def test_false_positive_causes_are_counted_only_when_the_truth_lists_mimics():
+    with_mimics = truth("M", "swi3t", [bleed(60, 60, 60)])
+    with_mimics["mimics"] = MIMICS
+    found = [det(60, 60, 61, 0.9), det(-5, 10, 0, 0.8), det(16, 0, 0, 0.7), det(90, 90, 90, 0.6), det(0, 5, 0, 0.1)]
+    results = evaluate.evaluate_scans([(with_mimics, found)], threshold=0.5)
+    assert results["lesion"]["fp"] == 3  # the 0.1 on the vein is below the threshold
+    assert results["fp_causes"] == {"vein": 1, "calcification": 1, "iron-rich nucleus": 0, "air-bone": 0, "other": 1}
+    assert "### False positives by cause" in evaluate.format_markdown(results)
+    real = truth("R", "gre3t", [])
+    del real["mimics"]  # a reader's reference standard: no mimic list, so no attribution
+    results = evaluate.evaluate_scans([(with_mimics, found), (real, [det(0, 0, 0, 0.9)])], threshold=0.5)
+    assert results["fp_causes"] is None and results["lesion"]["fp"] == 4
+    assert "False positives by cause" not in evaluate.format_markdown(results)
+
+
 # ----------------------------------------------------------------------------------------------------
 # FROC
 # ----------------------------------------------------------------------------------------------------

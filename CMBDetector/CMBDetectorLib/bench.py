@@ -214,6 +214,9 @@ def run(args) -> int:
     report["froc_floor"] = FROC_FLOOR
     if "cnn" in report["configs"] and "full" in report["configs"]:
         report["configs"]["full"]["matched"] = _matched_sensitivity(report)
+        # The CNN alone cut at the full pipeline's threshold: what YOLO changes at the same score cut.
+        same_cut = evaluate_directories(val, out / "pred-cnn", threshold=report["configs"]["full"]["operating_threshold"])
+        report["configs"]["cnn"]["at_full_threshold"] = {key: same_cut[key] for key in ("threshold", "lesion", "fp_causes")}
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)
     table.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
@@ -237,6 +240,29 @@ def _fmt(value, digits=3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _fp_cause_lines(report: dict) -> list:
+    """False positives by the simulated mimic they sit on, each configuration at its operating threshold."""
+    from .evaluate import FP_CAUSES, MIMIC_REACH_MM
+
+    rows = [(name, config["operating_threshold"], config["results"]) for name, config in report["configs"].items()]
+    same_cut = report["configs"].get("cnn", {}).get("at_full_threshold")
+    if same_cut:
+        rows.insert(1, ("cnn at the full pipeline's threshold", same_cut["threshold"], same_cut))
+    if not all(results.get("fp_causes") for _, _, results in rows):
+        return []
+    lines = ["", "## False positives by cause", "",
+             "Each false positive is blamed on the simulated mimic whose surface is nearest within reach ("
+             + ", ".join(f"{cause} {reach:g} mm" for cause, reach in MIMIC_REACH_MM.items())
+             + "), else 'other'. Veins are what the YOLO stage is for.", "",
+             "| configuration | threshold | sensitivity | " + " | ".join(FP_CAUSES) + " | total |",
+             "|---|---|---|" + "---|" * (len(FP_CAUSES) + 1)]
+    for name, threshold, results in rows:
+        causes = results["fp_causes"]
+        lines.append(f"| {name} | {_fmt(threshold, 2)} | {_fmt(results['lesion']['sensitivity'])} | "
+                     + " | ".join(str(causes[cause]) for cause in FP_CAUSES) + f" | {sum(causes.values())} |")
+    return lines
 
 
 def _froc_lines(report: dict) -> list:
@@ -320,6 +346,7 @@ def format_report(report: dict) -> str:
         pooled = config["mimic_rich"]["lesion"]
         lines.append(f"| {name} | {_fmt(pooled['sensitivity'])} | {_fmt(pooled['precision'])} | "
                      f"{_fmt(pooled['fp_per_scan'], 2)} |")
+    lines += _fp_cause_lines(report)
     lines += ["", "## By acquisition", "", "| configuration | acquisition | sensitivity | precision | FP/scan |",
               "|---|---|---|---|---|"]
     for name, config in report["configs"].items():

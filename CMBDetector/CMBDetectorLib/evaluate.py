@@ -15,7 +15,9 @@ Reported (see /work/shared/docs/cmb-domain.md, "How the field measures a detecto
   (linear interpolation of the curve), their mean (the CPM score), the best sensitivity at <= 1 FP/scan
   and the threshold that reaches it;
 - breakdowns by acquisition name and by reference region, and location agreement (fraction of matched
-  detections whose predicted region equals the reference region).
+  detections whose predicted region equals the reference region);
+- for simulated scans (truth files that list the mimics), the false positives at the operating threshold
+  by cause: the mimic whose surface is nearest within its reach (`MIMIC_REACH_MM`), else "other".
 
 Detections whose review status is "rejected" are never counted. A detection without a score (a point a
 reviewer added by hand) counts as certain (score 1). Undefined ratios (nothing to divide by) are None.
@@ -23,6 +25,7 @@ reviewer added by hand) counts as certain (score 1). Undefined ratios (nothing t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -37,6 +40,11 @@ DEFAULT_TOLERANCE_MM = 5.0
 FROC_LEVELS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 FP_BUDGETS = (0.5, 1.0)  # FP/scan budgets for the best real operating point (the product target is <= 0.5)
 REGION_ORDER = ("lobar", "deep", "infratentorial", "unknown")
+# How far (mm) outside a simulated mimic a false positive may lie and still be blamed on it: the matching
+# tolerance, except for air-bone interfaces, whose field disturbance reaches well into the brain.
+MIMIC_REACH_MM = {"vein": DEFAULT_TOLERANCE_MM, "calcification": DEFAULT_TOLERANCE_MM,
+                  "iron-rich nucleus": DEFAULT_TOLERANCE_MM, "air-bone": 15.0}
+FP_CAUSES = (*MIMIC_REACH_MM, "other")
 TRUTH_SUFFIX = ".truth.json"
 
 
@@ -121,7 +129,55 @@ def _scan_row(truth: dict, detections: list, threshold, tolerance_mm: float, ind
         "_fp_regions": [operating[p].region or "unknown" for p in range(n_detections)
                         if p not in matched_pred],
         "_froc": _scan_froc_steps(truth_points, detections, tolerance_mm),
+        "_fp_causes": None if "mimics" not in truth else [
+            fp_cause(truth["mimics"], operating[p].position_ras) for p in range(n_detections) if p not in matched_pred],
     }
+
+
+def _polyline_distance(point: np.ndarray, polyline: np.ndarray) -> float:
+    """Shortest distance from `point` to a polyline (K, 3)."""
+    if len(polyline) == 1:
+        return float(np.linalg.norm(point - polyline[0]))
+    start, end = polyline[:-1], polyline[1:]
+    direction = end - start
+    length2 = np.maximum(np.sum(direction ** 2, axis=1), 1e-12)
+    along = np.clip(np.sum((point - start) * direction, axis=1) / length2, 0.0, 1.0)
+    return float(np.min(np.linalg.norm(start + along[:, None] * direction - point, axis=1)))
+
+
+@functools.lru_cache(maxsize=1)
+def _structure_half_axes() -> dict:
+    """Largest half-axis (mm) of each simulated iron-rich nucleus and air space, by the name truth files use."""
+    from .simulate import anatomy
+
+    structures = [copy for nucleus, _, _ in anatomy.NUCLEI for copy in anatomy.mirrored(nucleus)]
+    structures += list(anatomy.SINUSES)  # listed per side already, named as the simulator writes them
+    return {s.name: max(s.radii_mm) for s in structures}
+
+
+def fp_cause(mimics: dict, position_ras) -> str:
+    """The simulated mimic a false positive at `position_ras` is blamed on (one of FP_CAUSES).
+
+    Surface distances: to a vein's centre line minus its radius, to a calcification's centre minus half its
+    diameter, to a nucleus' or air space's centre minus its largest half-axis (the truth file keeps centres
+    only; the simulator deforms the template, so this is approximate). The nearest surface within its
+    MIMIC_REACH_MM wins; none within reach is "other" (noise, tissue texture, partial volume).
+    """
+    point = np.asarray(position_ras, dtype=float)
+    half_axes = _structure_half_axes()
+    near = []
+    for vein in mimics.get("veins", []):
+        distance = _polyline_distance(point, np.asarray(vein["points_ras"], dtype=float).reshape(-1, 3))
+        near.append((distance - float(vein["radius_mm"]), "vein"))
+    for calcification in mimics.get("calcifications", []):
+        distance = float(np.linalg.norm(point - np.asarray(calcification["center_ras"], dtype=float)))
+        near.append((distance - 0.5 * float(calcification["diameter_mm"]), "calcification"))
+    for key, cause in (("iron_nuclei", "iron-rich nucleus"), ("air_bone", "air-bone")):
+        for structure in mimics.get(key, []):
+            distance = float(np.linalg.norm(point - np.asarray(structure["center_ras"], dtype=float)))
+            near.append((distance - half_axes.get(structure["name"], 0.0), cause))
+    within = [(distance, cause) for distance, cause in near if distance <= MIMIC_REACH_MM[cause]]
+    return min(within)[1] if within else "other"
 
 
 def _scan_froc_steps(truth_points: np.ndarray, detections: list, tolerance_mm: float):
@@ -281,6 +337,13 @@ def _region_metrics(rows: list) -> dict:
             for region in ordered}
 
 
+def _fp_cause_counts(rows: list) -> dict | None:
+    """False positives by cause over all scans; None unless every truth file lists its mimics."""
+    if any(row["_fp_causes"] is None for row in rows):
+        return None
+    return {cause: sum(row["_fp_causes"].count(cause) for row in rows) for cause in FP_CAUSES}
+
+
 def _location_metrics(rows: list) -> dict:
     pairs = [pair for row in rows for pair in row["_pairs"]]
     same_region = sum(p["pred_region"] == p["truth_region"] for p in pairs)
@@ -333,6 +396,7 @@ def evaluate_scans(scans: list, threshold: float | None = None,
                                       ["sensitivity_at_1fp"]}
                            for name in acquisitions},
         "by_region": _region_metrics(rows),
+        "fp_causes": _fp_cause_counts(rows),
         "location": _location_metrics(rows),
         "scans": [{key: value for key, value in row.items() if not key.startswith("_")} for row in rows],
     }
@@ -483,6 +547,9 @@ def format_markdown(results: dict) -> str:
     lines += _table(["region", "CMBs", "TP", "sensitivity", "FP"], [
         [region, part["n_reference"], part["tp"], _fmt(part["sensitivity"]), part["fp"]]
         for region, part in results["by_region"].items()])
+    if results.get("fp_causes"):
+        lines += ["### False positives by cause (nearest simulated mimic)", ""]
+        lines += _table(list(FP_CAUSES), [[results["fp_causes"][cause] for cause in FP_CAUSES]])
     location = results["location"]
     lines += [f"Location agreement (matched detections in the reference region): "
               f"{_fmt(location['agreement'])} of {location['n_matched']}"
