@@ -69,3 +69,19 @@ def test_cause_table_adds_the_cnn_alone_at_the_full_pipelines_threshold():
     rows = [line for line in lines[start:] if line.startswith("| cnn") or line.startswith("| full")][:3]
     assert rows[1] == "| cnn at the full pipeline's threshold | 0.35 | 0.750 | 0 | 0 | 0 | 0 | 2 | 2 |"
     assert rows[0].startswith("| cnn | 0.60 |") and rows[2].startswith("| full | 0.60 |")
+
+
+def test_curves_are_also_read_at_the_full_pipelines_sensitivity():
+    # The full pipeline also scores B's microbleed 0.65 (CNN alone 0.4), so at 0.6 it finds 3 of 4 with
+    # A's 0.8 as its only FP (0.25 FP/scan); the CNN alone's curve reaches 3 of 4 only at threshold 0.4,
+    # with A's 0.8 and 0.6 as FPs (0.5 FP/scan): -50 % at the full pipeline's sensitivity.
+    full = study()
+    full[0] = (full[0][0], full[0][1][:3] + [det(0, 41, 0, 0.1, "infratentorial")])
+    full[1] = (full[1][0], [det(10, 10, 12, 0.65, "deep")])
+    at_full = report_for(full)["configs"]["full"]["matched"]["at_full_sensitivity"]
+    assert at_full["sensitivity"] == 0.75
+    assert at_full["cnn"]["fp_per_scan"] == 0.5 and at_full["cnn"]["threshold"] == pytest.approx(0.4)
+    assert at_full["full"]["fp_per_scan"] == 0.25 and at_full["full"]["threshold"] == pytest.approx(0.65)
+    assert at_full["fp_change"] == pytest.approx(-0.5)
+    assert ("At the full pipeline's operating sensitivity (0.750) the CNN alone's curve needs 0.50 FP/scan "
+            "(threshold 0.40), the full pipeline's 0.25 (threshold 0.65): -50 % FP/scan.") in bench.format_report(report_for(full))

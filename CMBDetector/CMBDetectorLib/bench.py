@@ -294,13 +294,21 @@ def _froc_lines(report: dict) -> list:
         if matched.get("cnn_curve") is not None:
             lines[-1] += " The CNN alone's own curve reaches that sensitivity at {} FP/scan (threshold {}).".format(
                 _fmt(matched["cnn_curve"]["fp_per_scan"], 2), _fmt(matched["cnn_curve"]["threshold"], 2))
+        at_full = matched.get("at_full_sensitivity")
+        if at_full and at_full["full"] and at_full["cnn"]:
+            lines[-1] += (" At the full pipeline's operating sensitivity ({}) the CNN alone's curve needs {} FP/scan "
+                          "(threshold {}), the full pipeline's {} (threshold {}): {} FP/scan.").format(
+                _fmt(at_full["sensitivity"]), _fmt(at_full["cnn"]["fp_per_scan"], 2), _fmt(at_full["cnn"]["threshold"], 2),
+                _fmt(at_full["full"]["fp_per_scan"], 2), _fmt(at_full["full"]["threshold"], 2),
+                "n/a" if at_full["fp_change"] is None else f"{at_full['fp_change'] * 100:+.0f} %")
     return lines
 
 
 def _matched_sensitivity(report: dict) -> dict:
     """The full pipeline's cheapest FROC point that is at least as sensitive as the CNN alone at its operating
     threshold, and the CNN alone's own cheapest such point: another CNN threshold alone could give
-    that one, so only a gain over it is the YOLO stage's."""
+    that one, so only a gain over it is the YOLO stage's. Both curves are also read at the full pipeline's
+    operating sensitivity, so that a gain above the CNN alone's sensitivity shows too."""
     from .evaluate import fp_to_reach
 
     cnn = report["configs"]["cnn"]["results"]["lesion"]
@@ -310,8 +318,15 @@ def _matched_sensitivity(report: dict) -> dict:
     change = None
     if full is not None and cnn["fp_per_scan"]:
         change = full["fp_per_scan"] / cnn["fp_per_scan"] - 1
+    # And the other way round: both curves at the full pipeline's operating sensitivity.
+    full_sensitivity = report["configs"]["full"]["results"]["lesion"]["sensitivity"] or 0.0
+    at_full = {"sensitivity": full_sensitivity,
+               "full": fp_to_reach(report["configs"]["full"]["results"]["froc"]["points"], full_sensitivity),
+               "cnn": fp_to_reach(report["configs"]["cnn"]["results"]["froc"]["points"], full_sensitivity)}
+    at_full["fp_change"] = (at_full["full"]["fp_per_scan"] / at_full["cnn"]["fp_per_scan"] - 1
+                            if at_full["full"] and at_full["cnn"] and at_full["cnn"]["fp_per_scan"] else None)
     return {"cnn_sensitivity": cnn["sensitivity"], "cnn_fp_per_scan": cnn["fp_per_scan"], "full": full,
-            "fp_change": change, "cnn_curve": cnn_curve}
+            "fp_change": change, "cnn_curve": cnn_curve, "at_full_sensitivity": at_full}
 
 
 def format_report(report: dict) -> str:
