@@ -12,6 +12,7 @@ import pytest
 
 from CMBDetectorLib import classify, review, yolo
 from CMBDetectorLib.errors import WeightsError
+from test_yolo import SPHERE_RAS, TUBE_RAS, synthetic_prepared
 from CMBDetectorLib.evaluate import match
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import write_volume
@@ -60,7 +61,7 @@ def test_outputs_hold_every_finding_with_its_score(detected):
     assert len(rows) == 1 + len(detection.findings)
     summary = json.loads(paths["summary"].read_text())
     assert summary["counts"]["total"] == len(detection.findings)
-    assert summary["model"]["sha256"] == classify.sha256_of(classify.DEFAULT_MODEL)
+    assert summary["model"]["sha256"] == classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
     assert set(summary["timings_s"]) >= {"preprocess", "candidates", "cnn", "total"}
     fusion = json.loads(Path(yolo.DEFAULT_YOLO).with_suffix(".json").read_text())["fusion"]
     assert summary["threshold"] == summary["operating_threshold"] == fusion["threshold"]
@@ -106,16 +107,48 @@ def test_real_gre_crops_run_without_a_flood_of_detections(name, tmp_path):
     assert summary["counts"]["total"] <= max(2, volume_ml / 10), summary["counts"]
 
 
+def _copy_shipped_ensemble(folder):
+    for member in classify.read_ensemble_card(classify.DEFAULT_MODEL)["members"]:
+        weights = classify.MODELS_DIR / member["file"]
+        shutil.copy(weights, folder / weights.name)
+        shutil.copy(classify.card_path(weights), classify.card_path(folder / weights.name))
+    shutil.copy(classify.DEFAULT_MODEL, folder / classify.DEFAULT_MODEL.name)
+    return folder / classify.DEFAULT_MODEL.name
+
+
 def test_corrupt_weights_are_refused_by_hash(tmp_path):
     weights = tmp_path / "cmb_cnn.pt"
-    shutil.copy(classify.DEFAULT_MODEL, weights)
-    shutil.copy(classify.card_path(classify.DEFAULT_MODEL), classify.card_path(weights))
+    shutil.copy(classify.DEFAULT_WEIGHTS, weights)
+    shutil.copy(classify.card_path(classify.DEFAULT_WEIGHTS), classify.card_path(weights))
     classify.load_model(weights)  # an intact copy loads
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="do not match their model card"):
         classify.load_model(weights)
+
+
+def test_the_shipped_ensemble_averages_its_members_and_refuses_a_swapped_one(tmp_path):
+    card_file = _copy_shipped_ensemble(tmp_path)
+    ensemble = classify.load_model(card_file)
+    members = [classify.load_model(tmp_path / m["file"]) for m in ensemble.card["members"]]
+    assert len(ensemble.networks) == len(members) >= 2
+    patches = classify.extract_patches(synthetic_prepared(), np.array([SPHERE_RAS, TUBE_RAS]))
+    mean = np.mean([classify.score_patches(m, patches) for m in members], axis=0)
+    assert np.allclose(classify.score_patches(ensemble, patches), mean, atol=1e-6)
+    # A member replaced by another valid network (its own card matches) is still refused: the ensemble's
+    # threshold was tuned for the listed members.
+    first, second = (tmp_path / m["file"] for m in ensemble.card["members"][:2])
+    for suffix in (".pt", ".json"):
+        shutil.copy(second.with_suffix(suffix), first.with_suffix(suffix))
+    with pytest.raises(WeightsError, match="is not the network"):
+        classify.load_model(card_file)
+    # Editing the member list by hand breaks the card's identity.
+    card = json.loads(card_file.read_text())
+    card["members"] = card["members"][1:]
+    card_file.write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="does not match the member hashes"):
+        classify.load_model(card_file)
 
 
 def _write(tmp_path, name, array, affine=None):
@@ -149,6 +182,6 @@ def test_corrupt_weights_through_the_command_line(tmp_path, detected):
     _, files, _, _ = detected
     weights = tmp_path / "bad.pt"
     weights.write_bytes(b"not a model")
-    shutil.copy(classify.card_path(classify.DEFAULT_MODEL), classify.card_path(weights))
+    shutil.copy(classify.card_path(classify.DEFAULT_WEIGHTS), classify.card_path(weights))
     result = cli("detect", files["magnitude"], "--model", weights, "--out", tmp_path, "--no-png")
     assert result.returncode == 2 and "do not match their model card" in result.stderr

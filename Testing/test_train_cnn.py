@@ -40,7 +40,7 @@ def scans(tmp_path_factory):
 
 def _args(data, out, **extra):
     values = dict(data=str(data), out=str(out), seed=5, steps=12, mine_every=5, val_fraction=0.25, hold_out="",
-                  jobs=1, threads=1, card_only=False, tune_data=[])
+                  jobs=1, threads=1, card_only=False, tune_data=[], ensemble="")
     values.update(extra)
     return Namespace(**values)
 
@@ -66,6 +66,26 @@ def test_train_writes_verified_weights_with_card_and_is_reproducible(scans, tmp_
     rewritten = classify.load_model(first).card
     assert rewritten["test_time_views"] == classify.VIEWS and "--card-only" in rewritten["card_command"]
     assert rewritten["sha256"] == card["sha256"] and rewritten["training_data"] == card["training_data"]
+
+
+def test_ensemble_card_averages_members_tuned_on_scans_none_trained_on(scans, tmp_path):
+    from CMBDetectorLib.errors import CMBError
+
+    members = [tmp_path / "cnn_a.pt", tmp_path / "cnn_b.pt"]
+    held_out = sorted(scans.glob("*.truth.json"))[0].name.replace(".truth.json", "")
+    ensemble_file = tmp_path / "ensemble.json"
+    for seed, weights in zip((5, 6), members):  # two seeds, one held-out scan, as the shipped members
+        assert train_cnn.run(_args(scans, weights, seed=seed, hold_out=held_out)) == 0
+    members_arg = ",".join(str(m) for m in members)
+    assert train_cnn.run(_args(scans, ensemble_file, hold_out=held_out, ensemble=members_arg)) == 0
+    ensemble = classify.load_model(ensemble_file)
+    assert [m["file"] for m in ensemble.card["members"]] == ["cnn_a.pt", "cnn_b.pt"]
+    assert len(ensemble.networks) == 2 and 0.0 <= ensemble.card["operating_threshold"] <= 1.0
+    assert ensemble.card["operating_threshold_tuning"]["scans"] == [held_out]
+    assert f"--ensemble {members_arg}" in ensemble.card["command"]
+    # Tuning on scans a member trained on is refused.
+    with pytest.raises(CMBError, match="trained on 3 of the tuning scans"):
+        train_cnn.run(_args(scans, ensemble_file, hold_out=held_out, ensemble=members_arg, tune_data=[str(scans)]))
 
 
 def test_in_plane_views_are_the_eight_turns_and_flips_about_z():

@@ -231,11 +231,11 @@ def test_shipped_weights_prefer_a_dot_to_a_vein_or_tissue():
 @pytest.mark.skipif(not yolo.DEFAULT_YOLO.is_file(), reason="shipped YOLO weights not present")
 def test_shipped_fusion_was_tuned_against_the_shipped_cnn():
     # A fusion band tuned for another CNN's score distribution would silently move the operating point.
-    from CMBDetectorLib.classify import DEFAULT_MODEL, card_path
+    from CMBDetectorLib.classify import DEFAULT_MODEL, card_path, load_model
 
     cnn_card = json.loads(card_path(DEFAULT_MODEL).read_text())
     tuning = json.loads(card_path(yolo.DEFAULT_YOLO).read_text())["fusion_tuning"]
-    assert tuning["cnn"]["sha256"] == cnn_card["sha256"] == sha256_of(DEFAULT_MODEL)
+    assert tuning["cnn"]["sha256"] == cnn_card["sha256"] == load_model(DEFAULT_MODEL).sha256
     assert tuning["cnn"]["threshold"] == cnn_card["operating_threshold"]
 
 

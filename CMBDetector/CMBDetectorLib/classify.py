@@ -7,7 +7,9 @@ high-pass phase / pi, or zeros when no phase was given (the network is trained w
 random, so it works with magnitude alone).
 
 Weights are a plain state_dict loaded with torch.load(weights_only=True) only after their SHA-256
-matches the model card shipped beside them: no arbitrary pickle is ever executed.
+matches the model card shipped beside them: no arbitrary pickle is ever executed. The shipped model is
+an ensemble card (DEFAULT_MODEL, .json) naming member weights by file and SHA-256: a patch's score is the
+mean of the members' probabilities, and the operating threshold in that card was chosen for the mean.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .preprocess import Prepared
 PATCH_SIZE = 20
 PATCH_MM = 0.8
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-DEFAULT_MODEL = MODELS_DIR / "cmb_cnn.pt"
+DEFAULT_MODEL = MODELS_DIR / "cmb_cnn_ensemble.json"  # what the pipeline loads: the card of the members below
+DEFAULT_WEIGHTS = MODELS_DIR / "cmb_cnn.pt"  # one trained network (what `cmbdetector train` writes by default)
 ARCHITECTURE = {"in_shape": [2, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE], "classes": 1,
                 "channels": [16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1, "norm": "BATCH"}
 
@@ -82,10 +85,15 @@ def card_path(weights_path) -> Path:
 
 @dataclass
 class LoadedModel:
-    network: object
+    networks: list  # one network, or an ensemble's members (their probabilities are averaged)
     card: dict
-    sha256: str
+    sha256: str  # of the weights file; of an ensemble, `ensemble_digest` of its members
     device: str
+
+
+def ensemble_digest(member_sha256: list) -> str:
+    """An ensemble's identity: SHA-256 over its members' SHA-256s in order (stable when its card is rewritten)."""
+    return hashlib.sha256("\n".join(member_sha256).encode()).hexdigest()
 
 
 def verified_card(weights_path, what: str = "model") -> tuple:
@@ -119,16 +127,51 @@ def load_state_dict(network, weights_path, what: str = "model", convert=None) ->
         raise WeightsError(f"cannot load {what} weights {Path(weights_path).name}: {error}") from None
 
 
-def load_model(weights_path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
-    """Load stage-2 weights after checking them against the SHA-256 in their model card."""
-    card, actual = verified_card(weights_path)
+def load_model(path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
+    """Stage-2 weights (.pt) after checking them against the SHA-256 in the model card beside them, or an
+    ensemble card (.json) whose members are each checked against both their own card and the ensemble's."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return _load_ensemble(path, device)
+    card, actual = verified_card(path)
     if card.get("architecture") != ARCHITECTURE:
-        raise WeightsError(f"weights {Path(weights_path).name} were trained for another architecture")
+        raise WeightsError(f"weights {path.name} were trained for another architecture")
     network = build_model()
-    load_state_dict(network, weights_path)
+    load_state_dict(network, path)
     device = resolve_device(device)
     network.to(device).eval()
-    return LoadedModel(network, card, actual, device)
+    return LoadedModel([network], card, actual, device)
+
+
+def read_ensemble_card(card_file) -> dict:
+    """An ensemble card whose recorded identity matches the member hashes it lists; WeightsError otherwise."""
+    card_file = Path(card_file)
+    if not card_file.is_file():
+        raise WeightsError(f"model ensemble card not found: {card_file}")
+    try:
+        card = json.loads(card_file.read_text())
+    except ValueError as error:
+        raise WeightsError(f"ensemble card {card_file.name} is not valid JSON: {error}") from None
+    members = card.get("members")
+    if not isinstance(members, list) or not members or not all(
+            isinstance(m, dict) and str(m.get("file", "")).endswith(".pt") and m.get("sha256") for m in members):
+        raise WeightsError(f"ensemble card {card_file.name} must list member .pt files with their SHA-256")
+    if card.get("sha256") != ensemble_digest([m["sha256"] for m in members]):
+        raise WeightsError(f"ensemble card {card_file.name} does not match the member hashes it lists: "
+                           "it was edited after its threshold was tuned")
+    return card
+
+
+def _load_ensemble(card_file: Path, device: str) -> LoadedModel:
+    card = read_ensemble_card(card_file)
+    networks = []
+    for member in card["members"]:
+        loaded = load_model(card_file.parent / member["file"], device)
+        if loaded.sha256 != member["sha256"]:
+            raise WeightsError(f"ensemble member {member['file']} is not the network {card_file.name} was tuned "
+                               f"with (SHA-256 {loaded.sha256[:12]}..., expected {member['sha256'][:12]}...)")
+        networks += loaded.networks
+    return LoadedModel(networks, card, card["sha256"], resolve_device(device))
 
 
 def resolve_device(device: str) -> str:
@@ -166,6 +209,8 @@ def probabilities(network, patches: np.ndarray, device: str = "cpu", views: int 
 
 
 def score_patches(model: LoadedModel, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Probability (float32, N) that each patch is centred on a microbleed (mean over the in-plane views
-    the model card names; 1 for cards without the entry)."""
-    return probabilities(model.network, patches, model.device, int(model.card.get("test_time_views", 1)), batch_size)
+    """Probability (float32, N) that each patch is centred on a microbleed: mean over the in-plane views
+    the model card names (1 for cards without the entry) and over an ensemble's members."""
+    views = int(model.card.get("test_time_views", 1))
+    total = sum(probabilities(network, patches, model.device, views, batch_size) for network in model.networks)
+    return (total / len(model.networks)).astype(np.float32)

@@ -80,8 +80,8 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
     threshold: None takes the operating point tuned for the configuration that runs: the YOLO card's
     fusion threshold with YOLO, the CNN card's threshold without (both tuned on scans never benchmarked).
     cnn_phase: give the CNN the phase channel when a phase is given (default). On the 12 seed-3 tuning
-    scans (tools/compare_on_tuning_scans.py) the shipped CNN at threshold 0.5 has half the false positives
-    with the phase (0.42 against 0.83 FP/scan) at the same sensitivity (model card).
+    scans (tools/compare_on_tuning_scans.py) the first ensemble member at threshold 0.5 has half the false
+    positives with the phase (0.42 against 0.83 FP/scan) at the same sensitivity (model card).
     """
     timings = {}
     warnings = []
@@ -245,7 +245,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--echo", default="combine", help="4D multi-echo input: 'combine' (RSS, default) or an echo index")
     parser.add_argument("--crop", action="store_true", help="the input is a partial-brain crop (no head-size check, no atlas)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; falls back to cpu")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="stage-2 weights (.pt with its .json card)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="stage-2 model: an ensemble card (.json) or one network's weights (.pt with its .json card)")
     parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
     parser.add_argument("--keep-outside", action="store_true", help="keep findings that fall outside the brain")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")

@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..classify import (ARCHITECTURE, DEFAULT_MODEL, VIEWS, build_model, card_path, load_state_dict,
-                        probabilities, sha256_of)
+from ..classify import (ARCHITECTURE, DEFAULT_WEIGHTS, VIEWS, build_model, card_path, ensemble_digest,
+                        load_model, load_state_dict, probabilities, sha256_of)
 from ..errors import CMBError
 from . import dataset
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="folder of simulated scans (cmbdetector synth)")
-    parser.add_argument("--out", default=str(DEFAULT_MODEL), help="weights file to write (.pt); card beside it")
+    parser.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="weights file to write (.pt); card beside it "
+                        "(with --ensemble: the ensemble card, .json)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2500, help="optimiser steps (batch of 64)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="scans held out for the card's metrics")
@@ -36,6 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tune-data", action="append", default=[], help="folder of extra simulated scans, never "
                         "trained on, for choosing the operating threshold with the held-out ones (repeatable; "
                         "never the benchmark set)")
+    parser.add_argument("--ensemble", default="", help="comma-separated trained weights (.pt, cards beside them, "
+                        "in the folder of --out): train nothing; write the ensemble card --out that averages them, "
+                        "its threshold chosen as --card-only does, on scans none of them trained on")
     parser.add_argument("--jobs", type=int, default=2, help="processes for building patches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -121,12 +125,12 @@ def choose_threshold(points: dict, fp_budget: float = FP_BUDGET) -> float:
     return max(float(key) for key, point in within.items() if point["sensitivity"] == best)
 
 
-def lesion_operating_points(network, files: list) -> dict:
-    """Per-lesion sensitivity and FP/scan of the CNN alone, pipeline rules (merge, one-to-one 5 mm
-    matching, CMB-free scans included), at each threshold, on whole scans never trained on."""
+def lesion_operating_points(networks: list, files: list) -> dict:
+    """Per-lesion sensitivity and FP/scan of the CNN alone (the mean over `networks`), pipeline rules (merge,
+    one-to-one 5 mm matching, CMB-free scans included), at each threshold, on whole scans never trained on."""
     from .train_yolo import lesion_counts, score_held_out
 
-    scans = score_held_out(files, lambda patches: score_all(network, patches, VIEWS))
+    scans = score_held_out(files, lambda patches: sum(score_all(n, patches, VIEWS) for n in networks) / len(networks))
     return {f"{t:.2f}": lesion_counts(scans, [s.cnn for s in scans], t) for t in THRESHOLDS}
 
 
@@ -165,6 +169,7 @@ def _command(args, card_only: bool = False) -> str:
             f"--val-fraction {args.val_fraction}"
             + (f" --hold-out {shlex.quote(args.hold_out)}" if args.hold_out else "")
             + "".join(f" --tune-data {shlex.quote(str(folder))}" for folder in args.tune_data)
+            + (f" --ensemble {shlex.quote(args.ensemble)}" if getattr(args, "ensemble", "") else "")
             + (" --card-only" if card_only else ""))
 
 
@@ -180,6 +185,8 @@ def run(args) -> int:
         raise CMBError(f"need at least 4 simulated scans in {args.data}, found {len(files)}")
     train_files, val_files = _split(files, args, rng)
     out = Path(args.out)
+    if args.ensemble:
+        return _write_ensemble_card(args, out, val_files, started)
     if args.card_only:
         return _rewrite_card(args, out, val_files, started)
     print(f"building patches: {len(train_files)} training scans, {len(val_files)} held-out scans", flush=True)
@@ -219,7 +226,7 @@ def run(args) -> int:
             print(f"step {step}/{args.steps} loss {running:.4f} ({time.time() - started:.0f} s)", flush=True)
 
     metrics = held_out_metrics(network, val_items)
-    threshold, tuning = _operating_threshold(network, val_files, args)
+    threshold, tuning = _operating_threshold([network], val_files, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), out)
     card = {
@@ -260,12 +267,17 @@ OPERATING_RULE = (f"per-lesion, pipeline matching, on the held-out scans plus --
                   f"sensitivity at <= {FP_BUDGET} FP/scan; among equals the highest threshold")
 
 
-def _operating_threshold(network, val_files: list, args) -> tuple:
+def _tuning_files(val_files: list, args) -> list:
     files = list(val_files)
     for folder in args.tune_data:
         files += dataset.truth_files(folder)
+    return files
+
+
+def _operating_threshold(networks: list, val_files: list, args) -> tuple:
+    files = _tuning_files(val_files, args)
     print(f"choosing the operating threshold on {len(files)} scans never trained on", flush=True)
-    points = lesion_operating_points(network, files)
+    points = lesion_operating_points(networks, files)
     tuning = {"scans": [Path(f).name.replace(".truth.json", "") for f in files],
               "tune_data": [str(folder) for folder in args.tune_data], "points": points}
     return choose_threshold(points), tuning
@@ -283,10 +295,51 @@ def _rewrite_card(args, out: Path, val_files: list, started: float) -> int:
     load_state_dict(network, out)
     val_items = dataset.build(val_files, args.seed + 100000, keep_all=True, jobs=args.jobs)
     metrics = held_out_metrics(network, val_items)
-    threshold, tuning = _operating_threshold(network, val_files, args)
+    threshold, tuning = _operating_threshold([network], val_files, args)
     card.update(metrics=metrics, test_time_views=VIEWS, operating_threshold=threshold, operating_threshold_rule=OPERATING_RULE,
                 operating_threshold_tuning=tuning, card_command=_command(args, card_only=True))
     card_file.write_text(json.dumps(card, indent=2))
     print(json.dumps(metrics, indent=2))
     print(f"rewrote {card_file} ({time.time() - started:.0f} s)")
+    return 0
+
+
+def _write_ensemble_card(args, out: Path, val_files: list, started: float) -> int:
+    """--ensemble: the card of several trained networks whose mean probability is the stage-2 score."""
+    members = [Path(p.strip()) for p in args.ensemble.split(",") if p.strip()]
+    if len(members) < 2:
+        raise CMBError("--ensemble needs at least two weights files")
+    if out.suffix != ".json" or any(m.parent.resolve() != out.parent.resolve() for m in members):
+        raise CMBError("--ensemble writes a .json card (--out) in the folder of its member weights")
+    loaded = [load_model(member) for member in members]  # each checked against its own card
+    tuning_names = {Path(f).name for f in _tuning_files(val_files, args)}
+    for member, model in zip(members, loaded):
+        seen = tuning_names & set(model.card.get("training_data", {}).get("scans", []))
+        if seen:
+            raise CMBError(f"{member.name} was trained on {len(seen)} of the tuning scans (e.g. {sorted(seen)[0]}): "
+                           "the threshold would be chosen on data it has seen")
+    threshold, tuning = _operating_threshold([m.networks[0] for m in loaded], val_files, args)
+    hashes = [m.sha256 for m in loaded]
+    card = {
+        "name": "CMBDetector stage-2 3D CNN ensemble",
+        "version": __version__,
+        "members": [{"file": member.name, "sha256": digest} for member, digest in zip(members, hashes)],
+        "sha256": ensemble_digest(hashes),
+        "combine": "mean of the members' probabilities, each over the test-time views",
+        "architecture": ARCHITECTURE,
+        "command": _command(args),
+        "training_data": {"held_out": [f.name for f in val_files],
+                          "note": "each member's card lists its training scans; none is a tuning scan"},
+        "test_time_views": VIEWS,
+        "operating_threshold": threshold,
+        "operating_threshold_rule": OPERATING_RULE,
+        "operating_threshold_tuning": tuning,
+        "limits": [
+            "members trained only on simulated GRE/SWI; real-scan performance is unmeasured",
+            "scores cost one network pass per member",
+        ],
+    }
+    out.write_text(json.dumps(card, indent=2))
+    print(json.dumps({"operating_threshold": threshold, "points": tuning["points"]}, indent=2))
+    print(f"wrote {out} ({time.time() - started:.0f} s)")
     return 0

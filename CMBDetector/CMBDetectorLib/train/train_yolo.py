@@ -49,7 +49,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--val-fraction", type=float, default=0.15,
                         help="held-out fraction when no CNN card names the held-out scans")
-    parser.add_argument("--cnn", default=str(DEFAULT_CNN), help="stage-2 weights whose held-out scans tune the fusion")
+    parser.add_argument("--cnn", default=str(DEFAULT_CNN), help="stage-2 model (ensemble card .json or weights .pt) whose held-out scans tune the fusion")
     parser.add_argument("--hold-out", default="", help="comma-separated scan names to hold out when the CNN card "
                         "names none (e.g. the CNN's split, predicted before its card exists)")
     parser.add_argument("--tune-data", action="append", default=[],
