@@ -96,18 +96,22 @@ def ensemble_digest(member_sha256: list) -> str:
     return hashlib.sha256("\n".join(member_sha256).encode()).hexdigest()
 
 
+def _read_card(card_file: Path, what: str, missing: str) -> dict:
+    if not card_file.is_file():
+        raise WeightsError(f"{what} {missing}: {card_file}")
+    try:
+        return json.loads(card_file.read_text())
+    except ValueError as error:
+        raise WeightsError(f"{what} {card_file.name} is not valid JSON: {error}") from None
+
+
 def verified_card(weights_path, what: str = "model") -> tuple:
     """(card dict, SHA-256) of a weights file whose hash matches its model card; WeightsError otherwise."""
     weights_path = Path(weights_path)
     card_file = card_path(weights_path)
     if not weights_path.is_file():
         raise WeightsError(f"{what} weights not found: {weights_path}")
-    if not card_file.is_file():
-        raise WeightsError(f"{what} card not found beside the weights: {card_file}")
-    try:
-        card = json.loads(card_file.read_text())
-    except ValueError as error:
-        raise WeightsError(f"{what} card {card_file.name} is not valid JSON: {error}") from None
+    card = _read_card(card_file, f"{what} card", "not found beside the weights")
     actual = sha256_of(weights_path)
     if actual != card.get("sha256"):
         raise WeightsError(f"{what} weights {weights_path.name} do not match their model card "
@@ -146,12 +150,7 @@ def load_model(path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
 def read_ensemble_card(card_file) -> dict:
     """An ensemble card whose recorded identity matches the member hashes it lists; WeightsError otherwise."""
     card_file = Path(card_file)
-    if not card_file.is_file():
-        raise WeightsError(f"model ensemble card not found: {card_file}")
-    try:
-        card = json.loads(card_file.read_text())
-    except ValueError as error:
-        raise WeightsError(f"ensemble card {card_file.name} is not valid JSON: {error}") from None
+    card = _read_card(card_file, "model ensemble card", "not found")
     members = card.get("members")
     if not isinstance(members, list) or not members or not all(
             isinstance(m, dict) and str(m.get("file", "")).endswith(".pt") and m.get("sha256") for m in members):
