@@ -169,7 +169,7 @@ def _command(args, card_only: bool = False) -> str:
             f"--val-fraction {args.val_fraction}"
             + (f" --hold-out {shlex.quote(args.hold_out)}" if args.hold_out else "")
             + "".join(f" --tune-data {shlex.quote(str(folder))}" for folder in args.tune_data)
-            + (f" --ensemble {shlex.quote(args.ensemble)}" if getattr(args, "ensemble", "") else "")
+            + (f" --ensemble {shlex.quote(args.ensemble)}" if args.ensemble else "")
             + (" --card-only" if card_only else ""))
 
 
