@@ -12,12 +12,12 @@ import pytest
 
 from CMBDetectorLib import classify, review, yolo
 from CMBDetectorLib.errors import WeightsError
-from test_yolo import SPHERE_RAS, TUBE_RAS, synthetic_prepared
 from CMBDetectorLib.evaluate import match
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import write_volume
 from CMBDetectorLib.pipeline import detect, merge_nearby, write_outputs
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
+from test_yolo import SPHERE_RAS, TUBE_RAS, synthetic_prepared
 
 REAL_GRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre"
 TEST_SEED = 777  # not among the training (1xxxx) or validation (2xxxx) seeds

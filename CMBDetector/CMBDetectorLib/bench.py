@@ -312,17 +312,18 @@ def _matched_sensitivity(report: dict) -> dict:
     from .evaluate import fp_to_reach
 
     cnn = report["configs"]["cnn"]["results"]["lesion"]
+    cnn_points = report["configs"]["cnn"]["results"]["froc"]["points"]
+    full_points = report["configs"]["full"]["results"]["froc"]["points"]
     sensitivity = cnn["sensitivity"] or 0.0
-    full = fp_to_reach(report["configs"]["full"]["results"]["froc"]["points"], sensitivity)
-    cnn_curve = fp_to_reach(report["configs"]["cnn"]["results"]["froc"]["points"], sensitivity)
+    full = fp_to_reach(full_points, sensitivity)
+    cnn_curve = fp_to_reach(cnn_points, sensitivity)
     change = None
     if full is not None and cnn["fp_per_scan"]:
         change = full["fp_per_scan"] / cnn["fp_per_scan"] - 1
     # And the other way round: both curves at the full pipeline's operating sensitivity.
     full_sensitivity = report["configs"]["full"]["results"]["lesion"]["sensitivity"] or 0.0
-    at_full = {"sensitivity": full_sensitivity,
-               "full": fp_to_reach(report["configs"]["full"]["results"]["froc"]["points"], full_sensitivity),
-               "cnn": fp_to_reach(report["configs"]["cnn"]["results"]["froc"]["points"], full_sensitivity)}
+    at_full = {"sensitivity": full_sensitivity, "full": fp_to_reach(full_points, full_sensitivity),
+               "cnn": fp_to_reach(cnn_points, full_sensitivity)}
     at_full["fp_change"] = (at_full["full"]["fp_per_scan"] / at_full["cnn"]["fp_per_scan"] - 1
                             if at_full["full"] and at_full["cnn"] and at_full["cnn"]["fp_per_scan"] else None)
     return {"cnn_sensitivity": cnn["sensitivity"], "cnn_fp_per_scan": cnn["fp_per_scan"], "full": full,

@@ -210,6 +210,12 @@ def probabilities(network, patches: np.ndarray, device: str = "cpu", views: int 
 def score_patches(model: LoadedModel, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Probability (float32, N) that each patch is centred on a microbleed: mean over the in-plane views
     the model card names (1 for cards without the entry) and over an ensemble's members."""
-    views = int(model.card.get("test_time_views", 1))
-    total = sum(probabilities(network, patches, model.device, views, batch_size) for network in model.networks)
-    return (total / len(model.networks)).astype(np.float32)
+    return mean_probabilities(model.networks, patches, model.device, int(model.card.get("test_time_views", 1)),
+                              batch_size)
+
+
+def mean_probabilities(networks: list, patches: np.ndarray, device: str = "cpu", views: int = VIEWS,
+                       batch_size: int = 256) -> np.ndarray:
+    """`probabilities` averaged over eval-mode networks (an ensemble's members), float32 (N,)."""
+    total = sum(probabilities(network, patches, device, views, batch_size) for network in networks)
+    return (total / len(networks)).astype(np.float32)

@@ -108,6 +108,7 @@ def _scan_row(truth: dict, detections: list, threshold, tolerance_mm: float, ind
     n_reference, n_detections, tp = len(truth_points), len(operating), len(pairs)
     bleeds = truth.get("microbleeds", [])
     matched_pred = {p for _, p, _ in pairs}
+    false_positives = [f for p, f in enumerate(operating) if p not in matched_pred]
     return {
         "scan_id": str(truth.get("scan_id", f"scan-{index}")),
         "acquisition": str((truth.get("acquisition") or {}).get("name", "unknown")),
@@ -126,11 +127,10 @@ def _scan_row(truth: dict, detections: list, threshold, tolerance_mm: float, ind
                     "pred_region": operating[p].region or "unknown",
                     "pred_lobe": operating[p].lobe or "",
                     "distance_mm": d} for t, p, d in pairs],
-        "_fp_regions": [operating[p].region or "unknown" for p in range(n_detections)
-                        if p not in matched_pred],
+        "_fp_regions": [f.region or "unknown" for f in false_positives],
         "_froc": _scan_froc_steps(truth_points, detections, tolerance_mm),
-        "_fp_causes": None if "mimics" not in truth else [
-            fp_cause(truth["mimics"], operating[p].position_ras) for p in range(n_detections) if p not in matched_pred],
+        "_fp_causes": None if "mimics" not in truth else [fp_cause(truth["mimics"], f.position_ras)
+                                                          for f in false_positives],
     }
 
 

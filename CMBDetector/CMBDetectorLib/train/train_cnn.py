@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..classify import (ARCHITECTURE, DEFAULT_WEIGHTS, VIEWS, build_model, card_path, ensemble_digest,
-                        load_model, load_state_dict, probabilities, sha256_of)
+                        load_model, load_state_dict, mean_probabilities, probabilities, sha256_of)
 from ..errors import CMBError
 from . import dataset
 
@@ -130,7 +130,9 @@ def lesion_operating_points(networks: list, files: list) -> dict:
     one-to-one 5 mm matching, CMB-free scans included), at each threshold, on whole scans never trained on."""
     from .train_yolo import lesion_counts, score_held_out
 
-    scans = score_held_out(files, lambda patches: sum(score_all(n, patches, VIEWS) for n in networks) / len(networks))
+    for network in networks:
+        network.eval()
+    scans = score_held_out(files, lambda patches: mean_probabilities(networks, patches, "cpu", VIEWS, batch_size=512))
     return {f"{t:.2f}": lesion_counts(scans, [s.cnn for s in scans], t) for t in THRESHOLDS}
 
 
@@ -318,7 +320,7 @@ def _write_ensemble_card(args, out: Path, val_files: list, started: float) -> in
         if seen:
             raise CMBError(f"{member.name} was trained on {len(seen)} of the tuning scans (e.g. {sorted(seen)[0]}): "
                            "the threshold would be chosen on data it has seen")
-    threshold, tuning = _operating_threshold([m.networks[0] for m in loaded], val_files, args)
+    threshold, tuning = _operating_threshold([n for m in loaded for n in m.networks], val_files, args)
     hashes = [m.sha256 for m in loaded]
     card = {
         "name": "CMBDetector stage-2 3D CNN ensemble",
