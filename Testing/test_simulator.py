@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from CMBDetectorLib import io
-from CMBDetectorLib.simulate import physics
+from CMBDetectorLib.simulate import domain, physics
 from CMBDetectorLib.simulate.structures import Sphere, apparent_diameter, sphere_voxel_factors
 from CMBDetectorLib.simulate.synth import scan_plan, simulate_scan, write_scan
 
@@ -172,3 +172,65 @@ def test_bad_synth_arguments_give_one_clear_line(tmp_path, arguments, words):
     assert words in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- domains (simulate/domain.py)
+
+def test_nominal_scans_carry_no_variation_and_write_their_true_brain_mask(simulated):
+    scan, paths = simulated
+    assert scan.truth["domain"] == "nominal" and "variation" not in scan.truth
+    assert domain.sample_variation("gre15t", np.random.default_rng(0)) == domain.Variation()
+    brain = nib.load(str(paths["brain"])).get_fdata() > 0.5
+    assert brain.shape == scan.magnitude.shape and np.array_equal(brain, scan.brain)
+    assert 1000 < brain.sum() * np.prod(scan.magnitude.spacing) / 1000 < 2600  # mL
+
+
+def _draws(protocol, n=200):
+    rng = np.random.default_rng(5)
+    return [domain.sample_variation(protocol, rng) for _ in range(n)]
+
+
+def test_held_out_settings_lie_outside_the_randomised_training_ranges():
+    randomised = _draws(domain.RANDOMISED_PROTOCOL)
+    held_out = _draws(domain.HELD_OUT_PROTOCOLS[0])
+
+    def span(draws, field):
+        values = np.array([np.ravel(getattr(d, field)) for d in draws], float)
+        return values.min(axis=0), values.max(axis=0)
+
+    for field in ("elastic_mm", "medullary_count", "cortical_count", "vein_chi_scale", "vein_turn", "bias_sd",
+                  "noise_variation", "ghost", "homodyne_mm", "swi_power", "minip_slices", "lesion_parts"):
+        train_low, train_high = span(randomised, field)
+        test_low, test_high = span(held_out, field)
+        assert np.all((test_low > train_high) | (test_high < train_low)), field
+    assert all(d.gibbs_keep < 0.7 for d in held_out) and all(d.gibbs_keep >= 0.7 for d in randomised)
+    assert all(d.vein_clearance_mm < 2.0 <= r.vein_clearance_mm for d, r in zip(held_out, randomised))
+    for index in range(len(domain.TISSUES)):  # every tissue's contrast moves beyond the training range
+        assert all(not 0.85 <= d.proton_density[index] <= 1.15 for d in held_out)
+        assert all(not 0.8 <= d.r2star[index] <= 1.25 for d in held_out)
+
+
+def test_held_out_acquisitions_are_ones_training_never_draws():
+    rng = np.random.default_rng(3)
+    randomised = [domain.sample_domain_acquisition(domain.RANDOMISED_PROTOCOL, rng) for _ in range(500)]
+    assert not any(a.swi and a.b0_t == 1.5 for a in randomised)
+    assert max(a.te_ms for a in randomised if a.b0_t == 3.0) <= 30
+    assert max(a.spacing_mm[2] for a in randomised if a.b0_t == 3.0) <= 2.5
+    assert max(a.spacing_mm[0] for a in randomised) <= 1.0
+    held = {p: domain.sample_domain_acquisition(p, rng) for p in domain.HELD_OUT_PROTOCOLS}
+    assert held["ood-swi15t"].swi and held["ood-swi15t"].b0_t == 1.5
+    assert held["ood-gre3t-thick"].b0_t == 3.0 and held["ood-gre3t-thick"].spacing_mm[2] >= 3.0
+    assert held["ood-gre15t-coarse"].spacing_mm[0] > 1.0 and held["ood-gre15t-coarse"].te_ms > 40
+
+
+def test_ood_plan_cycles_the_held_out_protocols_and_random_is_a_protocol():
+    plan = scan_plan(6, 3, "ood", 0.0)
+    assert [protocol for _, protocol, _ in plan] == list(domain.HELD_OUT_PROTOCOLS) * 2
+    assert {protocol for _, protocol, _ in scan_plan(4, 3, "random", 0.0)} == {"random"}
+
+
+def test_a_randomised_scan_records_its_variation_and_stays_reproducible():
+    first, again = simulate_scan(871, "random", n_cmb=3), simulate_scan(871, "random", n_cmb=3)
+    assert first.truth["domain"] == "randomised" and first.truth["variation"]["domain"] == "randomised"
+    assert np.array_equal(first.magnitude.array, again.magnitude.array)
+    assert len(first.truth["microbleeds"]) == 3  # irregular lesions add parts, never extra truth lesions

@@ -9,7 +9,7 @@ import pytest
 
 from CMBDetectorLib import classify
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
-from CMBDetectorLib.train import train_cnn
+from CMBDetectorLib.train import train_cnn, tuning
 
 TRAIN_TEST_SEEDS = (881, 882, 883, 884)  # not training (1-, 4-, 5-, 6xxxx), tuning (3-, 7xxxx) or bench (2xxxx)
 
@@ -40,7 +40,8 @@ def scans(tmp_path_factory):
 
 def _args(data, out, **extra):
     values = dict(data=str(data), out=str(out), seed=5, steps=12, mine_every=5, val_fraction=0.25, hold_out="",
-                  jobs=1, threads=1, card_only=False, tune_data=[], ensemble="")
+                  jobs=1, threads=1, card_only=False, tune_data=[], ensemble="", init="", lr=2e-3,
+                  data_extra=[])
     values.update(extra)
     return Namespace(**values)
 
@@ -66,6 +67,21 @@ def test_train_writes_verified_weights_with_card_and_is_reproducible(scans, tmp_
     rewritten = classify.load_model(first).card
     assert rewritten["test_time_views"] == classify.VIEWS and "--card-only" in rewritten["card_command"]
     assert rewritten["sha256"] == card["sha256"] and rewritten["training_data"] == card["training_data"]
+
+
+def test_fine_tuning_starts_from_verified_weights_and_records_them(scans, tmp_path):
+    from CMBDetectorLib.errors import WeightsError
+
+    base, tuned = tmp_path / "base" / "cnn.pt", tmp_path / "tuned" / "cnn.pt"
+    assert train_cnn.run(_args(scans, base, steps=4)) == 0
+    assert train_cnn.run(_args(scans, tuned, steps=4, init=str(base), lr=1e-4)) == 0
+    card = classify.load_model(tuned).card
+    assert card["initialised_from"] == {"file": "cnn.pt", "sha256": classify.sha256_of(base)}
+    assert f"--init {base} --lr 0.0001" in card["command"]
+    assert classify.sha256_of(tuned) != classify.sha256_of(base)
+    base.write_bytes(base.read_bytes()[:-8] + b"\0" * 8)  # a tampered start is refused before any training
+    with pytest.raises(WeightsError, match="do not match their model card"):
+        train_cnn.run(_args(scans, tmp_path / "again.pt", steps=4, init=str(base)))
 
 
 def test_ensemble_card_averages_members_tuned_on_scans_none_trained_on(scans, tmp_path):
@@ -106,5 +122,5 @@ def test_hold_out_must_name_scans_in_the_folder(scans, tmp_path):
 def test_operating_threshold_is_the_most_sensitive_within_the_fp_budget():
     points = {"0.10": {"sensitivity": 0.97, "fp_per_scan": 1.2}, "0.30": {"sensitivity": 0.93, "fp_per_scan": 0.25},
               "0.50": {"sensitivity": 0.93, "fp_per_scan": 0.1}, "0.90": {"sensitivity": 0.8, "fp_per_scan": 0.0}}
-    assert train_cnn.choose_threshold(points, fp_budget=0.3) == 0.5  # 0.10 is over budget; 0.5 ties 0.3 with fewer FP
-    assert train_cnn.choose_threshold(points, fp_budget=2.0) == 0.1
+    assert tuning.choose_threshold(points, fp_budget=0.3) == 0.5  # 0.10 is over budget; 0.5 ties 0.3 with fewer FP
+    assert tuning.choose_threshold(points, fp_budget=2.0) == 0.1

@@ -277,7 +277,7 @@ def test_fuse_with_zero_weight_is_the_cnn_and_bad_parameters_are_rejected():
 
 def _tuning_scan(scan_id, truth, candidates):
     """A held-out scan for tune_fusion: truth points, and (RAS, CNN score, YOLO score) per candidate."""
-    from CMBDetectorLib.train.train_yolo import HeldOutScan
+    from CMBDetectorLib.train.tuning import HeldOutScan
 
     centres = np.array([c[0] for c in candidates], float).reshape(-1, 3)
     return HeldOutScan(scan_id, np.array(truth, float).reshape(-1, 3), centres,
@@ -285,7 +285,8 @@ def _tuning_scan(scan_id, truth, candidates):
 
 
 def test_tune_fusion_finds_the_most_sensitive_point_within_the_fp_budget():
-    from CMBDetectorLib.train.train_yolo import lesion_counts, tune_fusion
+    from CMBDetectorLib.train.train_yolo import tune_fusion
+    from CMBDetectorLib.train.tuning import lesion_counts
 
     # per scan: one clear lesion, one lesion the CNN doubts but YOLO sees, one vein the CNN likes but YOLO rejects
     scans = [_tuning_scan(f"s{i}", [[0, 0, 0], [30, 0, 0]],

@@ -102,6 +102,21 @@ def load_mni_brain_mask() -> Volume:
     return grey.with_array(mask, kind="brain mask")
 
 
+@lru_cache(maxsize=1)
+def load_mni_brain_hull() -> Volume:
+    """The template brain inside its pial hull (tissue plus sulcal and ventricular CSF): array uint8
+    (197, 233, 189), 1 where the skull-stripped T1 is above 2 % of its range, closed and hole-filled.
+
+    The one definition of "brain" shared by brain extraction (its anatomical prior) and the simulator
+    (its heads and their true masks). Cached and shared: do not modify the returned array.
+    """
+    from scipy import ndimage
+
+    t1 = load_mni_template()
+    hull = ndimage.binary_fill_holes(ndimage.binary_closing(t1.array > 0.02 * 255, iterations=2))
+    return t1.with_array(hull.astype(np.uint8), kind="brain hull")
+
+
 def codes_at_mni(points_mni, snap_mm: float = DEFAULT_SNAP_MM) -> np.ndarray:
     """Class codes (N,) int at (N, 3) MNI RAS mm points.
 

@@ -1,12 +1,17 @@
 """`cmbdetector bench` (`make bench`): the benchmark anyone can rerun with one command.
 
-1. Simulates the fixed validation set (seed 2, 30 scans, every acquisition, 30 % CMB-free, mimic-rich)
-   unless it is already in OUT/val, plus one nominal 3 T SWI scan (0.5 x 0.5 x 2 mm) for timing.
+1. Simulates two fixed validation sets unless they are already in OUT: the in-distribution set (OUT/val:
+   seed 2, 30 nominal scans, every acquisition, 30 % CMB-free, mimic-rich; detected with the phase) and the
+   out-of-distribution set (OUT/ood: seed 3, 18 scans from the simulator's held-out domain, settings no
+   training scan used; detected from the magnitude alone, as most users will), plus one nominal 3 T SWI
+   scan (0.5 x 0.5 x 2 mm) for timing.
 2. Detects every scan once per configuration (the 3D CNN alone, and the full pipeline with the YOLO
-   stage when its weights ship), in worker processes; then runs `cmbdetector detect` on the timing scan
+   stage when its weights ship), in worker processes; the real scans in shared/data/real-gre (no
+   microbleeds: every finding is presumed false) too; then runs `cmbdetector detect` on the timing scan
    alone in a fresh process for honest time and peak memory.
-3. Evaluates with the field's metrics (5 mm one-to-one matching) and writes a Markdown table and the
-   raw JSON beside it. Numbers are as measured on this machine; nothing is edited by hand.
+3. Evaluates with the field's metrics (5 mm one-to-one matching), the brain masks against the simulator's
+   true masks (Dice), and writes a Markdown table and the raw JSON beside it. Numbers are as measured on
+   this machine; nothing is edited by hand.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ import numpy as np
 from .errors import CMBError
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
+OUT_OF_DISTRIBUTION = {"n": 18, "seed": 3, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
+# (name, folder under OUT, plan, detect with the phase)
+SETS = (("in-distribution", "val", VALIDATION, True), ("out-of-distribution", "ood", OUT_OF_DISTRIBUTION, False))
+REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-gre"
+REAL_SCANS = (("philips-3t-dual-echo/mag_echo2.nii.gz", False), ("romeo_small/Mag.nii", True),
+              ("romeo_small2/Mag.nii", True))  # (path under REAL_DIR, partial-brain crop)
 TIMING_SCAN = {"seed": 99, "acquisition": "swi3t", "spacing_mm": (0.5, 0.5, 2.0), "scan_id": "timing_swi3t"}
 # Validation scans are detected down to this score so that the FROC sweeps past the operating point;
 # the operating-point metrics count only findings at or above each configuration's tuned threshold.
@@ -37,20 +48,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--table", default="docs/benchmark.md", help="Markdown results table to write")
     parser.add_argument("--jobs", type=int, default=2, help="processes for simulating the validation set")
     parser.add_argument("--configs", default="auto", help="cnn, full or auto (both when YOLO weights ship)")
+    parser.add_argument("--real", default=str(REAL_DIR), help="folder of the real GRE scans (skipped if absent)")
     parser.add_argument("--reuse", action="store_true",
                         help="evaluate the validation predictions already in OUT instead of detecting again "
                              "(the timing scan is always run again, alone)")
 
 
-def _simulate_validation(folder: Path, jobs: int) -> None:
+def _simulate_set(folder: Path, spec: dict, jobs: int) -> list:
+    """Simulate the scans of `spec` missing from `folder`; return every magnitude path of the set."""
     from .simulate.synth import simulate_and_write, scan_plan
 
-    plan = scan_plan(VALIDATION["n"], VALIDATION["seed"], VALIDATION["acquisition"], VALIDATION["cmb_free_fraction"])
-    todo = [(seed, protocol, free, str(folder), VALIDATION["mimic_level"], False)
-            for seed, protocol, free in plan if not (folder / f"sim{seed:06d}_{protocol}.truth.json").is_file()]
+    plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])
+    names = [f"sim{seed:06d}_{protocol}" for seed, protocol, _ in plan]
+    todo = [(seed, protocol, free, str(folder), spec["mimic_level"], False)
+            for (seed, protocol, free), name in zip(plan, names) if not (folder / f"{name}.truth.json").is_file()]
+    magnitudes = [folder / f"{name}.nii.gz" for name in names]
     if not todo:
-        return
-    print(f"simulating {len(todo)} validation scans into {folder} ...", flush=True)
+        return magnitudes
+    print(f"simulating {len(todo)} scans into {folder} ...", flush=True)
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -60,6 +75,7 @@ def _simulate_validation(folder: Path, jobs: int) -> None:
     else:
         for job in todo:
             print("  {} : {} microbleeds, {:.1f} s".format(*simulate_and_write(job)[:3]), flush=True)
+    return magnitudes
 
 
 def _simulate_timing_scan(folder: Path) -> Path:
@@ -78,20 +94,113 @@ def _truth_of(magnitude: Path) -> dict:
 
 
 def _detect_scan(job) -> dict:
-    """Detect one validation scan under every configuration, in this worker process; write predictions."""
-    magnitude, out, configs = job
+    """Detect one validation scan under every configuration, in this worker process; write predictions.
+
+    A scan the pipeline refuses gets no prediction files (evaluated as no findings) and a summary that
+    says why; the first configuration's brain mask is compared with the simulator's true one."""
+    magnitude, pred_dirs, configs, use_phase = job
+    from .errors import InputError
     from .io import read_volume
     from .pipeline import detect, write_outputs
 
     truth = _truth_of(magnitude)
     volume = read_volume(magnitude)
-    phase = read_volume(magnitude.with_name(truth["files"]["phase"]))
+    phase = read_volume(magnitude.with_name(truth["files"]["phase"])) if use_phase else None
     summaries = {}
     for config in configs:
-        detection = detect(volume, phase, use_yolo=(config == "full"), threshold=FROC_FLOOR)
-        write_outputs(detection, out / f"pred-{config}", truth["scan_id"], png=False)
+        try:
+            detection = detect(volume, phase, use_yolo=(config == "full"), threshold=FROC_FLOOR)
+        except InputError as error:
+            summaries[config] = {"refused": str(error)}
+            continue
+        write_outputs(detection, pred_dirs[config], truth["scan_id"], png=False)
         summaries[config] = detection.summary
+        if "brain" in truth["files"] and "brain_check" not in summaries:
+            summaries["brain_check"] = _brain_check(detection.prepared, magnitude.with_name(truth["files"]["brain"]),
+                                                    truth["acquisition"]["name"])
     return summaries
+
+
+def _brain_check(prepared, true_mask_path: Path, acquisition: str) -> dict:
+    from .io import read_volume
+
+    true_mask = read_volume(true_mask_path).array > 0.5
+    mask = prepared.mask
+    voxel_ml = float(np.prod(prepared.spacing)) / 1000.0
+    return {"acquisition": acquisition, "method": prepared.mask_method,
+            "dice": round(float(2 * (mask & true_mask).sum() / max(mask.sum() + true_mask.sum(), 1)), 4),
+            "volume_ml": round(float(mask.sum() * voxel_ml), 1), "true_volume_ml": round(float(true_mask.sum() * voxel_ml), 1)}
+
+
+def _detect_real(real_dir: Path, configs: list) -> list:
+    """Findings at each configuration's operating threshold on the real scans (none has a microbleed)."""
+    from .errors import InputError
+    from .io import read_volume
+    from .pipeline import detect
+
+    rows = []
+    for relative, crop in REAL_SCANS:
+        path = real_dir / relative
+        if not path.is_file():
+            continue
+        volume = read_volume(path)
+        row = {"scan": relative, "crop": crop, "shape": list(volume.shape),
+               "spacing_mm": [round(float(v), 3) for v in volume.spacing]}
+        for config in configs:
+            try:
+                summary = detect(volume, crop=crop, use_yolo=(config == "full")).summary
+            except InputError as error:
+                row[config] = {"refused": str(error)}
+                continue
+            row[config] = {"findings": summary["counts"]["total"], "mask": summary["mask"],
+                           "candidates": summary["candidates"],
+                           "scores": [round(f["score"], 3) for f in summary["findings"]]}
+        rows.append(row)
+        print(f"real {relative}: " + ", ".join(f"{c} {row[c].get('findings', 'refused')}" for c in configs), flush=True)
+    return rows
+
+
+def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list, args) -> tuple:
+    """Simulate (if needed) and detect one validation set; returns (truth folder, per-scan summaries,
+    prediction folders by configuration)."""
+    truth_dir = out / folder
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    scans = _simulate_set(truth_dir, spec, args.jobs)
+    prefix = "pred" if folder == "val" else f"pred-{folder}"  # the in-distribution folders keep their old names
+    pred_dirs = {config: out / f"{prefix}-{config}" for config in configs}
+    for pred in pred_dirs.values():
+        pred.mkdir(exist_ok=True)
+    jobs = [(scan, pred_dirs, configs, use_phase) for scan in scans]
+    if args.reuse:
+        per_scan = [{config: json.loads((pred_dirs[config] / scan.name.replace(".nii.gz", ".json")).read_text())
+                     for config in configs} for scan in scans]
+    elif args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            per_scan = list(pool.map(_detect_scan, jobs))
+    else:
+        per_scan = [_detect_scan(job) for job in jobs]
+    for scan, summaries in zip(scans, per_scan):
+        print(f"{scan.name}: " + ", ".join(
+            f"{c} refused" if "refused" in summaries[c] else
+            f"{c} {summaries[c]['counts']['total']} finding(s) {summaries[c]['timings_s']['total']:.1f} s" for c in configs),
+            flush=True)
+    return truth_dir, per_scan, pred_dirs
+
+
+def _brain_summary(per_scan: list) -> dict:
+    """Dice and volumes of the automatic brain masks, by acquisition."""
+    by_acquisition = {}
+    for summaries in per_scan:
+        check = summaries.get("brain_check")
+        if check:
+            by_acquisition.setdefault(check["acquisition"], []).append(check)
+    return {name: {"scans": len(rows), "dice_min": min(r["dice"] for r in rows),
+                   "dice_mean": round(float(np.mean([r["dice"] for r in rows])), 4),
+                   "volume_ml": [min(r["volume_ml"] for r in rows), max(r["volume_ml"] for r in rows)],
+                   "methods": sorted({r["method"] for r in rows})}
+            for name, rows in sorted(by_acquisition.items())}
 
 
 def _detect_alone(magnitude: Path, out: Path, config: str) -> dict:
@@ -164,58 +273,56 @@ def run(args) -> int:
     from .evaluate import evaluate_directories, evaluate_scans
 
     out = Path(args.out)
-    val = out / "val"
-    val.mkdir(parents=True, exist_ok=True)
-    _simulate_validation(val, args.jobs)
+    out.mkdir(parents=True, exist_ok=True)
     timing_scan = _simulate_timing_scan(out / "timing")
     configs = ["cnn", "full"] if args.configs == "auto" and _yolo_available() else (
         ["cnn"] if args.configs == "auto" else args.configs.split(","))
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
-              "commit": _commit(), "validation": VALIDATION, "configs": {}}
-    mimic_rich = _mimic_rich(val)
-    scans = sorted(p for p in val.glob("*.nii.gz") if not p.name.endswith("_phase.nii.gz"))
+              "commit": _commit(), "validation": VALIDATION, "out_of_distribution": OUT_OF_DISTRIBUTION,
+              "configs": {}, "sets": {}, "brain_mask": {}}
+    for set_name, folder, spec, use_phase in SETS:
+        truth_dir, per_scan, pred_dirs = _run_set(out, folder, spec, use_phase, configs, args)
+        report["brain_mask"][set_name] = _brain_summary(per_scan)
+        set_report = {"phase_given": use_phase, "configs": {}}
+        for config in configs:
+            summaries = [s[config] for s in per_scan]
+            done = [s for s in summaries if "refused" not in s]
+            operating = _operating_threshold(done)
+            results = evaluate_directories(truth_dir, pred_dirs[config], threshold=operating, allow_missing=True)
+            by_acquisition_froc = {}
+            for acquisition in sorted(results.get("by_acquisition", {})):
+                stems = [p.name[: -len(".truth.json")] for p in sorted(truth_dir.glob("*.truth.json"))
+                         if json.loads(p.read_text())["acquisition"]["name"] == acquisition]
+                subset = evaluate_scans(_subset(truth_dir, pred_dirs[config], stems), threshold=operating)
+                by_acquisition_froc[acquisition] = {"lesion": subset["lesion"],
+                                                    "sensitivity_at_1fp": subset["froc"]["sensitivity_at"].get("1")}
+            set_report["configs"][config] = {
+                "operating_threshold": operating, "results": results, "by_acquisition": by_acquisition_froc,
+                "refused": [{"scan": scan.name, "why": s["refused"]} for scan, s in
+                            zip(sorted(truth_dir.glob("*.truth.json")), summaries) if "refused" in s],
+                "time_per_scan_s": {"mean": round(float(np.mean([s["timings_s"]["total"] for s in done])), 2),
+                                    "max": round(float(np.max([s["timings_s"]["total"] for s in done])), 2)},
+                "registration_s": _registration_seconds(done),
+            }
+            if folder == "val":
+                set_report["configs"][config]["mimic_rich"] = evaluate_scans(
+                    _subset(truth_dir, pred_dirs[config], _mimic_rich(truth_dir)), threshold=operating)
+        report["sets"][set_name] = set_report
+    report["configs"] = report["sets"]["in-distribution"]["configs"]  # the sections below read the main set
     for config in configs:
-        (out / f"pred-{config}").mkdir(exist_ok=True)
-    jobs = [(scan, out, configs) for scan in scans]
-    if args.reuse:
-        per_scan = [{config: json.loads((out / f"pred-{config}" / scan.name.replace(".nii.gz", ".json")).read_text())
-                     for config in configs} for scan in scans]
-    elif args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs) as pool:
-            per_scan = list(pool.map(_detect_scan, jobs))
-    else:
-        per_scan = [_detect_scan(job) for job in jobs]
-    for scan, summaries in zip(scans, per_scan):
-        print(f"{scan.name}: " + ", ".join(f"{c} {s['counts']['total']} finding(s) {s['timings_s']['total']:.1f} s"
-                                          for c, s in summaries.items()), flush=True)
-    for config in configs:
-        pred = out / f"pred-{config}"
-        summaries = [s[config] for s in per_scan]
         timing = _detect_alone(timing_scan, out / f"timing-{config}", config)
-        operating = _operating_threshold(summaries)
-        results = evaluate_directories(val, pred, threshold=operating)
-        subset = evaluate_scans(_subset(val, pred, mimic_rich), threshold=operating)
-        totals = np.array([s["timings_s"]["total"] for s in summaries])
-        registration = [s["registration"].get("seconds") for s in summaries if s["registration"].get("done")]
-        report["configs"][config] = {
-            "operating_threshold": operating,
-            "results": results,
-            "mimic_rich": subset,
-            "time_per_scan_s": {"mean": round(float(totals.mean()), 2), "max": round(float(totals.max()), 2)},
-            "registration_s": {"mean": round(float(np.mean(registration)), 2) if registration else None,
-                               "max": round(float(np.max(registration)), 2) if registration else None},
-            "timing_scan": {"shape": timing["shape"], "spacing_mm": timing["spacing_mm"],
-                            "timings_s": timing["timings_s"], "peak_rss_mb": timing["peak_rss_mb"],
-                            "process_wall_s": timing["process_wall_s"]},
-        }
+        report["configs"][config]["timing_scan"] = {
+            "shape": timing["shape"], "spacing_mm": timing["spacing_mm"], "timings_s": timing["timings_s"],
+            "peak_rss_mb": timing["peak_rss_mb"], "process_wall_s": timing["process_wall_s"]}
+    real_dir = Path(args.real)
+    report["real"] = _detect_real(real_dir, configs) if real_dir.is_dir() else []
     report["parallel_workers"] = args.jobs
     report["froc_floor"] = FROC_FLOOR
     if "cnn" in report["configs"] and "full" in report["configs"]:
         report["configs"]["full"]["matched"] = _matched_sensitivity(report)
         # The CNN alone cut at the full pipeline's threshold: what YOLO changes at the same score cut.
-        same_cut = evaluate_directories(val, out / "pred-cnn", threshold=report["configs"]["full"]["operating_threshold"])
+        same_cut = evaluate_directories(out / "val", out / "pred-cnn", threshold=report["configs"]["full"]["operating_threshold"],
+                                        allow_missing=True)
         report["configs"]["cnn"]["at_full_threshold"] = {key: same_cut[key] for key in ("threshold", "lesion", "fp_causes")}
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +331,12 @@ def run(args) -> int:
     print(table.read_text())
     print(f"wrote {table} and {table.with_suffix('.json')}")
     return 0
+
+
+def _registration_seconds(summaries: list) -> dict:
+    seconds = [s["registration"].get("seconds") for s in summaries if s["registration"].get("done")]
+    return {"mean": round(float(np.mean(seconds)), 2) if seconds else None,
+            "max": round(float(np.max(seconds)), 2) if seconds else None}
 
 
 def _operating_threshold(summaries: list) -> float:
@@ -330,6 +443,87 @@ def _matched_sensitivity(report: dict) -> dict:
             "fp_change": change, "cnn_curve": cnn_curve, "at_full_sensitivity": at_full}
 
 
+def _generalisation_lines(report: dict) -> list:
+    """Both validation sets side by side at the shipped operating thresholds, and the gap between them."""
+    sets = report.get("sets", {})
+    if "out-of-distribution" not in sets:
+        return []
+    ood = report["out_of_distribution"]
+    lines = ["", "## Generalisation: in distribution and out of distribution", "",
+             f"Out-of-distribution set: {ood['n']} scans (seed {ood['seed']}) from the simulator's held-out domain "
+             "(docs/simulator.md): 1.5 T SWI, 3 T thick-slice 2D GRE, coarse 1.5 T GRE, with vein, lesion, "
+             "contrast, artefact and SWI-processing settings no training scan used; "
+             f"{int(ood['cmb_free_fraction'] * 100)} % CMB-free, detected from the magnitude alone. "
+             "Same shipped operating thresholds on both sets; the gap is out minus in.", "",
+             "| configuration | set | threshold | sensitivity | FP/scan | sens. at 1 FP/scan (FROC) | "
+             "scan balanced accuracy | scans refused |", "|---|---|---|---|---|---|---|---|"]
+    for config in sets["in-distribution"]["configs"]:
+        rows = {}
+        for set_name, set_report in sets.items():
+            entry = set_report["configs"][config]
+            results = entry["results"]
+            rows[set_name] = (results["lesion"]["sensitivity"], results["lesion"]["fp_per_scan"],
+                              results["froc"]["sensitivity_at"].get("1"), results["scan"]["balanced_accuracy"])
+            lines.append(f"| {config} | {set_name} | {_fmt(entry['operating_threshold'], 2)} | {_fmt(rows[set_name][0])} | "
+                         f"{_fmt(rows[set_name][1], 2)} | {_fmt(rows[set_name][2])} | {_fmt(rows[set_name][3])} | "
+                         f"{len(entry['refused'])} |")
+        gap = [None if a is None or b is None else b - a
+               for a, b in zip(rows["in-distribution"], rows["out-of-distribution"])]
+        ratio = (rows["out-of-distribution"][1] / rows["in-distribution"][1]
+                 if rows["in-distribution"][1] else None)
+        lines.append(f"| {config} | **gap** | | {_signed(gap[0])} | {_signed(gap[1], 2)}"
+                     f"{'' if ratio is None else f' (x{ratio:.1f})'} | {_signed(gap[2])} | {_signed(gap[3])} | |")
+    lines += ["", "### Out of distribution, by acquisition", "",
+              "| configuration | acquisition | sensitivity | FP/scan | sens. at 1 FP/scan (FROC) |", "|---|---|---|---|---|"]
+    for config, entry in sets["out-of-distribution"]["configs"].items():
+        for acquisition, values in entry["by_acquisition"].items():
+            lines.append(f"| {config} | {acquisition} | {_fmt(values['lesion']['sensitivity'])} | "
+                         f"{_fmt(values['lesion']['fp_per_scan'], 2)} | {_fmt(values['sensitivity_at_1fp'])} |")
+    for config, entry in sets["out-of-distribution"]["configs"].items():
+        for refused in entry["refused"]:
+            lines.append(f"\nRefused ({config}): {refused['scan']}: {refused['why']}")
+    return lines
+
+
+def _signed(value, digits=3) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def _brain_lines(report: dict) -> list:
+    masks = report.get("brain_mask", {})
+    if not any(masks.values()):
+        return []
+    lines = ["", "## Brain masks (automatic, against the simulator's true mask)", "",
+             "| set | acquisition | scans | Dice min | Dice mean | volume mL (min-max) | method |", "|---|---|---|---|---|---|---|"]
+    for set_name, by_acquisition in masks.items():
+        for acquisition, row in by_acquisition.items():
+            lines.append(f"| {set_name} | {acquisition} | {row['scans']} | {_fmt(row['dice_min'])} | "
+                         f"{_fmt(row['dice_mean'])} | {row['volume_ml'][0]:.0f}-{row['volume_ml'][1]:.0f} | "
+                         f"{', '.join(row['methods'])} |")
+    return lines
+
+
+def _real_lines(report: dict) -> list:
+    rows = report.get("real", [])
+    if not rows:
+        return []
+    configs = [c for c in report["configs"]]
+    lines = ["", "## Real scans (shared/data/real-gre; no microbleeds, so every finding is presumed false)", "",
+             "| scan | voxels | " + " | ".join(f"{c}: findings (scores)" for c in configs) + " | brain mask |",
+             "|---|---|" + "---|" * len(configs) + "---|"]
+    for row in rows:
+        cells = []
+        for config in configs:
+            entry = row.get(config, {})
+            cells.append(f"refused: {entry['refused']}" if "refused" in entry else
+                         f"{entry['findings']} ({', '.join(f'{v:.2f}' for v in entry['scores']) or '-'})")
+        mask = next((row[c]["mask"] for c in configs if "mask" in row.get(c, {})), None)
+        mask_text = "n/a" if mask is None else f"{mask['method']}, {mask['volume_ml']:.0f} mL"
+        lines.append(f"| {row['scan']}{' (crop)' if row['crop'] else ''} | {' x '.join(map(str, row['shape']))} | "
+                     + " | ".join(cells) + f" | {mask_text} |")
+    return lines
+
+
 def format_report(report: dict) -> str:
     lines = ["# CMBDetector benchmark", "",
              f"Measured {report['date']} on {report['machine']}, commit {report['commit']}.",
@@ -355,6 +549,7 @@ def format_report(report: dict) -> str:
             _fmt(pooled["f1"]), _fmt(pooled["fp_per_scan"], 2), _fmt(r["scan"]["balanced_accuracy"]),
             _fmt(r.get("location", {}).get("agreement")),
             config["time_per_scan_s"]["mean"], config["time_per_scan_s"]["max"]))
+    lines += _generalisation_lines(report)
     lines += _froc_lines(report)
     lines += ["", "## Mimic-rich half of the scans (most veins and calcifications)", "",
               "| configuration | sensitivity | precision | FP/scan |", "|---|---|---|---|"]
@@ -371,6 +566,8 @@ def format_report(report: dict) -> str:
             pooled = lesion.get("pooled", lesion)
             lines.append(f"| {name} | {acquisition} | {_fmt(pooled.get('sensitivity'))} | "
                          f"{_fmt(pooled.get('precision'))} | {_fmt(pooled.get('fp_per_scan'), 2)} |")
+    lines += _brain_lines(report)
+    lines += _real_lines(report)
     lines += ["", "## Timing scan (3 T SWI, nominal 0.5 x 0.5 x 2 mm)", "",
               "| configuration | shape | per-stage seconds | total s | process wall s | peak RSS MB | registration s (validation mean / max) |",
               "|---|---|---|---|---|---|---|"]

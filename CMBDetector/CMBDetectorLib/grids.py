@@ -37,3 +37,13 @@ def block_mean(array: np.ndarray, factors) -> np.ndarray:
     for n, f in zip(padded.shape, factors):
         shape += [n // f, f]
     return padded.reshape(shape).mean(axis=tuple(range(1, 2 * array.ndim, 2)))
+
+
+def sigma_voxels(sigma_mm: float, spacing) -> list:
+    """A Gaussian width in millimetres as voxels along each axis."""
+    return [sigma_mm / s for s in spacing]
+
+
+def coarse_factors(spacing, target_mm: float) -> tuple:
+    """Integer block sizes per axis that bring `spacing` close to `target_mm` (1 where already coarser)."""
+    return tuple(max(1, int(round(target_mm / s))) for s in spacing)

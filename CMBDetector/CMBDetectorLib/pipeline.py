@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import __version__
-from .candidates import centres_ras, find_candidates
+from .candidates import MAX_CANDIDATES, centres_ras, screen
 from .classify import DEFAULT_MODEL, extract_patches, load_model, score_patches
 from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
@@ -114,7 +114,16 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
 
     _progress(progress, 30, "stage 1: candidate screening")
     tick = time.perf_counter()
-    candidates = find_candidates(prepared)
+    screening = screen(prepared)
+    candidates = screening.candidates
+    report = screening.report
+    if report["strong_dropped"]:
+        warnings.append(f"stage 1 found {report['peaks']} dark blobs and could keep only the strongest "
+                        f"{report['kept']}: {report['strong_dropped']} lesion-strength blobs were dropped "
+                        "(an unusually noisy or vein-rich scan); microbleeds may be missed")
+    elif report["widened"]:
+        warnings.append(f"stage 1 kept {report['kept']} lesion-strength dark blobs (more than the usual "
+                        f"{MAX_CANDIDATES}); detection takes longer")
     timings["candidates"] = time.perf_counter() - tick
 
     _progress(progress, 50, f"stage 2: CNN on {len(candidates)} candidates")
@@ -152,7 +161,7 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
         tick = time.perf_counter()
         from . import locate as locate_module
 
-        registration = locate_module.register_to_mni(volume, mask)
+        registration = prepared.registration or locate_module.register_to_mni(volume, mask)
         registration_info = {"done": True, "ok": registration.ok, "message": registration.message,
                              "seconds": round(registration.seconds, 2)}
         if not keep_outside and registration.ok:
@@ -172,12 +181,14 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
         "spacing_mm": [round(float(s), 4) for s in volume.spacing],
         "phase_given": phase is not None,
         "phase_used_by_cnn": bool(cnn_phase and phase is not None),
-        "mask": "provided" if mask is not None else ("automatic (crop)" if crop else "automatic"),
+        "mask": {"method": prepared.mask_method,
+                 "volume_ml": round(float(prepared.mask.sum() * np.prod(volume.spacing) / 1000.0), 1)},
         "threshold": threshold,
         "operating_threshold": operating_threshold,  # the tuned one; differs when the caller chose its own
         "counts": _counts(findings),
         "scan_level": {"any_microbleed": bool(findings), "max_score": float(scores.max()) if len(scores) else 0.0},
         "candidates": len(candidates),
+        "screening": report,
         "dropped_outside_brain": len(dropped),
         "registration": registration_info,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

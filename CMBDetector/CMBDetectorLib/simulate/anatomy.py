@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..atlas import nilearn_template_path
+from ..atlas import load_mni_brain_hull, nilearn_template_path
 from ..errors import CMBError
 from ..image import Volume
 
@@ -105,7 +105,7 @@ class HeadModel:
 def head_model() -> HeadModel:
     """Brain tissue from the templates, then extra-cerebral CSF, skull and scalp as shells around it."""
     t1, gm, wm = (load_template(name) for name in ("t1", "gm", "wm"))
-    brain = ndimage.binary_fill_holes(ndimage.binary_closing(t1.array > 0.02, iterations=2))
+    brain = load_mni_brain_hull().array > 0
     tissue = np.clip(gm.array + wm.array, 0.0, 1.0)
     scale = np.where(tissue > 1e-6, np.minimum(1.0, 1.0 / np.maximum(gm.array + wm.array, 1e-6)), 1.0)
     gm_fraction = np.where(brain, gm.array * scale, 0.0).astype(np.float32)

@@ -75,12 +75,12 @@ class Deformation:
 
 def random_deformation(rng: np.random.Generator, template_bounds_mm: np.ndarray, spacing_mm: float = 1.0,
                        elastic_mm: float = 2.0, control_spacing_mm: float = 30.0,
-                       margin_mm: float = 4.0) -> Deformation:
+                       margin_mm: float = 4.0, scale_range=(0.92, 1.08)) -> Deformation:
     """A random pose and elastic field, with a working grid that holds the whole template box.
 
     template_bounds_mm: (2, 3) min and max corner of the template region to keep (the head).
     """
-    affine = random_affine(rng)
+    affine = random_affine(rng, scale_range=scale_range)
     lo, hi = template_bounds_mm
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     inverse = np.linalg.inv(affine)

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import anatomy
+from .domain import Variation
 from .physics import phase_per_ppm, sphere_field
 
 
@@ -103,8 +104,10 @@ def _walk(start, direction, rng, mask, head, step_mm, max_steps, turn=0.35) -> n
     return np.array(points)
 
 
-def vein_network(rng: np.random.Generator, head: anatomy.HeadModel, n_medullary: int, n_cortical: int) -> list:
-    """Sinuses, deep veins, medullary veins (radial from the ventricles) and cortical veins, template mm."""
+def vein_network(rng: np.random.Generator, head: anatomy.HeadModel, n_medullary: int, n_cortical: int,
+                 variation: Variation = Variation()) -> list:
+    """Sinuses, deep veins, medullary veins (radial from the ventricles) and cortical veins, template mm.
+    variation: radii, susceptibility scale and tortuosity of the small veins (domain.py)."""
     veins = []
     for name, points, radius in DEEP_VEINS:
         right = _polyline(points, rng)
@@ -119,15 +122,19 @@ def vein_network(rng: np.random.Generator, head: anatomy.HeadModel, n_medullary:
     white = head.brain & (head.wm > 0.5)
     for start in _random_voxel_points(ventricle, head, rng, n_medullary):
         direction = np.array([np.sign(start[0]), rng.uniform(-0.4, 0.4), rng.uniform(0.0, 1.2)])
-        path = _walk(start, direction, rng, white | ventricle, head, 1.5, int(rng.integers(10, 26)), turn=0.15)
+        path = _walk(start, direction, rng, white | ventricle, head, 1.5, int(rng.integers(10, 26)),
+                     turn=0.15 * variation.vein_turn)
         if len(path) > 4:
-            veins.append(Vein(path, rng.uniform(0.35, 0.7), VENOUS_CHI_PPM * rng.uniform(0.9, 1.3), "medullary vein"))
+            veins.append(Vein(path, rng.uniform(*variation.medullary_radius_mm),
+                              VENOUS_CHI_PPM * rng.uniform(0.9, 1.3) * variation.vein_chi_scale, "medullary vein"))
 
     band = _surface_band(head)
     for start in _random_voxel_points(band & (head.gm > 0.4), head, rng, n_cortical):
-        path = _walk(start, rng.normal(size=3), rng, band, head, 2.0, int(rng.integers(8, 22)))
+        path = _walk(start, rng.normal(size=3), rng, band, head, 2.0, int(rng.integers(8, 22)),
+                     turn=0.35 * variation.vein_turn)
         if len(path) > 3:
-            veins.append(Vein(path, rng.uniform(0.5, 1.5), VENOUS_CHI_PPM * rng.uniform(0.85, 1.3), "cortical vein"))
+            veins.append(Vein(path, rng.uniform(*variation.cortical_radius_mm),
+                              VENOUS_CHI_PPM * rng.uniform(0.85, 1.3) * variation.vein_chi_scale, "cortical vein"))
     return veins
 
 

@@ -24,6 +24,8 @@ from ..grids import linear_along
 from ..image import Volume
 from . import anatomy
 from .acquisition import PROTOCOLS, sample_acquisition, tissue_properties
+from .domain import (HELD_OUT_PROTOCOLS, RANDOMISED_PROTOCOL, TISSUES, Variation, is_domain_protocol,
+                     sample_domain_acquisition, sample_variation)
 from .deform import random_deformation
 from .physics import field_from_susceptibility, gre_signal, homodyne_phase, swi_magnitude
 from .structures import (CALCIFICATION_SITES, Sphere, apparent_diameter, rasterise_veins,
@@ -44,6 +46,7 @@ class SimulatedScan:
     magnitude: Volume
     phase: Volume
     truth: dict
+    brain: np.ndarray | None = None  # bool (I, J, K) true brain mask on the acquired grid (pial hull)
 
 
 def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False, n_cmb: int | None = None,
@@ -52,7 +55,12 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     overrides the protocol's random voxel size (e.g. the benchmark's nominal 0.5 x 0.5 x 2 mm SWI)."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    acq = sample_acquisition(acquisition, rng)
+    variation_rng = np.random.default_rng([seed, 7])  # its own stream: nominal scans stay as they were
+    if is_domain_protocol(acquisition):
+        acq = sample_domain_acquisition(acquisition, variation_rng)
+    else:
+        acq = sample_acquisition(acquisition, rng)
+    variation = sample_variation(acquisition, variation_rng)
     if spacing_mm is not None:
         acq = dataclasses.replace(acq, spacing_mm=tuple(float(v) for v in spacing_mm))
     head = anatomy.head_model()
@@ -60,7 +68,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
 
     occupied = np.argwhere(head.labels != anatomy.AIR)
     bounds = head.points_mm(np.stack([occupied.min(axis=0), occupied.max(axis=0)]).astype(float))
-    deformation = random_deformation(rng, bounds)
+    deformation = random_deformation(rng, bounds, elastic_mm=variation.elastic_mm,
+                                     scale_range=variation.scale_range)
     grid_affine, shape = deformation.grid_affine, deformation.grid_shape
     template_ijk = head.to_ijk(np.moveaxis(deformation.grid_points_to_template(), 0, -1)).astype(np.float32)
     template_ijk = np.moveaxis(template_ijk, -1, 0)
@@ -69,14 +78,15 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     labels = _warp(head.labels, template_ijk, 0)
     del template_ijk
 
-    veins = vein_network(rng, head, n_medullary=int(rng.integers(15, 40) * mimic_level),
-                         n_cortical=int(rng.integers(15, 35) * mimic_level))
+    veins = vein_network(rng, head, n_medullary=int(rng.integers(15, 40) * mimic_level * variation.medullary_count),
+                         n_cortical=int(rng.integers(15, 35) * mimic_level * variation.cortical_count),
+                         variation=variation)
     for vein in veins:
         vein.points = deformation.to_scanner(vein.points)
     vein_fraction, vein_chi = rasterise_veins(veins, grid_affine, shape)
 
     iron_scale = rng.uniform(0.7, 1.3)
-    chi, relaxed = _tissue_maps(labels, gm, wm, csf, vein_fraction, vein_chi, acq, iron_scale)
+    chi, relaxed = _tissue_maps(labels, gm, wm, csf, vein_fraction, vein_chi, acq, iron_scale, variation)
     del gm, wm, csf, vein_chi
     field = field_from_susceptibility(chi, np.diag(grid_affine)[:3])
     signal_working = gre_signal(relaxed, field, acq.b0_t, acq.te_ms / 1000, np.diag(grid_affine)[:3])
@@ -90,7 +100,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     spheres = []
     if not cmb_free:
         count = n_cmb if n_cmb is not None else int(min(12, 1 + rng.geometric(0.35) - 1 + rng.integers(0, 2)))
-        spheres += _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq)
+        spheres += _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
+                                       variation, variation_rng)
     spheres += _sample_calcifications(rng, head, deformation, acquired_affine, acquired_shape, acq,
                                       mean_count=1.2 * mimic_level)
     for sphere in spheres:
@@ -98,15 +109,22 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
         if box is not None:
             signal[box] *= factors
 
-    signal *= _bias_field(rng, acquired_shape)
+    signal *= _bias_field(rng, acquired_shape, variation.bias_sd)
+    signal = _artefacts(signal, variation, variation_rng)
     wm_level = tissue_properties(acq.b0_t)["wm"][0] * np.exp(-acq.te_ms / 1000 * tissue_properties(acq.b0_t)["wm"][1])
     sigma = wm_level / acq.snr
+    if variation.noise_variation > 0:  # parallel imaging: a smooth noise-level map (g-factor)
+        level = np.log(_bias_field(variation_rng, acquired_shape, 0.5))
+        sigma = sigma * (1 + variation.noise_variation * np.tanh(level))
     signal += (rng.normal(0, sigma, acquired_shape) + 1j * rng.normal(0, sigma, acquired_shape)).astype(np.complex64)
 
     magnitude = np.abs(signal)
     if acq.swi:
-        magnitude = swi_magnitude(magnitude, homodyne_phase(signal, acq.spacing_mm))
-    phase = np.angle(signal).astype(np.float32)
+        magnitude = swi_magnitude(magnitude, homodyne_phase(signal, acq.spacing_mm, variation.homodyne_mm),
+                                  variation.swi_power)
+        if variation.minip_slices > 1:
+            magnitude = ndimage.minimum_filter1d(magnitude, variation.minip_slices, axis=2)
+    phase = (variation.phase_sign * np.angle(signal)).astype(np.float32)
     scale = 1000.0 / max(wm_level, 1e-6)
     magnitude_volume = Volume((magnitude * scale).astype(np.float32), acquired_affine,
                               {"scan_id": scan_id, "kind": "SWI" if acq.swi else "GRE magnitude"})
@@ -114,7 +132,10 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
 
     truth = _truth(scan_id, seed, acq, spheres, veins, deformation, brain_acquired, acquired_affine,
                    time.perf_counter() - started, mimic_level)
-    return SimulatedScan(scan_id, magnitude_volume, phase_volume, truth)
+    truth["domain"] = variation.domain
+    if variation.domain != "nominal":
+        truth["variation"] = variation.to_dict()
+    return SimulatedScan(scan_id, magnitude_volume, phase_volume, truth, brain_acquired >= anatomy.BRAIN)
 
 
 def _warp(array, template_ijk, order):
@@ -122,10 +143,12 @@ def _warp(array, template_ijk, order):
     return ndimage.map_coordinates(array, template_ijk, order=order, mode="constant", cval=0, prefilter=False)
 
 
-def _tissue_maps(labels, gm, wm, csf, vein_fraction, vein_chi, acq, iron_scale):
+def _tissue_maps(labels, gm, wm, csf, vein_fraction, vein_chi, acq, iron_scale, variation):
     """Susceptibility (ppm, air = 0) and relaxed magnitude (sum of fraction * PD * exp(-TE R2*))."""
     te = acq.te_ms / 1000
-    props = tissue_properties(acq.b0_t)
+    props = dict(tissue_properties(acq.b0_t))
+    for name, pd_scale, r2_scale in zip(TISSUES, variation.proton_density, variation.r2star):
+        props[name] = (props[name][0] * pd_scale, props[name][1] * r2_scale)
     inside_head = (labels != anatomy.AIR) & (labels != anatomy.SINUS_AIR)
     is_brain = labels >= anatomy.BRAIN
     tissue = 1.0 - vein_fraction
@@ -203,13 +226,28 @@ def _resample_labels(labels, grid_affine, acquired_affine, acquired_shape):
     return labels[np.ix_(*indices)]
 
 
-def _bias_field(rng, shape):
-    """Smooth receive-coil sensitivity: exp of a random low-order polynomial, about +-20 %."""
+def _bias_field(rng, shape, sd: float = 0.08):
+    """Smooth receive-coil sensitivity: exp of a random low-order polynomial, about +-20 % at sd 0.08."""
     axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    c = rng.normal(0, 0.08, 9)
+    c = rng.normal(0, sd, 9)
     log_bias = c[0] * x + c[1] * y + c[2] * z + c[3] * x * x + c[4] * y * y + c[5] * z * z + c[6] * x * y + c[7] * y * z + c[8] * x * z
     return np.exp(log_bias).astype(np.float32)
+
+
+def _artefacts(signal, variation, rng):
+    """Gibbs ringing (in-plane k-space truncation) and a motion ghost along the phase-encoding axis (j)."""
+    if variation.gibbs_keep < 1.0:
+        for axis in (0, 1):
+            n = signal.shape[axis]
+            keep = np.abs(np.fft.fftfreq(n)) <= variation.gibbs_keep / 2
+            shape = [1, 1, 1]
+            shape[axis] = n
+            signal = np.fft.ifft(np.fft.fft(signal, axis=axis) * keep.reshape(shape), axis=axis).astype(np.complex64)
+    if variation.ghost > 0:
+        shift = signal.shape[1] // int(rng.integers(2, 5))
+        signal = signal + variation.ghost * np.exp(1j * rng.uniform(0, 2 * np.pi)) * np.roll(signal, shift, axis=1)
+    return signal.astype(np.complex64)
 
 
 def _region_map():
@@ -226,7 +264,10 @@ def _region_map():
     return codes.reshape(head.labels.shape), atlas
 
 
-def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq):
+def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
+                        variation=Variation(), variation_rng=None):
+    """Microbleeds in tissue of a randomly chosen location class; with variation.lesion_parts > 1 each is
+    irregular: its main sphere (the truth centre) plus smaller overlapping "microbleed part" spheres."""
     codes, atlas = _region_map()
     vein_points = np.concatenate([v.points for v in veins])
     tissue = (head.gm + head.wm > 0.6) & head.brain
@@ -239,17 +280,26 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
         centre_mni = _random_point(rng, head, tissue & np.isin(codes, allowed))
         region_name, lobe = atlas.region_of_code(int(codes[tuple(np.round(head.to_ijk(centre_mni)[0]).astype(int))]))
         centre = deformation.to_scanner(centre_mni)[0]
-        if np.min(np.linalg.norm(vein_points - centre, axis=1)) < 3.0:
+        if np.min(np.linalg.norm(vein_points - centre, axis=1)) < variation.vein_clearance_mm:
             continue
-        if any(np.linalg.norm(s.centre - centre) < 8.0 for s in spheres):
+        if any(np.linalg.norm(s.centre - centre) < variation.lesion_separation_mm for s in spheres):
             continue
-        sphere = Sphere("microbleed", centre, rng.uniform(1.0, 5.0), float(np.exp(rng.uniform(np.log(0.3), np.log(2.0)))),
+        chi_low, chi_high = variation.lesion_chi_ppm
+        sphere = Sphere("microbleed", centre, rng.uniform(1.0, 5.0), float(np.exp(rng.uniform(np.log(chi_low), np.log(chi_high)))),
                         core_signal=rng.uniform(0.0, 0.1), region=region_name, lobe=lobe)
         sphere.extra["centre_mni"] = centre_mni[0].tolist()
         sphere.apparent_diameter_mm = apparent_diameter(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
         if APPARENT_RANGE_MM[0] <= sphere.apparent_diameter_mm <= APPARENT_RANGE_MM[1]:
             spheres.append(sphere)
-    return spheres
+    parts = []
+    for sphere in spheres if variation.lesion_parts > 1 else []:
+        radius = sphere.diameter_mm / 2
+        for _ in range(variation.lesion_parts - 1):
+            direction = variation_rng.normal(size=3)
+            offset = direction / np.linalg.norm(direction) * radius * variation_rng.uniform(0.4, 0.9)
+            parts.append(Sphere("microbleed part", sphere.centre + offset, sphere.diameter_mm * variation_rng.uniform(0.4, 0.8),
+                                sphere.chi_ppm * variation_rng.uniform(0.5, 1.2), core_signal=sphere.core_signal))
+    return spheres + parts
 
 
 def _random_point(rng, head, mask) -> np.ndarray:
@@ -318,7 +368,8 @@ def _truth(scan_id, seed, acq, spheres, veins, deformation, labels, affine, seco
 
 
 def write_scan(scan: SimulatedScan, out_dir) -> dict:
-    """Write STEM.nii.gz (magnitude), STEM_phase.nii.gz and STEM.truth.json; return the paths."""
+    """Write STEM.nii.gz (magnitude), STEM_phase.nii.gz, STEM_brain.nii.gz (the true brain mask, uint8) and
+    STEM.truth.json; return the paths."""
     import nibabel as nib
 
     out_dir = Path(out_dir)
@@ -326,31 +377,38 @@ def write_scan(scan: SimulatedScan, out_dir) -> dict:
     stem = scan.scan_id
     paths = {"magnitude": out_dir / f"{stem}.nii.gz", "phase": out_dir / f"{stem}_phase.nii.gz",
              "truth": out_dir / f"{stem}.truth.json"}
-    for key in ("magnitude", "phase"):
-        volume = getattr(scan, key)
+    volumes = {"magnitude": scan.magnitude, "phase": scan.phase}
+    if scan.brain is not None:
+        paths["brain"] = out_dir / f"{stem}_brain.nii.gz"
+        volumes["brain"] = scan.magnitude.with_array(scan.brain.astype(np.uint8))
+    for key, volume in volumes.items():
         image = nib.Nifti1Image(volume.array, volume.affine)
         image.header.set_xyzt_units("mm", "sec")
         image.header.set_qform(volume.affine, code=1)
         image.header.set_sform(volume.affine, code=1)
         nib.save(image, str(paths[key]))
-    truth = dict(scan.truth, files={"magnitude": paths["magnitude"].name, "phase": paths["phase"].name})
+    truth = dict(scan.truth, files={key: paths[key].name for key in volumes})
     paths["truth"].write_text(json.dumps(truth, indent=1))
     return paths
+
+
+ACQUISITION_CHOICES = (*PROTOCOLS, "mixed", RANDOMISED_PROTOCOL, *HELD_OUT_PROTOCOLS, "ood")
 
 
 def scan_plan(n: int, seed: int, acquisition: str, cmb_free_fraction: float) -> list:
     """(scan seed, acquisition, cmb_free) for each scan of a set: acquisitions and CMB-free scans spread evenly."""
     if n < 1:
         raise CMBError("--n must be at least 1")
-    if acquisition != "mixed" and acquisition not in PROTOCOLS:
-        raise CMBError(f"unknown acquisition '{acquisition}': choose one of {', '.join(PROTOCOLS)} or mixed")
+    if acquisition not in ACQUISITION_CHOICES:
+        raise CMBError(f"unknown acquisition '{acquisition}': choose one of {', '.join(ACQUISITION_CHOICES)}")
     if not 0.0 <= cmb_free_fraction <= 1.0:
         raise CMBError("--cmb-free-fraction must be between 0 and 1")
     n_free = int(round(n * cmb_free_fraction))
     free = set(np.linspace(0, n - 1, n_free).round().astype(int).tolist()) if n_free else set()
     plan = []
     for index in range(n):
-        protocol = PROTOCOLS[index % len(PROTOCOLS)] if acquisition == "mixed" else acquisition
+        cycle = {"mixed": PROTOCOLS, "ood": HELD_OUT_PROTOCOLS}.get(acquisition, (acquisition,))
+        protocol = cycle[index % len(cycle)]
         plan.append((seed * 10000 + index, protocol, index in free))
     return plan
 
@@ -359,7 +417,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n", type=int, default=3, help="number of scans (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the set; scan i uses seed*10000+i")
-    parser.add_argument("--acquisition", default="mixed", help=f"{', '.join(PROTOCOLS)} or mixed (default)")
+    parser.add_argument("--acquisition", default="mixed",
+                        help="a nominal protocol (" + ", ".join(PROTOCOLS) + "), mixed (the three, default), "
+                        f"{RANDOMISED_PROTOCOL} (domain-randomised, for training), a held-out protocol ("
+                        + ", ".join(HELD_OUT_PROTOCOLS) + ") or ood (the held-out three; never train on them)")
     parser.add_argument("--cmb-free-fraction", type=float, default=0.3, help="share of scans without microbleeds")
     parser.add_argument("--mimic-level", type=float, default=1.0, help="scale on veins and calcifications")
     parser.add_argument("--jobs", type=int, default=1, help="scans simulated in parallel processes")

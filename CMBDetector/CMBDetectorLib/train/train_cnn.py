@@ -16,9 +16,11 @@ import numpy as np
 
 from .. import __version__
 from ..classify import (ARCHITECTURE, DEFAULT_WEIGHTS, VIEWS, build_model, card_path, ensemble_digest,
-                        load_model, load_state_dict, mean_probabilities, probabilities, sha256_of)
+                        load_model, load_state_dict, mean_probabilities, probabilities, sha256_of,
+                        verified_card)
 from ..errors import CMBError
-from . import dataset
+from . import dataset, tuning
+from .tuning import FP_BUDGET
 
 
 def add_arguments(parser) -> None:
@@ -40,6 +42,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ensemble", default="", help="comma-separated trained weights (.pt, cards beside them, "
                         "in the folder of --out): train nothing; write the ensemble card --out that averages them, "
                         "its threshold chosen as --card-only does, on scans none of them trained on")
+    parser.add_argument("--init", default="", help="start from these trained weights (.pt, checked against its "
+                        "card) instead of a random initialisation: fine-tuning, e.g. on domain-randomised scans")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
+    parser.add_argument("--data-extra", action="append", default=[],
+                        help="another folder of training scans (repeatable); --hold-out and --val-fraction "
+                             "apply to --data only")
     parser.add_argument("--jobs", type=int, default=2, help="processes for building patches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -93,7 +101,6 @@ def _stack(items, attribute):
     return np.concatenate([getattr(item, attribute) for item in items])
 
 
-FP_BUDGET = 0.3  # false positives per scan the operating point may spend (the product target is <= 0.5)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -117,36 +124,13 @@ def operating_points(scores, labels, items) -> dict:
     return results
 
 
-def choose_threshold(points: dict, fp_budget: float = FP_BUDGET) -> float:
-    """The threshold with the highest sensitivity at <= fp_budget FP/scan; among equals the highest
-    threshold (fewest FP)."""
-    within = {key: point for key, point in points.items() if point["fp_per_scan"] <= fp_budget} or points
-    best = max(point["sensitivity"] for point in within.values())
-    return max(float(key) for key, point in within.items() if point["sensitivity"] == best)
-
-
 def lesion_operating_points(networks: list, files: list) -> dict:
     """Per-lesion sensitivity and FP/scan of the CNN alone (the mean over `networks`), pipeline rules (merge,
     one-to-one 5 mm matching, CMB-free scans included), at each threshold, on whole scans never trained on."""
-    from .train_yolo import lesion_counts, score_held_out
-
     for network in networks:
         network.eval()
-    scans = score_held_out(files, lambda patches: mean_probabilities(networks, patches, "cpu", VIEWS, batch_size=512))
-    return {f"{t:.2f}": lesion_counts(scans, [s.cnn for s in scans], t) for t in THRESHOLDS}
-
-
-def _split(files: list, args, rng) -> tuple:
-    order = rng.permutation(len(files))
-    if args.hold_out:
-        names = {name.strip().replace(".truth.json", "") for name in args.hold_out.split(",") if name.strip()}
-        val_files = [f for f in files if f.name.replace(".truth.json", "") in names]
-        if len(val_files) != len(names):
-            raise CMBError(f"--hold-out names scans that are not in {args.data}")
-    else:
-        n_val = max(1, int(round(len(files) * args.val_fraction)))
-        val_files = [files[i] for i in sorted(order[:n_val])]
-    return [f for f in files if f not in val_files], val_files
+    scans = tuning.score_held_out(files, lambda patches: mean_probabilities(networks, patches, "cpu", VIEWS, batch_size=512))
+    return {f"{t:.2f}": tuning.lesion_counts(scans, [s.cnn for s in scans], t) for t in THRESHOLDS}
 
 
 def held_out_metrics(network, val_items: list) -> dict:
@@ -169,6 +153,8 @@ def _command(args, card_only: bool = False) -> str:
     return (f"cmbdetector train --data {shlex.quote(str(args.data))} --out {shlex.quote(str(args.out))} "
             f"--seed {args.seed} --steps {args.steps} --mine-every {args.mine_every} "
             f"--val-fraction {args.val_fraction}"
+            + "".join(f" --data-extra {shlex.quote(str(folder))}" for folder in args.data_extra)
+            + (f" --init {shlex.quote(str(args.init))} --lr {args.lr}" if args.init else "")
             + (f" --hold-out {shlex.quote(args.hold_out)}" if args.hold_out else "")
             + "".join(f" --tune-data {shlex.quote(str(folder))}" for folder in args.tune_data)
             + (f" --ensemble {shlex.quote(args.ensemble)}" if args.ensemble else "")
@@ -185,12 +171,18 @@ def run(args) -> int:
     files = dataset.truth_files(args.data)
     if len(files) < 4:
         raise CMBError(f"need at least 4 simulated scans in {args.data}, found {len(files)}")
-    train_files, val_files = _split(files, args, rng)
+    train_files, val_files = tuning.split_scans(files, rng, args.val_fraction, args.hold_out, args.data)
     out = Path(args.out)
     if args.ensemble:
         return _write_ensemble_card(args, out, val_files, started)
     if args.card_only:
         return _rewrite_card(args, out, val_files, started)
+    initialised_from = None
+    if args.init:  # checked before any work: a fine-tune must start from the weights its card names
+        _, init_sha256 = verified_card(args.init, "initial weights (--init)")
+        initialised_from = {"file": Path(args.init).name, "sha256": init_sha256}
+    for folder in args.data_extra:
+        train_files += dataset.truth_files(folder)
     print(f"building patches: {len(train_files)} training scans, {len(val_files)} held-out scans", flush=True)
     train_items = dataset.build(train_files, args.seed, keep_all=False, jobs=args.jobs)
     val_items = dataset.build(val_files, args.seed + 100000, keep_all=True, jobs=args.jobs)
@@ -203,8 +195,10 @@ def run(args) -> int:
           f"scans {stage1_recall:.3f} ({time.time() - started:.0f} s)", flush=True)
 
     network = build_model()
-    optimiser = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=args.steps)
+    if args.init:
+        load_state_dict(network, args.init, "initial weights (--init)")
+    optimiser = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=args.steps)
     loss_function = torch.nn.BCEWithLogitsLoss()
     network.train()
     running = 0.0
@@ -228,7 +222,7 @@ def run(args) -> int:
             print(f"step {step}/{args.steps} loss {running:.4f} ({time.time() - started:.0f} s)", flush=True)
 
     metrics = held_out_metrics(network, val_items)
-    threshold, tuning = _operating_threshold([network], val_files, args)
+    threshold, tuning_record = _operating_threshold([network], val_files, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), out)
     card = {
@@ -241,6 +235,7 @@ def run(args) -> int:
         "command": _command(args),
         "seed": args.seed,
         "steps": args.steps,
+        "initialised_from": initialised_from,
         "training_data": {
             "source": "simulated scans (cmbdetector synth), MNI152 2009 anatomy; no real labelled data",
             "scans": [f.name for f in train_files],
@@ -252,7 +247,7 @@ def run(args) -> int:
         "test_time_views": VIEWS,
         "operating_threshold": threshold,
         "operating_threshold_rule": OPERATING_RULE,
-        "operating_threshold_tuning": tuning,
+        "operating_threshold_tuning": tuning_record,
         "training_seconds": round(time.time() - started, 1),
         "limits": [
             "trained only on simulated GRE/SWI; real-scan performance is unmeasured (no labelled real data here)",
@@ -280,9 +275,9 @@ def _operating_threshold(networks: list, val_files: list, args) -> tuple:
     files = _tuning_files(val_files, args)
     print(f"choosing the operating threshold on {len(files)} scans never trained on", flush=True)
     points = lesion_operating_points(networks, files)
-    tuning = {"scans": [Path(f).name.replace(".truth.json", "") for f in files],
+    record = {"scans": [Path(f).name.replace(".truth.json", "") for f in files],
               "tune_data": [str(folder) for folder in args.tune_data], "points": points}
-    return choose_threshold(points), tuning
+    return tuning.choose_threshold(points), record
 
 
 def _rewrite_card(args, out: Path, val_files: list, started: float) -> int:
@@ -297,9 +292,9 @@ def _rewrite_card(args, out: Path, val_files: list, started: float) -> int:
     load_state_dict(network, out)
     val_items = dataset.build(val_files, args.seed + 100000, keep_all=True, jobs=args.jobs)
     metrics = held_out_metrics(network, val_items)
-    threshold, tuning = _operating_threshold([network], val_files, args)
+    threshold, tuning_record = _operating_threshold([network], val_files, args)
     card.update(metrics=metrics, test_time_views=VIEWS, operating_threshold=threshold, operating_threshold_rule=OPERATING_RULE,
-                operating_threshold_tuning=tuning, card_command=_command(args, card_only=True))
+                operating_threshold_tuning=tuning_record, card_command=_command(args, card_only=True))
     card_file.write_text(json.dumps(card, indent=2))
     print(json.dumps(metrics, indent=2))
     print(f"rewrote {card_file} ({time.time() - started:.0f} s)")
@@ -320,7 +315,7 @@ def _write_ensemble_card(args, out: Path, val_files: list, started: float) -> in
         if seen:
             raise CMBError(f"{member.name} was trained on {len(seen)} of the tuning scans (e.g. {sorted(seen)[0]}): "
                            "the threshold would be chosen on data it has seen")
-    threshold, tuning = _operating_threshold([n for m in loaded for n in m.networks], val_files, args)
+    threshold, tuning_record = _operating_threshold([n for m in loaded for n in m.networks], val_files, args)
     hashes = [m.sha256 for m in loaded]
     card = {
         "name": "CMBDetector stage-2 3D CNN ensemble",
@@ -335,13 +330,13 @@ def _write_ensemble_card(args, out: Path, val_files: list, started: float) -> in
         "test_time_views": VIEWS,
         "operating_threshold": threshold,
         "operating_threshold_rule": OPERATING_RULE,
-        "operating_threshold_tuning": tuning,
+        "operating_threshold_tuning": tuning_record,
         "limits": [
             "members trained only on simulated GRE/SWI; real-scan performance is unmeasured",
             "scores cost one network pass per member",
         ],
     }
     out.write_text(json.dumps(card, indent=2))
-    print(json.dumps({"operating_threshold": threshold, "points": tuning["points"]}, indent=2))
+    print(json.dumps({"operating_threshold": threshold, "points": tuning_record["points"]}, indent=2))
     print(f"wrote {out} ({time.time() - started:.0f} s)")
     return 0

@@ -30,15 +30,14 @@ from .. import yolo
 from ..classify import DEFAULT_MODEL as DEFAULT_CNN
 from ..classify import card_path, load_model, score_patches, sha256_of
 from ..errors import CMBError
-from . import dataset
-from .train_cnn import FP_BUDGET  # one false-positive budget for both operating points
+from . import dataset, tuning
+from .tuning import FP_BUDGET, TOLERANCE_MM, lesion_counts, score_held_out
 
 POSITIVE_MM = dataset.POSITIVE_MM
 NEGATIVE_MM = dataset.NEGATIVE_MM
 # Boxes are the lesion plus a rim, at least 5 mm (10 px): the stride-8 head assigns a box only to anchor
 # centres inside it, and a box under 8 px may hold none (no loss, nothing learnt).
 BOX_RIM_MM, MIN_BOX_MM, MAX_BOX_MM = 1.0, 5.0, 14.0
-TOLERANCE_MM = 5.0
 
 
 def add_arguments(parser) -> None:
@@ -84,10 +83,8 @@ def split_scans(files: list, seed: int, val_fraction: float, cnn_card: dict | No
         held = [f for f in files if f.name in held_names]
         if held:
             return [f for f in files if f.name not in held_names], held, rule
-    order = np.random.default_rng(seed).permutation(len(files))  # the rule of `cmbdetector train`
-    n_val = max(1, int(round(len(files) * val_fraction)))
-    held = [files[i] for i in sorted(order[:n_val])]
-    return [files[i] for i in sorted(order[n_val:])], held, f"cmbdetector train split rule, seed {seed}"
+    train, held = tuning.split_scans(files, np.random.default_rng(seed), val_fraction)
+    return train, held, f"cmbdetector train split rule, seed {seed}"
 
 
 def tuning_scans(files: list, yolo_training_names: list, cnn_card: dict | None) -> list:
@@ -258,59 +255,6 @@ def train_network(data_yaml: Path, work: Path, args) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # Fusion tuning on held-out scans
 # ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class HeldOutScan:
-    scan_id: str
-    truth_points: np.ndarray  # (T, 3) RAS
-    centres: np.ndarray  # (N, 3) RAS candidates
-    cnn: np.ndarray  # (N,)
-    yolo: np.ndarray  # (N,)
-
-
-def score_held_out(files: list, cnn_scores, yolo_model=None, timings: list | None = None) -> list:
-    """CNN (and YOLO) scores of every stage-1 candidate of each held-out scan (pipeline preprocessing).
-
-    cnn_scores: patches -> probabilities (the pipeline's scoring); yolo_model None leaves YOLO at 0."""
-    from ..classify import extract_patches
-
-    scans = []
-    for truth_file in files:
-        truth, _, prepared = dataset.read_scan(truth_file, with_phase=True)
-        centres = dataset.candidate_centres(prepared)
-        tick = time.perf_counter()
-        cnn = cnn_scores(extract_patches(prepared, centres))
-        cnn_seconds = time.perf_counter() - tick
-        tick = time.perf_counter()
-        yolo_scores = (yolo.score_candidates(yolo_model, prepared, centres) if yolo_model is not None
-                       else np.zeros(len(centres)))
-        yolo_seconds = time.perf_counter() - tick
-        points = dataset.truth_points(truth)
-        scans.append(HeldOutScan(truth["scan_id"], points, centres, cnn, yolo_scores))
-        if timings is not None:
-            timings.append({"scan": truth["scan_id"], "candidates": len(centres), "cnn_s": round(cnn_seconds, 3),
-                            "yolo_all_candidates_s": round(yolo_seconds, 3)})
-        print(f"  held-out {truth['scan_id']}: {len(points)} CMB, {len(centres)} candidates", flush=True)
-    return scans
-
-
-def lesion_counts(scans: list, scores: list, threshold: float) -> dict:
-    """Per-lesion TP/FP (one-to-one matching, 5 mm) of the pipeline's decision: score >= threshold, then
-    merge detections closer than 3 mm (highest score kept)."""
-    from ..evaluate import match
-    from ..pipeline import merge_nearby
-
-    tp = fp = total = 0
-    for scan, scan_scores in zip(scans, scores):
-        passing = np.nonzero(scan_scores >= threshold)[0]
-        kept = passing[merge_nearby(scan.centres[passing], scan_scores[passing])] if len(passing) else passing
-        pairs = match(scan.truth_points, scan.centres[kept], TOLERANCE_MM)
-        tp += len(pairs)
-        fp += len(kept) - len(pairs)
-        total += len(scan.truth_points)
-    return {"sensitivity": round(tp / max(total, 1), 4), "fp_per_scan": round(fp / max(len(scans), 1), 3),
-            "tp": tp, "fp": fp, "microbleeds": total, "scans": len(scans)}
-
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 

@@ -1,0 +1,154 @@
+"""Brain extraction for any whole-head GRE or SWI magnitude.
+
+Two kinds of evidence, combined:
+- anatomy: the MNI152 2009 brain hull (atlas.load_mni_brain_hull), carried into the scan by the affine
+  registration that also places findings in the atlas (locate.register_to_mni: mutual information, so no
+  contrast is assumed). Bright scalp, marrow, eyes and neck lie outside it however they touch the brain.
+- intensity: within BAND_MM of the registered hull, the scan's own edge (dark skull, dark air) decides.
+A scan whose interior shares no information with the template although the template fits in its field
+of view (a phantom, noise, another body part) is refused. Any other implausible registration (a partial
+field of view, an unusual contrast) falls back to an intensity-only mask, whose volume must then look
+like a brain.
+
+Everything is computed on a grid of about COARSE_MM (the mask is smooth), then upsampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+from .grids import block_mean, coarse_factors, sigma_voxels, upsample_blocks
+from .image import Volume
+
+COARSE_MM = 2.0
+BAND_MM = 6.0  # how far the intensity edge may move the registered hull, in or out (elastic anatomy differences)
+EDGE_FRACTION = 0.5  # brain and CSF are brighter than this fraction of the median inside the hull
+CLOSE_MM = 3.0  # closing radius: a dark lesion or vein at the cortex never dents the mask
+MIN_BRAIN_ML = 250.0  # less than this in a whole-head field of view is not a brain
+MAX_BRAIN_ML = 3200.0  # more than this is not a brain either (noise, a phantom, a body scan)
+
+
+@dataclass
+class BrainMask:
+    """mask: bool (I, J, K) on the scan's grid. method: 'registered', 'intensity' or 'crop'.
+    registration: the locate.Registration tried (None for a crop), reused to place findings."""
+
+    mask: np.ndarray
+    method: str
+    registration: object = None
+    warnings: list = field(default_factory=list)
+
+    def volume_ml(self, spacing) -> float:
+        return float(self.mask.sum() * np.prod(spacing) / 1000.0)
+
+
+def erode_mm(mask, spacing, mm):
+    return ndimage.distance_transform_edt(mask, sampling=spacing) > mm
+
+
+def dilate_mm(mask, spacing, mm):
+    return ndimage.distance_transform_edt(~mask, sampling=spacing) <= mm
+
+
+def largest_component(mask):
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == np.argmax(sizes)
+
+
+def fill_holes_slicewise(mask):
+    filled = ndimage.binary_fill_holes(mask)
+    for k in range(mask.shape[2]):
+        filled[:, :, k] = ndimage.binary_fill_holes(filled[:, :, k])
+    return filled
+
+
+def _smooth_coarse(volume: Volume):
+    factors = coarse_factors(volume.spacing, COARSE_MM)
+    spacing = volume.spacing * np.array(factors)
+    coarse = block_mean(volume.array.astype(np.float32), factors)
+    return ndimage.gaussian_filter(coarse, sigma_voxels(1.0, spacing)), factors, spacing
+
+
+def intensity_mask(volume: Volume, crop: bool = False) -> np.ndarray:
+    """Intensity-only mask: threshold, cut the scalp off by erosion, keep the largest piece, grow it back,
+    fill holes. Good on a crop or a skull-stripped image; on a whole head it can take bright scalp too."""
+    smooth, factors, spacing = _smooth_coarse(volume)
+    foreground = smooth > 0.2 * float(np.percentile(smooth, 99.0))
+    if crop:
+        mask = fill_holes_slicewise(ndimage.binary_closing(foreground, iterations=2))
+    else:
+        core = largest_component(erode_mm(foreground, spacing, 5.0))
+        mask = dilate_mm(core, spacing, 5.0) & foreground
+        mask = fill_holes_slicewise(ndimage.binary_closing(mask, iterations=2))
+    return upsample_blocks(mask, factors, volume.shape, nearest=True)
+
+
+def hull_on_grid(volume: Volume, registration, factors) -> np.ndarray:
+    """The template brain hull resampled onto the scan's coarse grid (bool), through the registration."""
+    from . import atlas
+
+    hull = atlas.load_mni_brain_hull()
+    coarse_shape = tuple(-(-n // f) for n, f in zip(volume.shape, factors))
+    coarse_ijk = np.indices(coarse_shape, dtype=np.float32).reshape(3, -1).T
+    native_ijk = (coarse_ijk + 0.5) * np.array(factors, np.float32) - 0.5
+    hull_ijk = hull.ras_to_ijk(registration.to_mni(volume.ijk_to_ras(native_ijk)))
+    inside = ndimage.map_coordinates(hull.array.astype(np.float32), hull_ijk.T, order=1, cval=0.0)
+    return (inside > 0.5).reshape(coarse_shape)
+
+
+def registered_mask(volume: Volume, registration) -> np.ndarray:
+    """Registered hull, moved by the scan's own edge within BAND_MM, closed, hole-filled (bool, scan grid)."""
+    smooth, factors, spacing = _smooth_coarse(volume)
+    prior = hull_on_grid(volume, registration, factors)
+    if not prior.any():
+        return np.zeros(volume.shape, bool)
+    bright = smooth > EDGE_FRACTION * float(np.median(smooth[prior]))
+    mask = erode_mm(prior, spacing, BAND_MM) | (dilate_mm(prior, spacing, BAND_MM) & bright)
+    mask = largest_component(mask)
+    mask = erode_mm(dilate_mm(mask, spacing, CLOSE_MM), spacing, CLOSE_MM)
+    mask = fill_holes_slicewise(mask)
+    return upsample_blocks(mask, factors, volume.shape, nearest=True)
+
+
+def _not_a_brain(registration) -> bool:
+    """The whole template brain fits in the field of view, yet the scan's interior shares no information
+    with it: a phantom, noise or another body part. (A partial field of view only falls back.)"""
+    checks = registration.checks
+    return (bool(checks) and checks.get("field_of_view", (False,))[0]
+            and not checks.get("interior", (True,))[0])
+
+
+def extract_brain(volume: Volume, crop: bool = False, registration=None) -> BrainMask:
+    """Brain mask of a GRE/SWI magnitude; raises InputError when the image does not look like a brain.
+
+    registration: a locate.Registration of this volume, computed here when None (and not a crop).
+    """
+    if crop:
+        return BrainMask(intensity_mask(volume, crop=True), "crop")
+    if registration is None:
+        from .locate import register_to_mni
+
+        registration = register_to_mni(volume)
+    if registration.ok:
+        result = BrainMask(registered_mask(volume, registration), "registered", registration)
+    elif _not_a_brain(registration):
+        raise InputError(f"input: does not look like a brain ({registration.message}); is this a head GRE/SWI "
+                         "scan? Give --mask to analyse it anyway")
+    else:
+        result = BrainMask(intensity_mask(volume), "intensity", registration,
+                           [f"brain mask from intensity alone ({registration.message})"])
+    brain_ml = result.volume_ml(volume.spacing)
+    if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
+        why = "" if registration.ok else f"; {registration.message}"
+        raise InputError(f"input: does not look like a brain (the automatic brain mask holds {brain_ml:.0f} mL, "
+                         f"expected {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f}{why}); is this a head GRE/SWI scan? "
+                         "For a partial-brain crop use --crop, or give --mask")
+    return result
