@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from CMBDetectorLib import brain, preprocess
+from CMBDetectorLib import brain, locate, preprocess
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import read_volume
@@ -54,15 +54,28 @@ def test_the_real_whole_head_scan_is_accepted_with_a_brain_sized_mask():
     assert 1000 <= volume_ml <= 1800
 
 
-def test_a_sphere_phantom_is_refused_by_name():
-    rng = np.random.default_rng(2)
-    i, j, k = np.indices((200, 240, 48))
-    inside = (i - 100) ** 2 + (j - 120) ** 2 + ((k - 24) * 4) ** 2 < 70 ** 2
-    affine = np.diag([1.0, 1.0, 4.0, 1.0])
-    affine[:3, 3] = [-100.0, -120.0, -96.0]
-    phantom = Volume(inside.astype(np.float32) + rng.normal(0, 0.05, inside.shape).astype(np.float32), affine)
-    with pytest.raises(InputError, match="does not look like a brain.*interior mutual information"):
-        brain.extract_brain(phantom)
+def test_noise_is_refused_by_name():
+    noise = Volume(np.random.default_rng(1).random((160, 200, 40)).astype(np.float32), np.diag([1.2, 1.2, 4.0, 1.0]))
+    with pytest.raises(InputError, match="does not look like a brain.*registration to MNI rejected"):
+        brain.extract_brain(noise)
+
+
+def test_a_plausible_registration_carries_the_hull_even_when_locations_are_withheld():
+    """Unusual contrasts can leave the brain's interior with little shared information: locate.py then names no
+    locations, but the registration's geometry still places the brain better than intensity alone."""
+    scan = simulate_scan(865, "gre15t")
+    registration = locate.register_to_mni(scan.magnitude)
+    assert registration.ok
+    passed, text = registration.checks["interior"]
+    registration.checks["interior"] = (False, text)  # as on a flat-contrast scan
+    withheld = locate.Registration(False, "registration to MNI rejected: " + text, registration.seconds,
+                                   registration.metric, registration.mni_to_scan, registration.checks)
+    extracted = brain.extract_brain(scan.magnitude, registration=withheld)
+    assert extracted.method == "registered" and dice(extracted.mask, scan.brain) >= 0.95
+    assert any("interior mutual information" in warning for warning in extracted.warnings)
+    partial = dict(registration.checks, field_of_view=(False, "40% of the template brain inside the scan"))
+    cut = locate.Registration(False, "rejected: field of view", 0.0, registration.metric, registration.mni_to_scan, partial)
+    assert brain.extract_brain(scan.magnitude, registration=cut).method == "intensity"
 
 
 def test_a_crop_keeps_the_intensity_mask_and_needs_no_registration():

@@ -63,6 +63,10 @@ def test_outputs_hold_every_finding_with_its_score(detected):
     assert summary["counts"]["total"] == len(detection.findings)
     assert summary["model"]["sha256"] == classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
     assert set(summary["timings_s"]) >= {"preprocess", "candidates", "cnn", "total"}
+    assert summary["mask"]["method"] == "registered" and 1000 < summary["mask"]["volume_ml"] < 3200
+    screening = summary["screening"]  # stage 1 says what it kept and what it dropped
+    assert screening["kept"] == summary["candidates"] <= screening["peaks"] and screening["strong_dropped"] == 0
+    assert screening["capped"] == (screening["peaks"] > screening["kept"])
     fusion = json.loads(Path(yolo.DEFAULT_YOLO).with_suffix(".json").read_text())["fusion"]
     assert summary["threshold"] == summary["operating_threshold"] == fusion["threshold"]
     assert paths["png"].stat().st_size > 1000

@@ -5,10 +5,10 @@ Two kinds of evidence, combined:
   registration that also places findings in the atlas (locate.register_to_mni: mutual information, so no
   contrast is assumed). Bright scalp, marrow, eyes and neck lie outside it however they touch the brain.
 - intensity: within BAND_MM of the registered hull, the scan's own edge (dark skull, dark air) decides.
-A scan whose interior shares no information with the template although the template fits in its field
-of view (a phantom, noise, another body part) is refused. Any other implausible registration (a partial
-field of view, an unusual contrast) falls back to an intensity-only mask, whose volume must then look
-like a brain.
+The hull is used whenever the registration's geometry is plausible (scale, shear, field of view, whole-head
+mutual information), even where locate.py declines to name locations because the brain's interior carries
+little information (an unusual contrast: seen on simulated 1.5 T SWI). Otherwise (a partial field of view,
+noise, a failed registration) the mask falls back to intensity alone, and its volume must look like a brain.
 
 Everything is computed on a grid of about COARSE_MM (the mask is smooth), then upsampled.
 """
@@ -118,14 +118,6 @@ def registered_mask(volume: Volume, registration) -> np.ndarray:
     return upsample_blocks(mask, factors, volume.shape, nearest=True)
 
 
-def _not_a_brain(registration) -> bool:
-    """The whole template brain fits in the field of view, yet the scan's interior shares no information
-    with it: a phantom, noise or another body part. (A partial field of view only falls back.)"""
-    checks = registration.checks
-    return (bool(checks) and checks.get("field_of_view", (False,))[0]
-            and not checks.get("interior", (True,))[0])
-
-
 def extract_brain(volume: Volume, crop: bool = False, registration=None) -> BrainMask:
     """Brain mask of a GRE/SWI magnitude; raises InputError when the image does not look like a brain.
 
@@ -137,11 +129,10 @@ def extract_brain(volume: Volume, crop: bool = False, registration=None) -> Brai
         from .locate import register_to_mni
 
         registration = register_to_mni(volume)
-    if registration.ok:
+    if registration.plausible_geometry:
         result = BrainMask(registered_mask(volume, registration), "registered", registration)
-    elif _not_a_brain(registration):
-        raise InputError(f"input: does not look like a brain ({registration.message}); is this a head GRE/SWI "
-                         "scan? Give --mask to analyse it anyway")
+        if not registration.ok:
+            result.warnings.append(f"brain mask registered, but {registration.message}")
     else:
         result = BrainMask(intensity_mask(volume), "intensity", registration,
                            [f"brain mask from intensity alone ({registration.message})"])

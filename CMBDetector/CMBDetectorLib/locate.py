@@ -31,6 +31,7 @@ MAX_INTERIOR_METRIC = -0.07       # the same inside the eroded brain (a uniform 
 HEAD_METRIC = -0.35               # a whole-head MI this strong is a head even when its GM/WM contrast is flat
 MIN_BRAIN_IN_FOV = 0.80           # fraction of the template brain that must land inside the scan
 OUTSIDE_REGIONS = ("outside", "csf")
+GEOMETRY_CHECKS = ("scale", "shear", "field_of_view", "metric")
 
 
 @dataclass
@@ -48,6 +49,12 @@ class Registration:
     metric: float = float("nan")
     mni_to_scan: np.ndarray | None = None
     checks: dict = field(default_factory=dict)
+
+    @property
+    def plausible_geometry(self) -> bool:
+        """A transform whose scale, shear, field of view and whole-head metric pass: good enough to carry the
+        template's brain into the scan, even where the interior check withholds atlas locations."""
+        return self.mni_to_scan is not None and all(self.checks.get(name, (False,))[0] for name in GEOMETRY_CHECKS)
 
     def to_mni(self, points_ras) -> np.ndarray:
         """(N, 3) scan RAS mm -> (N, 3) MNI RAS mm; NaN rows when there is no transform."""
