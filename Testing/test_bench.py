@@ -21,7 +21,7 @@ def report_for(full_scans):
     report = {"date": "today", "machine": "test", "commit": "abc", "validation": bench.VALIDATION,
               "parallel_workers": 1, "froc_floor": 0.05,
               "configs": {"cnn": configuration(study(), 0.6), "full": configuration(full_scans, 0.6)}}
-    report["configs"]["full"]["matched"] = bench._matched_sensitivity(report)
+    report["configs"]["full"]["matched"] = bench._matched_sensitivity(report["configs"])
     return report
 
 
@@ -85,3 +85,32 @@ def test_curves_are_also_read_at_the_full_pipelines_sensitivity():
     assert at_full["fp_change"] == pytest.approx(-0.5)
     assert ("At the full pipeline's operating sensitivity (0.750) the CNN alone's curve needs 0.50 FP/scan "
             "(threshold 0.40), the full pipeline's 0.25 (threshold 0.65): -50 % FP/scan.") in bench.format_report(report_for(full))
+
+
+def test_both_validation_sets_are_reported_side_by_side_with_their_gap():
+    full = study()
+    full[0] = (full[0][0], full[0][1][:3] + [det(0, 41, 0, 0.1, "infratentorial")])
+    in_distribution = report_for(full)["configs"]
+    worse = study()  # out of distribution: the CNN alone loses a true positive to a miss
+    worse[0] = (worse[0][0], worse[0][1][1:])
+    out_of_distribution = {"cnn": configuration(worse, 0.6), "full": configuration(full, 0.6)}
+    for configs in (in_distribution, out_of_distribution):
+        for entry in configs.values():
+            entry.update(by_acquisition={}, refused=[])
+        configs["full"]["matched"] = bench._matched_sensitivity(configs)
+    out_of_distribution["cnn"]["refused"] = [{"scan": "x.truth.json", "why": "input: does not look like a brain"}]
+    report = report_for(full)
+    report.update(out_of_distribution=bench.OUT_OF_DISTRIBUTION,
+                  sets={"in-distribution": {"configs": in_distribution},
+                        "out-of-distribution": {"configs": out_of_distribution}})
+    text = bench.format_report(report)
+    ours = in_distribution["cnn"]["results"]["lesion"]["sensitivity"]
+    theirs = out_of_distribution["cnn"]["results"]["lesion"]["sensitivity"]
+    assert theirs < ours
+    assert f"| cnn | **gap** | | {theirs - ours:+.3f} |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| cnn | out-of-distribution | 0.60 |"))
+    assert row.endswith("| 1 |")  # the refused scan is counted
+    assert "Refused (cnn): x.truth.json: input: does not look like a brain" in text
+    assert "### The YOLO stage at equal sensitivity, on both sets" in text
+    assert sum(line.startswith("| in-distribution |") or line.startswith("| out-of-distribution |")
+               for line in text.splitlines()) == 2

@@ -307,6 +307,8 @@ def run(args) -> int:
             if folder == "val":
                 set_report["configs"][config]["mimic_rich"] = evaluate_scans(
                     _subset(truth_dir, pred_dirs[config], _mimic_rich(truth_dir)), threshold=operating)
+        if "cnn" in configs and "full" in configs:
+            set_report["configs"]["full"]["matched"] = _matched_sensitivity(set_report["configs"])
         report["sets"][set_name] = set_report
     report["configs"] = report["sets"]["in-distribution"]["configs"]  # the sections below read the main set
     for config in configs:
@@ -319,7 +321,6 @@ def run(args) -> int:
     report["parallel_workers"] = args.jobs
     report["froc_floor"] = FROC_FLOOR
     if "cnn" in report["configs"] and "full" in report["configs"]:
-        report["configs"]["full"]["matched"] = _matched_sensitivity(report)
         # The CNN alone cut at the full pipeline's threshold: what YOLO changes at the same score cut.
         same_cut = evaluate_directories(out / "val", out / "pred-cnn", threshold=report["configs"]["full"]["operating_threshold"],
                                         allow_missing=True)
@@ -417,16 +418,16 @@ def _froc_lines(report: dict) -> list:
     return lines
 
 
-def _matched_sensitivity(report: dict) -> dict:
+def _matched_sensitivity(configs: dict) -> dict:
     """The full pipeline's cheapest FROC point that is at least as sensitive as the CNN alone at its operating
     threshold, and the CNN alone's own cheapest such point: another CNN threshold alone could give
     that one, so only a gain over it is the YOLO stage's. Both curves are also read at the full pipeline's
     operating sensitivity, so that a gain above the CNN alone's sensitivity shows too."""
     from .evaluate import fp_to_reach
 
-    cnn = report["configs"]["cnn"]["results"]["lesion"]
-    cnn_points = report["configs"]["cnn"]["results"]["froc"]["points"]
-    full_points = report["configs"]["full"]["results"]["froc"]["points"]
+    cnn = configs["cnn"]["results"]["lesion"]
+    cnn_points = configs["cnn"]["results"]["froc"]["points"]
+    full_points = configs["full"]["results"]["froc"]["points"]
     sensitivity = cnn["sensitivity"] or 0.0
     full = fp_to_reach(full_points, sensitivity)
     cnn_curve = fp_to_reach(cnn_points, sensitivity)
@@ -434,7 +435,7 @@ def _matched_sensitivity(report: dict) -> dict:
     if full is not None and cnn["fp_per_scan"]:
         change = full["fp_per_scan"] / cnn["fp_per_scan"] - 1
     # And the other way round: both curves at the full pipeline's operating sensitivity.
-    full_sensitivity = report["configs"]["full"]["results"]["lesion"]["sensitivity"] or 0.0
+    full_sensitivity = configs["full"]["results"]["lesion"]["sensitivity"] or 0.0
     at_full = {"sensitivity": full_sensitivity, "full": fp_to_reach(full_points, full_sensitivity),
                "cnn": fp_to_reach(cnn_points, full_sensitivity)}
     at_full["fp_change"] = (at_full["full"]["fp_per_scan"] / at_full["cnn"]["fp_per_scan"] - 1
@@ -479,6 +480,19 @@ def _generalisation_lines(report: dict) -> list:
         for acquisition, values in entry["by_acquisition"].items():
             lines.append(f"| {config} | {acquisition} | {_fmt(values['lesion']['sensitivity'])} | "
                          f"{_fmt(values['lesion']['fp_per_scan'], 2)} | {_fmt(values['sensitivity_at_1fp'])} |")
+    lines += ["", "### The YOLO stage at equal sensitivity, on both sets", "",
+              "Both FROC curves read at the full pipeline's operating sensitivity on each set: what the YOLO "
+              "stage buys beyond a CNN threshold change.", "",
+              "| set | sensitivity | CNN alone FP/scan (threshold) | CNN + YOLO FP/scan (threshold) | change |",
+              "|---|---|---|---|---|"]
+    for set_name, set_report in sets.items():
+        at_full = set_report["configs"].get("full", {}).get("matched", {}).get("at_full_sensitivity")
+        if not at_full or not at_full["full"] or not at_full["cnn"]:
+            continue
+        lines.append(f"| {set_name} | {_fmt(at_full['sensitivity'])} | {_fmt(at_full['cnn']['fp_per_scan'], 2)} "
+                     f"({_fmt(at_full['cnn']['threshold'], 2)}) | {_fmt(at_full['full']['fp_per_scan'], 2)} "
+                     f"({_fmt(at_full['full']['threshold'], 2)}) | "
+                     + ("n/a" if at_full["fp_change"] is None else f"{at_full['fp_change'] * 100:+.0f} %") + " |")
     for config, entry in sets["out-of-distribution"]["configs"].items():
         for refused in entry["refused"]:
             lines.append(f"\nRefused ({config}): {refused['scan']}: {refused['why']}")
