@@ -78,8 +78,22 @@ def test_a_plausible_registration_carries_the_hull_even_when_locations_are_withh
     assert brain.extract_brain(scan.magnitude, registration=cut).method == "intensity"
 
 
-def test_a_crop_keeps_the_intensity_mask_and_needs_no_registration():
-    scan = simulate_scan(864, "gre15t")
+@pytest.fixture(scope="module")
+def thick_slice_head():
+    return simulate_scan(864, "gre15t")
+
+
+def test_a_given_mask_must_hold_a_brain_too(thick_slice_head):
+    scan = thick_slice_head
+    everything = scan.magnitude.with_array(np.ones(scan.magnitude.shape, np.float32))
+    with pytest.raises(InputError, match="the given brain mask holds .* mL, expected 250-3200"):
+        preprocess.prepare(scan.magnitude, mask=everything)
+    given = preprocess.prepare(scan.magnitude, mask=scan.magnitude.with_array(scan.brain.astype(np.float32)))
+    assert given.mask_method == "provided" and given.registration is None
+
+
+def test_a_crop_keeps_the_intensity_mask_and_needs_no_registration(thick_slice_head):
+    scan = thick_slice_head
     crop = Volume(scan.magnitude.array[60:140, 80:160, 10:30].copy(), scan.magnitude.affine.copy())
     extracted = brain.extract_brain(crop, crop=True)
     assert extracted.method == "crop" and extracted.registration is None and extracted.mask.any()

@@ -115,19 +115,29 @@ def _detect_scan(job) -> dict:
             continue
         write_outputs(detection, pred_dirs[config], truth["scan_id"], png=False)
         summaries[config] = detection.summary
-        if "brain" in truth["files"] and "brain_check" not in summaries:
-            summaries["brain_check"] = _brain_check(detection.prepared, magnitude.with_name(truth["files"]["brain"]),
-                                                    truth["acquisition"]["name"])
+        if "brain_check" not in summaries:
+            summaries["brain_check"] = _brain_check(magnitude, truth, detection.prepared.mask,
+                                                    detection.prepared.mask_method)
     return summaries
 
 
-def _brain_check(prepared, true_mask_path: Path, acquisition: str) -> dict:
+def _brain_check(magnitude: Path, truth: dict, mask=None, method: str = "") -> dict | None:
+    """Dice and volume of the automatic brain mask against the simulator's true one (None for scans made
+    before true masks were written). Without a mask (reused predictions) it is extracted again: the same
+    deterministic brain.extract_brain that detection ran."""
     from .io import read_volume
 
-    true_mask = read_volume(true_mask_path).array > 0.5
-    mask = prepared.mask
-    voxel_ml = float(np.prod(prepared.spacing)) / 1000.0
-    return {"acquisition": acquisition, "method": prepared.mask_method,
+    if "brain" not in truth["files"]:
+        return None
+    if mask is None:
+        from .brain import extract_brain
+
+        extracted = extract_brain(read_volume(magnitude))
+        mask, method = extracted.mask, extracted.method
+    true_volume = read_volume(magnitude.with_name(truth["files"]["brain"]))
+    true_mask = true_volume.array > 0.5
+    voxel_ml = float(np.prod(true_volume.spacing)) / 1000.0
+    return {"acquisition": truth["acquisition"]["name"], "method": method,
             "dice": round(float(2 * (mask & true_mask).sum() / max(mask.sum() + true_mask.sum(), 1)), 4),
             "volume_ml": round(float(mask.sum() * voxel_ml), 1), "true_volume_ml": round(float(true_mask.sum() * voxel_ml), 1)}
 
@@ -161,8 +171,8 @@ def _detect_real(real_dir: Path, configs: list) -> list:
 
 
 def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list, args) -> tuple:
-    """Simulate (if needed) and detect one validation set; returns (truth folder, per-scan summaries,
-    prediction folders by configuration)."""
+    """Simulate (if needed) and detect one validation set; returns (truth folder, magnitude paths, per-scan
+    summaries in the same order, prediction folders by configuration)."""
     truth_dir = out / folder
     truth_dir.mkdir(parents=True, exist_ok=True)
     scans = _simulate_set(truth_dir, spec, args.jobs)
@@ -174,6 +184,8 @@ def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list,
     if args.reuse:
         per_scan = [{config: json.loads((pred_dirs[config] / scan.name.replace(".nii.gz", ".json")).read_text())
                      for config in configs} for scan in scans]
+        for scan, summaries in zip(scans, per_scan):
+            summaries["brain_check"] = _brain_check(scan, _truth_of(scan))
     elif args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -186,7 +198,7 @@ def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list,
             f"{c} refused" if "refused" in summaries[c] else
             f"{c} {summaries[c]['counts']['total']} finding(s) {summaries[c]['timings_s']['total']:.1f} s" for c in configs),
             flush=True)
-    return truth_dir, per_scan, pred_dirs
+    return truth_dir, scans, per_scan, pred_dirs
 
 
 def _brain_summary(per_scan: list) -> dict:
@@ -281,8 +293,9 @@ def run(args) -> int:
               "commit": _commit(), "validation": VALIDATION, "out_of_distribution": OUT_OF_DISTRIBUTION,
               "configs": {}, "sets": {}, "brain_mask": {}}
     for set_name, folder, spec, use_phase in SETS:
-        truth_dir, per_scan, pred_dirs = _run_set(out, folder, spec, use_phase, configs, args)
+        truth_dir, scans, per_scan, pred_dirs = _run_set(out, folder, spec, use_phase, configs, args)
         report["brain_mask"][set_name] = _brain_summary(per_scan)
+        acquisitions = {scan.name[: -len(".nii.gz")]: _truth_of(scan)["acquisition"]["name"] for scan in scans}
         set_report = {"phase_given": use_phase, "configs": {}}
         for config in configs:
             summaries = [s[config] for s in per_scan]
@@ -291,15 +304,14 @@ def run(args) -> int:
             results = evaluate_directories(truth_dir, pred_dirs[config], threshold=operating, allow_missing=True)
             by_acquisition_froc = {}
             for acquisition in sorted(results.get("by_acquisition", {})):
-                stems = [p.name[: -len(".truth.json")] for p in sorted(truth_dir.glob("*.truth.json"))
-                         if json.loads(p.read_text())["acquisition"]["name"] == acquisition]
+                stems = [stem for stem, name in acquisitions.items() if name == acquisition]
                 subset = evaluate_scans(_subset(truth_dir, pred_dirs[config], stems), threshold=operating)
                 by_acquisition_froc[acquisition] = {"lesion": subset["lesion"],
                                                     "sensitivity_at_1fp": subset["froc"]["sensitivity_at"].get("1")}
             set_report["configs"][config] = {
                 "operating_threshold": operating, "results": results, "by_acquisition": by_acquisition_froc,
-                "refused": [{"scan": scan.name, "why": s["refused"]} for scan, s in
-                            zip(sorted(truth_dir.glob("*.truth.json")), summaries) if "refused" in s],
+                "refused": [{"scan": scan.name, "why": s["refused"]} for scan, s in zip(scans, summaries)
+                            if "refused" in s],
                 "time_per_scan_s": {"mean": round(float(np.mean([s["timings_s"]["total"] for s in done])), 2),
                                     "max": round(float(np.max([s["timings_s"]["total"] for s in done])), 2)},
                 "registration_s": _registration_seconds(done),
@@ -327,7 +339,9 @@ def run(args) -> int:
         report["configs"]["cnn"]["at_full_threshold"] = {key: same_cut[key] for key in ("threshold", "lesion", "fp_causes")}
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    # "configs" is the in-distribution set's entry of "sets" under a second name: stored once
+    stored = {key: value for key, value in report.items() if key != "configs"}
+    table.with_suffix(".json").write_text(json.dumps(stored, indent=1, default=str))
     table.write_text(format_report(report))
     print(table.read_text())
     print(f"wrote {table} and {table.with_suffix('.json')}")

@@ -136,10 +136,15 @@ def extract_brain(volume: Volume, crop: bool = False, registration=None) -> Brai
     else:
         result = BrainMask(intensity_mask(volume), "intensity", registration,
                            [f"brain mask from intensity alone ({registration.message})"])
-    brain_ml = result.volume_ml(volume.spacing)
-    if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
-        why = "" if registration.ok else f"; {registration.message}"
-        raise InputError(f"input: does not look like a brain (the automatic brain mask holds {brain_ml:.0f} mL, "
-                         f"expected {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f}{why}); is this a head GRE/SWI scan? "
-                         "For a partial-brain crop use --crop, or give --mask")
+    check_brain_volume(result.mask, volume.spacing, "the automatic brain mask",
+                       "" if registration.ok else f"; {registration.message}")
     return result
+
+
+def check_brain_volume(mask: np.ndarray, spacing, what: str, why: str = "") -> None:
+    """InputError unless `mask` holds MIN_BRAIN_ML-MAX_BRAIN_ML: a whole-head brain, automatic or given."""
+    brain_ml = float(mask.sum() * np.prod(spacing) / 1000.0)
+    if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
+        raise InputError(f"input: does not look like a brain ({what} holds {brain_ml:.0f} mL, expected "
+                         f"{MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f}{why}); is this a head GRE/SWI scan? "
+                         "For a partial-brain crop use --crop, or give --mask")

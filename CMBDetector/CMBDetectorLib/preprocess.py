@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .brain import extract_brain
+from .brain import check_brain_volume, extract_brain
 from .errors import InputError
 from .grids import block_mean, coarse_factors, sigma_voxels, upsample_blocks
 from .image import Volume
@@ -78,24 +78,26 @@ def normalise(array: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
 
 
 def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
-            crop: bool = False, registration=None) -> Prepared:
+            crop: bool = False) -> Prepared:
     """Validate, mask, normalise; high-pass the phase when one is given (same grid required).
 
-    registration: a locate.Registration of `volume` to reuse for the automatic brain mask (computed when
-    None); the one used is kept on the result, so findings are placed with the same transform.
+    The registration the automatic brain mask was made with is kept on the result, so findings are placed
+    with the same transform.
     """
     validate_brain_volume(volume, "input", allow_crop=crop)
     warnings = []
     spacing = volume.spacing
-    mask_method = "provided"
+    mask_method, registration = "provided", None
     if mask is not None:
         if mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
             raise InputError("mask: its grid (shape or affine) differs from the input volume's")
         brain = mask.array > 0.5
         if not brain.any():
             raise InputError("mask: the mask is empty")
+        if not crop:
+            check_brain_volume(brain, spacing, "the given brain mask")
     else:
-        extracted = extract_brain(volume, crop=crop, registration=registration)
+        extracted = extract_brain(volume, crop=crop)
         brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
         warnings += extracted.warnings
     unmasked = normalise(volume.array.astype(np.float32), brain, spacing)

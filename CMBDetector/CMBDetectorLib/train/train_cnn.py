@@ -154,7 +154,7 @@ def _command(args, card_only: bool = False) -> str:
             f"--seed {args.seed} --steps {args.steps} --mine-every {args.mine_every} "
             f"--val-fraction {args.val_fraction}"
             + "".join(f" --data-extra {shlex.quote(str(folder))}" for folder in args.data_extra)
-            + (f" --init {shlex.quote(str(args.init))} --lr {args.lr}" if args.init else "")
+            + (f" --init {shlex.quote(str(args.init))}" if args.init else "") + f" --lr {args.lr}"
             + (f" --hold-out {shlex.quote(args.hold_out)}" if args.hold_out else "")
             + "".join(f" --tune-data {shlex.quote(str(folder))}" for folder in args.tune_data)
             + (f" --ensemble {shlex.quote(args.ensemble)}" if args.ensemble else "")
