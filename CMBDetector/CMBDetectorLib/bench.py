@@ -123,8 +123,9 @@ def _detect_scan(job) -> dict:
 
 def _brain_check(magnitude: Path, truth: dict, mask=None, method: str = "") -> dict | None:
     """Dice and volume of the automatic brain mask against the simulator's true one (None for scans made
-    before true masks were written). Without a mask (reused predictions) it is extracted again: the same
-    deterministic brain.extract_brain that detection ran."""
+    before true masks were written). Without a mask (reused predictions) it is extracted again by the same
+    brain.extract_brain that detection ran; its registration is multi-threaded, so the Dice can differ from
+    detection's mask in the third decimal."""
     from .io import read_volume
 
     if "brain" not in truth["files"]:
