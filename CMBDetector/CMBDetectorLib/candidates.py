@@ -17,8 +17,8 @@ from .preprocess import Prepared
 
 SIGMAS_MM = (0.7, 1.0, 1.4, 2.0, 2.8)
 MAX_CANDIDATES = 800  # recall first: the strongest 800 blobs hold every microbleed in our held-out scans
-# Beyond MAX_CANDIDATES, blobs at least this strong are still kept (up to HARD_CAP): the microbleeds of 16
-# randomised training scans responded at 0.16-0.28, while the blobs past the 800th in a noisy scan are
+# Beyond MAX_CANDIDATES, blobs at least this strong are still kept (up to HARD_CAP): microbleeds on the
+# randomised training scans responded well above it, while the blobs past the 800th in a noisy scan are
 # noise dots near the 0.04 floor that the CNN never saw in training (it learns from the strongest 800).
 WIDEN_RESPONSE = 0.1
 HARD_CAP = 3000

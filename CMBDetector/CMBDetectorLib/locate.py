@@ -184,8 +184,8 @@ def _interior_check(method, transform, fixed, moving, brain_mask, metric: float)
 
     The whole-brain metric also rewards any blob with a brain-shaped edge (a sphere phantom scores about
     -0.23, a brain -0.4 to -1.2); the interior carries information only when the scan is a brain. Some
-    real GRE contrasts (TE where grey and white matter match) leave little interior information (-0.03
-    seen on a simulated 3 T GRE), so a whole-head metric at or below HEAD_METRIC passes as well.
+    real GRE contrasts (TE where grey and white matter match) leave little interior information (as some
+    randomised simulated 3 T GRE scans do), so a whole-head metric at or below HEAD_METRIC passes as well.
     """
     import SimpleITK as sitk
 
