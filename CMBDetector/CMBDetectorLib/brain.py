@@ -63,10 +63,13 @@ def largest_component(mask):
     return labels == np.argmax(sizes)
 
 
-def fill_holes_slicewise(mask):
+def fill_holes_slicewise(mask, slice_axis: int):
+    """3D hole filling, then 2D on each acquired slice (Volume.slice_axis): holes open to a neighbouring
+    slice (a sinus, a thick slice's partial volume) close as well."""
     filled = ndimage.binary_fill_holes(mask)
-    for k in range(mask.shape[2]):
-        filled[:, :, k] = ndimage.binary_fill_holes(filled[:, :, k])
+    moved = np.moveaxis(filled, slice_axis, 0)  # a view: writing to it fills `filled`
+    for index in range(moved.shape[0]):
+        moved[index] = ndimage.binary_fill_holes(moved[index])
     return filled
 
 
@@ -83,11 +86,11 @@ def intensity_mask(volume: Volume, crop: bool = False) -> np.ndarray:
     smooth, factors, spacing = _smooth_coarse(volume)
     foreground = smooth > 0.2 * float(np.percentile(smooth, 99.0))
     if crop:
-        mask = fill_holes_slicewise(ndimage.binary_closing(foreground, iterations=2))
+        mask = fill_holes_slicewise(ndimage.binary_closing(foreground, iterations=2), volume.slice_axis)
     else:
         core = largest_component(erode_mm(foreground, spacing, 5.0))
         mask = dilate_mm(core, spacing, 5.0) & foreground
-        mask = fill_holes_slicewise(ndimage.binary_closing(mask, iterations=2))
+        mask = fill_holes_slicewise(ndimage.binary_closing(mask, iterations=2), volume.slice_axis)
     return upsample_blocks(mask, factors, volume.shape, nearest=True)
 
 
@@ -114,7 +117,7 @@ def registered_mask(volume: Volume, registration) -> np.ndarray:
     mask = erode_mm(prior, spacing, BAND_MM) | (dilate_mm(prior, spacing, BAND_MM) & bright)
     mask = largest_component(mask)
     mask = erode_mm(dilate_mm(mask, spacing, CLOSE_MM), spacing, CLOSE_MM)
-    mask = fill_holes_slicewise(mask)
+    mask = fill_holes_slicewise(mask, volume.slice_axis)
     return upsample_blocks(mask, factors, volume.shape, nearest=True)
 
 

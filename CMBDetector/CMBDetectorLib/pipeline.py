@@ -53,19 +53,27 @@ def merge_nearby(centres: np.ndarray, scores: np.ndarray, radius_mm: float = MER
 
 
 def apparent_diameter_mm(prepared: Prepared, ijk) -> float:
-    """In-plane diameter of the dark spot (below half-way between its centre and tissue) on its slice."""
+    """Diameter of the dark spot (below half-way between its centre and tissue) on its own slice of the
+    acquisition plane (Volume.slice_axis): the same for any order or direction of the array's axes."""
     spacing = prepared.spacing
-    i, j, k = np.clip(np.round(ijk).astype(int), 0, np.array(prepared.image.shape) - 1)
-    ri, rj = int(np.ceil(8 / spacing[0])), int(np.ceil(8 / spacing[1]))
-    lo_i, lo_j = max(i - ri, 0), max(j - rj, 0)
-    window = prepared.image[lo_i: i + ri + 1, lo_j: j + rj + 1, k]
-    centre_value = float(window[i - lo_i, j - lo_j])
+    plane_axes = sorted(prepared.volume.in_plane_axes())
+    centre = np.clip(np.round(ijk).astype(int), 0, np.array(prepared.image.shape) - 1)
+    index = [int(centre[prepared.volume.slice_axis])] * 3
+    offset = []
+    for axis in plane_axes:
+        reach = int(np.ceil(8 / spacing[axis]))
+        low = max(centre[axis] - reach, 0)
+        index[axis] = slice(low, centre[axis] + reach + 1)
+        offset.append(centre[axis] - low)
+    window = prepared.image[tuple(index)]
+    centre_value = float(window[tuple(offset)])
     dark = window < (centre_value + 1.0) / 2
     labels, _ = ndimage.label(dark)
-    label = labels[i - lo_i, j - lo_j]
+    label = labels[tuple(offset)]
+    pixel_area = float(spacing[plane_axes[0]] * spacing[plane_axes[1]])
     if label == 0:
-        return float(2 * np.sqrt(spacing[0] * spacing[1] / np.pi))
-    area = np.count_nonzero(labels == label) * spacing[0] * spacing[1]
+        return float(2 * np.sqrt(pixel_area / np.pi))
+    area = np.count_nonzero(labels == label) * pixel_area
     return float(2 * np.sqrt(area / np.pi))
 
 
