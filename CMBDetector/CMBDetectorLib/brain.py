@@ -76,7 +76,7 @@ def fill_holes_slicewise(mask, slice_axis: int):
 def _smooth_coarse(volume: Volume):
     factors = coarse_factors(volume.spacing, COARSE_MM)
     spacing = volume.spacing * np.array(factors)
-    coarse = block_mean(volume.array.astype(np.float32), factors)
+    coarse = block_mean(np.asarray(volume.array, dtype=np.float32), factors)
     return ndimage.gaussian_filter(coarse, sigma_voxels(1.0, spacing)), factors, spacing
 
 

@@ -33,16 +33,18 @@ class Candidate:
 
 
 def blob_response(image: np.ndarray, spacing) -> tuple:
-    """Max over scales of the DoG darkness response, and the index of the best scale (int8)."""
-    blurred = [ndimage.gaussian_filter(image, sigma_voxels(s, spacing)) for s in SIGMAS_MM]
-    blurred.append(ndimage.gaussian_filter(image, sigma_voxels(SIGMAS_MM[-1] * 1.4, spacing)))
+    """Max over scales of the DoG darkness response, and the index of the best scale (int8).
+    Two blurred images at a time, whatever the number of scales (memory)."""
     best = np.zeros(image.shape, np.float32)
     scale = np.zeros(image.shape, np.int8)
-    for index in range(len(SIGMAS_MM)):
-        response = blurred[index + 1] - blurred[index]  # dark blob: larger blur is brighter
+    finer = ndimage.gaussian_filter(image, sigma_voxels(SIGMAS_MM[0], spacing))
+    for index, coarser_mm in enumerate((*SIGMAS_MM[1:], SIGMAS_MM[-1] * 1.4)):
+        coarser = ndimage.gaussian_filter(image, sigma_voxels(coarser_mm, spacing))
+        response = coarser - finer  # dark blob: larger blur is brighter
         better = response > best
         best[better] = response[better]
         scale[better] = index
+        finer = coarser
     return best, scale
 
 
@@ -70,7 +72,7 @@ def screen(prepared: Prepared, min_response: float = 0.04, max_candidates: int =
     """
     factors = tuple(max(1, int(round(SCREEN_MM / s))) for s in prepared.spacing)
     image = block_mean(prepared.image, factors)
-    mask = block_mean(prepared.mask.astype(np.float32), factors) > 0.5
+    mask = block_mean(prepared.mask, factors) > 0.5
     spacing = prepared.spacing * np.array(factors)
     response, scale = blob_response(image, spacing)
     response *= mask

@@ -96,7 +96,7 @@ def volume_to_sitk(volume: Volume, dtype=np.float32) -> sitk.Image:
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise InputError(f"expected a 3D volume, got {array.ndim}D array of shape {array.shape}")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0).astype(dtype)))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0), dtype=dtype))  # one copy
     origin, spacing, direction = affine_to_lps_geometry(volume.affine)
     image.SetOrigin(tuple(float(v) for v in origin))
     image.SetSpacing(tuple(float(v) for v in spacing))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import atlas
+from .grids import SLAB_ROWS
 from .image import Volume
 from .io import volume_to_sitk  # noqa: F401 - also used by the tests through this module
 
@@ -100,12 +101,16 @@ _TEMPLATE_CACHE = None
 
 def _normalised_moving(volume: Volume):
     """Scan at working resolution, intensities clipped to the 0.5-99.5 percentiles (robust to hot voxels)."""
-    array = np.nan_to_num(np.asarray(volume.array, dtype=np.float32))
+    array = np.asarray(volume.array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        array = np.nan_to_num(array)
     low, high = np.percentile(array, [0.5, 99.5])
     if not np.isfinite(high - low) or high - low <= 0:
         raise ValueError("the image is constant")
-    clipped = volume.with_array(np.clip((array - low) / (high - low), 0, 1).astype(np.float32))
-    return _isotropic(_to_working_resolution(volume_to_sitk(clipped)))
+    clipped = np.empty(array.shape, np.float32)
+    for start in range(0, array.shape[0], SLAB_ROWS):  # slabs: no full-size float64 temporaries (memory)
+        clipped[start:start + SLAB_ROWS] = np.clip((array[start:start + SLAB_ROWS] - low) / (high - low), 0, 1)
+    return _isotropic(_to_working_resolution(volume_to_sitk(volume.with_array(clipped))))
 
 
 def _isotropic(image, spacing_mm: float = WORKING_SPACING_MM):

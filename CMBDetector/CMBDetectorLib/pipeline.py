@@ -27,6 +27,12 @@ from .io import read_volume
 from .preprocess import Prepared, prepare
 
 MERGE_MM = 3.0  # detections closer than this are one lesion
+# Peak memory of a whole detect run, linear in the voxels (every full-size step works in slabs, see
+# grids.py): the libraries and models take about 1.6 GB, each voxel about 12 bytes (the input, the mask,
+# the normalised image and its unmasked copy). `make bench`'s timing scan and the 512 x 512 x 400 test
+# volume lie on this line; the constants below leave a margin above it.
+BASE_MEMORY_BYTES = 1.8e9
+BYTES_PER_VOXEL = 14
 
 
 @dataclass
@@ -50,6 +56,27 @@ def merge_nearby(centres: np.ndarray, scores: np.ndarray, radius_mm: float = MER
         if all(np.linalg.norm(centres[index] - centres[k]) > radius_mm for k in kept):
             kept.append(index)
     return np.array(kept, dtype=int)
+
+
+def estimated_peak_bytes(shape) -> float:
+    """What a detect run on a volume of this shape needs at its peak (see BYTES_PER_VOXEL)."""
+    return BASE_MEMORY_BYTES + BYTES_PER_VOXEL * float(np.prod(shape))
+
+
+def check_fits_in_memory(shape, available_bytes: float | None = None) -> None:
+    """InputError before any work when the run would not fit in the memory available now."""
+    if available_bytes is None:
+        try:
+            import psutil
+        except ImportError:
+            return  # cannot tell: let it run
+        available_bytes = psutil.virtual_memory().available
+    needed = estimated_peak_bytes(shape)
+    if needed > available_bytes:
+        size = " x ".join(str(n) for n in shape)
+        raise InputError(f"input: a {size} volume needs about {needed / 1e9:.1f} GB of memory and "
+                         f"{available_bytes / 1e9:.1f} GB is available; close other programs, or crop or "
+                         "downsample the volume")
 
 
 def apparent_diameter_mm(prepared: Prepared, ijk) -> float:
@@ -95,6 +122,7 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
     warnings = []
     started = time.perf_counter()
 
+    check_fits_in_memory(volume.shape)
     _progress(progress, 5, "loading model")
     model = load_model(model_path, device)
     yolo_model = None

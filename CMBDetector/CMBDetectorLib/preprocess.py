@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from .brain import check_brain_volume, extract_brain
 from .errors import InputError
-from .grids import block_mean, coarse_factors, sigma_voxels, upsample_blocks
+from .grids import block_mean, coarse_factors, sigma_voxels, upsample_slabs
 from .image import Volume
 from .io import validate_brain_volume
 from .simulate.physics import homodyne_phase
@@ -63,18 +63,19 @@ CONTEXT_MAX = 3.0  # scalp fat and vessels outside the brain can be far brighter
 
 def normalise(array: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
     """Divide by a smooth local tissue level (masked Gaussian average): removes coil bias, keeps dots.
-    Not masked: outside the brain the level is the nearby brain's (extrapolated by the same average)."""
+    Not masked: outside the brain the level is the nearby brain's (extrapolated by the same average).
+    The full-size level is never held: it is upsampled and divided out slab by slab (memory)."""
     factors = coarse_factors(spacing, COARSE_MM)
     coarse_spacing = np.asarray(spacing) * np.array(factors)
-    weights = mask.astype(np.float32)
-    coarse_signal = block_mean(array * weights, factors)
-    coarse_weight = block_mean(weights, factors)
+    coarse_signal = block_mean(array, factors, weights=mask)
+    coarse_weight = block_mean(mask, factors)
     sigma = sigma_voxels(BIAS_SIGMA_MM, coarse_spacing)
     level = ndimage.gaussian_filter(coarse_signal, sigma) / np.maximum(ndimage.gaussian_filter(coarse_weight, sigma), 1e-3)
-    level = upsample_blocks(level, factors, array.shape)
     median = float(np.median(array[mask])) if mask.any() else float(np.median(array))
-    level = np.maximum(level, 0.2 * median)
-    return (array / level).astype(np.float32)
+    normalised = np.empty(array.shape, np.float32)
+    for start, stop, level_slab in upsample_slabs(level, factors, array.shape):
+        np.divide(array[start:stop], np.maximum(level_slab, 0.2 * median), out=normalised[start:stop])
+    return normalised
 
 
 def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
@@ -100,7 +101,7 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
         extracted = extract_brain(volume, crop=crop)
         brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
         warnings += extracted.warnings
-    unmasked = normalise(volume.array.astype(np.float32), brain, spacing)
+    unmasked = normalise(np.asarray(volume.array, dtype=np.float32), brain, spacing)
     image = unmasked * brain
     context = np.clip(unmasked, 0.0, CONTEXT_MAX, out=unmasked)
     phase_hp = None
