@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
-import vtk
-
 import slicer
 
 try:  # the Slicer desktop application
@@ -136,6 +134,7 @@ class CMBDetectorParameterNode:
     findings: vtkMRMLMarkupsFiducialNode
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    partialBrain: bool = False
     sampleSeed: Annotated[int, WithinRange(0, 999999)] = 7
     reader: str = ""
 
@@ -154,6 +153,7 @@ class DetectionRequest:
     mask_path: Optional[Path] = None
     threshold: Optional[float] = None
     device: str = "auto"
+    crop: bool = False  # a partial-brain crop: no head-size check, no atlas locations
 
     def arguments(self) -> list:
         """The `detect` subcommand's arguments (after `-m CMBDetectorLib.cli`)."""
@@ -164,8 +164,10 @@ class DetectionRequest:
             arguments += ["--mask", str(self.mask_path)]
         if self.threshold is not None:
             arguments += ["--threshold", f"{float(self.threshold):g}"]
-        if self.device in ("cpu", "cuda"):
-            arguments += ["--device", self.device]
+        if self.device:
+            arguments += ["--device", self.device]  # the reader's choice, "auto" included
+        if self.crop:
+            arguments.append("--crop")
         return arguments
 
     @property
@@ -382,8 +384,8 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             raise CMBError(f"could not write {volume_node.GetName()} to {path}")
         return path
 
-    def prepare_request(self, input_node, phase_node=None, mask_node=None, threshold=None, device="auto",
-                        work_dir=None) -> DetectionRequest:
+    def prepare_request(self, input_node, phase_node=None, mask_node=None, threshold=review.DETECTION_FLOOR,
+                        device="auto", work_dir=None, crop=False) -> DetectionRequest:
         """Write the selected nodes to a work folder and describe the run."""
         if input_node is None or input_node.GetImageData() is None:
             raise InputError("select a GRE or SWI volume first")
@@ -395,7 +397,7 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             out_dir=work_dir / "output",
             phase_path=self.write_volume(phase_node, work_dir / f"{stem}_phase.nii.gz") if phase_node else None,
             mask_path=self.write_volume(mask_node, work_dir / f"{stem}_mask.nii.gz") if mask_node else None,
-            threshold=threshold, device=device)
+            threshold=threshold, device=device, crop=crop)
 
     def start_detection(self, request: DetectionRequest) -> DetectionProcess:
         """Start `cmbdetector detect` in the background; poll the returned process."""
@@ -428,36 +430,31 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         node = review.load_findings_markups(self.markups_logic, self.scene, existing[0],
                                             name=name or f"CMB {existing[0].name[:-len('.mrk.json')]}")
         node.SetAttribute("CMBDetector.outputDirectory", str(out_dir))
+        node.SetAttribute("CMBDetector.runStem", existing[0].name[:-len(".mrk.json")])
         return node
 
+    @classmethod
+    def review_start_threshold(cls, out_dir, stem: str) -> Optional[float]:
+        """Where the review's slider starts: the run's tuned operating point (its STEM.json summary), or
+        the threshold it kept findings down to when no operating point is recorded; None when unknown.
+        Findings between the floor and the operating point start hidden, one slider move away."""
+        summary = cls.run_summary(out_dir, stem)
+        for key in ("operating_threshold", "threshold"):
+            value = summary.get(key)
+            if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+                return float(value)
+        return None
+
     @staticmethod
-    def run_threshold(out_dir, stem: str) -> Optional[float]:
-        """The score threshold the detection run used (its STEM.json summary), or None when unknown:
-        the review starts at it, so every finding the run reported is shown."""
+    def run_summary(out_dir, stem: str) -> dict:
+        """The run's summary (OUT_DIR/STEM.json, written by `cmbdetector detect`); {} when absent."""
         import json
 
         try:
-            value = json.loads((Path(out_dir) / f"{stem}.json").read_text()).get("threshold")
+            summary = json.loads((Path(out_dir) / f"{stem}.json").read_text())
         except (OSError, ValueError):
-            return None
-        return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 1.0 else None
-
-    @staticmethod
-    def model_versions(out_dir) -> dict:
-        """Model names/versions recorded in the run's summary JSON (STEM.json), if any."""
-        import json
-
-        for path in sorted(Path(out_dir).glob("*.json")):
-            if path.name.endswith(".mrk.json"):
-                continue
-            try:
-                summary = json.loads(path.read_text())
-            except ValueError:
-                continue
-            versions = summary.get("model_versions") or summary.get("models")
-            if isinstance(versions, dict):
-                return versions
-        return {}
+            return {}
+        return summary if isinstance(summary, dict) else {}
 
     # ---- sample data (simulated: no download) ---------------------------------------------
 
@@ -500,7 +497,13 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def apply_threshold(node, threshold: float) -> int:
-        return review.apply_threshold(node, threshold)
+        """Hide findings below `threshold` in a review node; any other node is left as it is."""
+        return review.apply_threshold(node, threshold) if review.is_review_node(node) else 0
+
+    @staticmethod
+    def adopt(node):
+        """The reader's explicit choice to review a node the detector did not make."""
+        return review.adopt_node(node)
 
     @staticmethod
     def review_table(node) -> list:
@@ -525,11 +528,12 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName())
-        run_dir = node.GetAttribute("CMBDetector.outputDirectory")
+        run_dir, run_stem = node.GetAttribute("CMBDetector.outputDirectory"), node.GetAttribute("CMBDetector.runStem")
+        summary = self.run_summary(run_dir, run_stem) if run_dir and run_stem else {}
         written = {"csv": out_dir / f"{stem}_review.csv", "json": out_dir / f"{stem}_review.json"}
         review.export_review(node, written["csv"], written["json"], reader=reader,
                              input_name=input_node.GetName() if input_node else "",
-                             model_versions=self.model_versions(run_dir) if run_dir else {}, threshold=threshold)
+                             detection_run=review.detection_run_provenance(summary), threshold=threshold)
         if input_node is not None:
             labelmap = self.export_labelmap(node, input_node)
             written["labelmap"] = self.write_volume(labelmap, out_dir / f"{stem}_accepted.nii.gz")
@@ -581,6 +585,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
         self.ui.rejectButton.connect("clicked(bool)", self.onReject)
         self.ui.addPointButton.connect("clicked(bool)", self.onAddPoint)
+        self.ui.adoptButton.connect("clicked(bool)", self.onAdopt)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
         self.ui.reviewTable.connect("cellClicked(int,int)", self.onTableClicked)
@@ -665,7 +670,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.appendLog(_("Detection needs the packages listed above; nothing was installed."))
                 return
             self._request = self.logic.prepare_request(p.inputVolume, p.phaseVolume, p.maskVolume,
-                                                       threshold=None, device=p.device)
+                                                       device=p.device, crop=p.partialBrain)
             self._process = self.logic.start_detection(self._request)
             self.ui.logTextEdit.clear()
             self.appendLog(" ".join(self._process.command))
@@ -694,7 +699,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node = self.logic.load_results(self._request.out_dir, self._request.stem)
                 self.ui.progressBar.setValue(100)
                 self._parameterNode.findings = node
-                threshold = self.logic.run_threshold(self._request.out_dir, self._request.stem)
+                threshold = self.logic.review_start_threshold(self._request.out_dir, self._request.stem)
                 if threshold is not None:
                     self._parameterNode.threshold = threshold  # the slider is bound to it
                 self.onThresholdChanged(self.ui.thresholdSlider.value)
@@ -729,24 +734,19 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                           slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent):
                 self.removeObserver(self._observedFindings, event, self.onFindingsModified)
             self.removeObserver(self._observedFindings, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
-                                self.onPointRemoved)
+                                self.onFindingsModified)
         self._observedFindings = node
         if node is not None:
             for event in (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
                           slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent):
                 self.addObserver(node, event, self.onFindingsModified)
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointRemovedEvent, self.onPointRemoved)
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointRemovedEvent, self.onFindingsModified)
 
     def onFindingsModified(self, caller, event) -> None:
         # many events arrive per edit: refresh once, after the event loop settles
         if not self._refreshPending:
             self._refreshPending = True
             qt.QTimer.singleShot(0, self.refreshTable)
-
-    @vtk.calldata_type(vtk.VTK_INT)
-    def onPointRemoved(self, caller, event, index) -> None:
-        review.forget_removed_point(caller, index)
-        self.onFindingsModified(caller, event)
 
     def refreshTable(self) -> None:
         self._refreshPending = False
@@ -809,6 +809,12 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         interaction.SetPlaceModePersistence(0)
         interaction.SetCurrentInteractionMode(interaction.Place)
 
+    def onAdopt(self) -> None:
+        node = self._findings()
+        if node is not None:
+            self.logic.adopt(node)
+            self.onThresholdChanged(self.ui.thresholdSlider.value)
+
     def onThresholdChanged(self, value: float) -> None:
         node = self._findings()
         if node is not None:
@@ -836,12 +842,16 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._process is not None
         p = self._parameterNode
         hasInput = bool(p and p.inputVolume)
-        hasFindings = bool(p and p.findings and p.findings.GetNumberOfControlPoints() >= 0)
+        hasFindings = bool(p and p.findings)
+        reviewable = hasFindings and review.is_review_node(p.findings)
+        self.ui.adoptButton.enabled = hasFindings and not reviewable
         self.ui.detectButton.enabled = hasInput and not running
         self.ui.cancelButton.enabled = running
         self.ui.loadSampleButton.enabled = not running
         for button in (self.ui.previousButton, self.ui.nextButton, self.ui.acceptButton, self.ui.rejectButton,
-                       self.ui.addPointButton, self.ui.exportButton, self.ui.exportLabelmapButton):
+                       self.ui.addPointButton):
+            button.enabled = reviewable
+        for button in (self.ui.exportButton, self.ui.exportLabelmapButton):
             button.enabled = hasFindings
 
 

@@ -95,8 +95,8 @@ def test_detection_command_line(module, tmp_path):
     assert command[4:] == [str(tmp_path / "sub 1.nii.gz"), "--out", str(tmp_path / "out"),
                            "--phase", str(tmp_path / "p.nii.gz"), "--threshold", "0.25", "--device", "cuda"]
     assert request.stem == "sub 1"
-    auto = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"))
-    assert auto.arguments() == ["detect", "a.nii", "--out", "o"]
+    auto = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"), crop=True)
+    assert auto.arguments() == ["detect", "a.nii", "--out", "o", "--device", "auto", "--crop"]
 
 
 def test_progress_parsing(module):
@@ -155,44 +155,49 @@ def test_cancel_kills_the_whole_process_tree(module, tmp_path):
     assert gone, "the worker's child survived Cancel"
 
 
-def test_logic_writes_input_and_loads_results(module, mrml, tmp_path):
-    """prepare_request writes the node as NIfTI that the core reads back with the same geometry;
-    load_results turns a detection output folder into a styled review node."""
+def test_logic_writes_input_runs_detection_and_exports_provenance(module, mrml, tmp_path):
+    """prepare_request writes the node as NIfTI that the core reads back with the same geometry; the real
+    `cmbdetector detect` runs on it (a small crop: seconds); the review starts at the run's operating
+    point with the findings below it kept (hidden), and the exported review names the models that ran."""
     import numpy as np
 
-    from CMBDetectorLib import review
-    from CMBDetectorLib.findings import Finding, write_csv, write_markups_json
-    from CMBDetectorLib.image import Volume
+    from CMBDetectorLib import classify, review, yolo
     from CMBDetectorLib.io import read_volume
+    from helpers import small_swi_crop
 
-    affine = np.array([[0.5, 0, 0, -20], [0, 0.5, 0, 10], [0, 0, 2.0, -5], [0, 0, 0, 1]], dtype=float)
-    array = np.random.default_rng(0).random((30, 20, 8)).astype(np.float32)
-    node = review.volume_node_from_volume(mrml.scene, Volume(array, affine), "sub-01 swi")
+    volume = small_swi_crop()
+    node = review.volume_node_from_volume(mrml.scene, volume, "sub-01 swi")
     logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
-    request = logic.prepare_request(node, threshold=0.3, work_dir=tmp_path / "work")
+    request = logic.prepare_request(node, device="cpu", crop=True, work_dir=tmp_path / "work")
     assert request.input_path.name == "sub-01_swi.nii.gz" and request.stem == "sub-01_swi"
+    assert request.threshold == review.DETECTION_FLOOR
     written = read_volume(request.input_path)
-    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
-    np.testing.assert_allclose(written.array, array, rtol=1e-6)
+    np.testing.assert_allclose(written.affine, volume.affine, atol=1e-5)
+    np.testing.assert_allclose(written.array, volume.array, rtol=1e-6)
 
-    findings = [Finding("CMB-1", (-12.0, 15.0, 3.0), 0.9, 4.0, "deep", ""),
-                Finding("CMB-2", (-5.0, 2.0, 0.0), 0.2, 2.0, "lobar", "temporal")]
-    request.out_dir.mkdir(parents=True)
-    write_markups_json(findings, request.out_dir / f"{request.stem}.mrk.json")
-    write_csv(findings, request.out_dir / f"{request.stem}.csv")
-    assert logic.run_threshold(request.out_dir, request.stem) is None  # no summary yet
-    (request.out_dir / f"{request.stem}.json").write_text(json.dumps({"model_versions": {"cnn": "v1"}, "threshold": 0.3}))
-    assert logic.run_threshold(request.out_dir, request.stem) == 0.3  # the review slider starts where the run cut
-    review_node = logic.load_results(request.out_dir, request.stem)
-    assert [r["region"] for r in review.review_table(review_node)] == ["deep", "lobar"]
+    review_node = logic.run_detection(request, timeout_s=600)
+    assert review.is_review_node(review_node)
+    summary = json.loads((request.out_dir / f"{request.stem}.json").read_text())
+    start = logic.review_start_threshold(request.out_dir, request.stem)
+    assert start == summary["operating_threshold"] > summary["threshold"] == review.DETECTION_FLOOR
+    rows = review.review_table(review_node)
+    assert len(rows) == len(summary["findings"]) >= 1
+    assert [r["score"] for r in rows] == pytest.approx([f["score"] for f in summary["findings"]])
+
     next_index = logic.accept(review_node, 0)
-    assert next_index == 1 and review.get_state(review_node, 0) == "accepted"
+    assert review.get_state(review_node, 0) == "accepted" and next_index != 0
     assert "1 accepted" in logic.counts_text(review_node)
-    exported = logic.export(review_node, tmp_path / "export", reader="R", input_node=node)
+    exported = logic.export(review_node, tmp_path / "export", reader="R", input_node=node, threshold=start)
     report = json.loads(exported["json"].read_text())
-    assert report["model_versions"] == {"cnn": "v1"} and report["input"] == "sub-01 swi"
+    assert report["input"] == "sub-01 swi" and report["threshold"] == start
+    run = report["detection_run"]
+    assert run["model"]["sha256"] == classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
+    assert run["model"]["device"] == "cpu"
+    assert run["yolo"]["used"] and run["yolo"]["sha256"] == summary["yolo"]["sha256"]
+    assert Path(yolo.DEFAULT_YOLO).is_file()
+    assert run["versions"]["torch"] == summary["versions"]["torch"] and run["operating_threshold"] == start
     labels = read_volume(exported["labelmap"])
-    assert labels.array.max() == 1 and labels.array.shape == array.shape
+    assert labels.array.max() >= 1 and labels.array.shape == volume.shape
 
 
 # ---- extension description files -----------------------------------------------------------------

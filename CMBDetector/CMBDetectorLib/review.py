@@ -7,14 +7,13 @@ pytest all call the same functions.
 How a finding lives in a markups node (one control point per finding):
 - position: the control point position, RAS millimetres (world frame).
 - review state: the control point *description*, one word of findings.REVIEW_STATES. A point the reader
-  places has an empty description; it counts as "added" (adopt_new_points writes the word).
-- score, diameter, region, lobe: four static measurements (vtkMRMLStaticMeasurement) whose
-  ControlPointValues array holds one value per control point, in control point order. Static
-  measurements are written to and read from `.mrk.json` ("measurements": [{"name",
-  "controlPointValues"}]), so they survive a scene save / reload. Region and lobe are stored as codes:
-  the index into findings.REGIONS and into LOBES (NaN = unknown).
-  Slicer does not keep these arrays aligned when points are added or removed: adopt_new_points pads
-  them, remove_point / forget_removed_point drop the removed point's entry.
+  places has an empty description; it counts as "added" (reconcile writes the word).
+- score, diameter, region, lobe: keyed by control point ID in a node attribute (see "Per-point
+  values" below), and copied in control point order into four static measurements
+  (vtkMRMLStaticMeasurement), which Slicer shows and writes to `.mrk.json`. Region and lobe are
+  stored as codes: the index into findings.REGIONS and into LOBES (NaN = unknown).
+- only review nodes (made by the detector, loaded from its files, or adopted by the reader) are
+  ever written; see is_review_node.
 
 What the reader sees at a glance (a markups display node has only Color and SelectedColor):
 - pending points are *selected*: drawn in SelectedColor (amber), label "CMB-3".
@@ -53,6 +52,52 @@ DECIDED_COLOR = (0.3, 0.85, 1.0)   # Color: cyan, "read"; the label suffix tells
 LABEL_FORMAT = "CMB-%d"
 CONFIRMED_STATES = ("accepted", "added")  # states that count as a lesion in counts and the labelmap
 _SUFFIX_PATTERN = re.compile(r"\s\[[AR+]\]$")
+# Detection from the module keeps findings down to this score (the benchmark's FROC floor) while the
+# review starts at the tuned operating point: lowering the slider then reveals what the run scored lower.
+DETECTION_FLOOR = 0.05
+REVIEW_NODE_ATTRIBUTE = "CMBDetector.ReviewNode"    # "1" on nodes this layer may write
+POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"  # JSON {control point ID: [score, diameter, region, lobe]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Which nodes are reviews
+# ---------------------------------------------------------------------------------------------
+
+def is_review_node(node) -> bool:
+    """True for nodes made by the detector (or loaded from its files) and nodes the reader adopted.
+
+    Only these are ever written to: choosing some other fiducial node (landmarks, say) shows it
+    read-only until the reader adopts it.
+    """
+    return node is not None and node.GetAttribute(REVIEW_NODE_ATTRIBUTE) == "1"
+
+
+def adopt_node(node, unset_state: str = "pending"):
+    """Make `node` a review node (no-op when it is one): mark it, key its per-point values by control
+    point ID, give points without a review word `unset_state`, and style every point.
+
+    Values come from the node's measurement arrays only when each holds exactly one value per point
+    (a freshly loaded file); otherwise nobody can tell which value belongs to which point, so they are
+    unknown (NaN) rather than attached to the wrong finding.
+    """
+    if is_review_node(node):
+        return node
+    node.SetAttribute(REVIEW_NODE_ATTRIBUTE, "1")
+    node.SetMarkupLabelFormat(LABEL_FORMAT)
+    _store_values(node, _values_from_measurements(node))
+    was_modifying = node.StartModify()
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointDescription(index).strip().lower() not in REVIEW_STATES:
+            node.SetNthControlPointDescription(index, unset_state)
+    node.EndModify(was_modifying)
+    style_node(node)
+    return node
+
+
+def _require_review_node(node) -> None:
+    if not is_review_node(node):
+        name = node.GetName() if node is not None else "None"
+        raise CMBError(f"{name} is not a CMBDetector review node; adopt it for review first")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,34 +105,30 @@ _SUFFIX_PATTERN = re.compile(r"\s\[[AR+]\]$")
 # ---------------------------------------------------------------------------------------------
 
 def findings_to_markups_node(scene, findings: list, name: str = "CMB detections"):
-    """A new vtkMRMLMarkupsFiducialNode in `scene`, one control point per Finding (RAS positions)."""
-    import slicer
-
+    """A new review node (vtkMRMLMarkupsFiducialNode) in `scene`, one control point per Finding."""
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
     node.CreateDefaultDisplayNodes()
     node.SetMarkupLabelFormat(LABEL_FORMAT)
+    node.SetAttribute(REVIEW_NODE_ATTRIBUTE, "1")
+    values = {}
     was_modifying = node.StartModify()
     for finding in findings:
         index = node.AddControlPoint([float(v) for v in finding.position_ras], finding.label)
         node.SetNthControlPointDescription(index, finding.status if finding.status in REVIEW_STATES else "pending")
+        values[node.GetNthControlPointID(index)] = [float(finding.score), float(finding.diameter_mm),
+                                                    _code(REGIONS, finding.region), _code(LOBES, finding.lobe)]
     node.EndModify(was_modifying)
-    columns = {
-        "score": [f.score for f in findings],
-        "diameter": [f.diameter_mm for f in findings],
-        "region": [_code(REGIONS, f.region) for f in findings],
-        "lobe": [_code(LOBES, f.lobe) for f in findings],
-    }
-    for measurement_name, values in columns.items():
-        _set_measurement_values(node, measurement_name, values, slicer)
+    _store_values(node, values)
     style_node(node)
     return node
 
 
 def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = None, csv_path=None):
-    """Load a STEM.mrk.json (from `cmbdetector detect` or a saved review) with the markups logic.
+    """Load a STEM.mrk.json (from `cmbdetector detect` or a saved review) as a review node.
 
     Region and lobe come from the file's "region"/"lobe" measurements when present; otherwise from the
-    STEM.csv beside it (or `csv_path`), matched by label. Returns the styled markups node.
+    STEM.csv beside it (or `csv_path`), matched by label. Points without a review word (placed by a
+    reader and saved before the module saw them) are "added". Returns the styled markups node.
     """
     mrk_path = Path(mrk_path)
     if not mrk_path.is_file():
@@ -96,42 +137,89 @@ def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = Non
     node = scene.GetNodeByID(node_id) if node_id else None
     if node is None:
         raise InputError(f"Slicer could not load the markups file {mrk_path}")
-    node.SetMarkupLabelFormat(LABEL_FORMAT)
     csv_path = Path(csv_path) if csv_path else mrk_path.with_name(_stem(mrk_path) + ".csv")
     if node.GetMeasurement("region") is None and csv_path.is_file():
         _regions_from_csv(node, csv_path)
-    adopt_new_points(node)
-    style_node(node)
-    return node
+    return adopt_node(node, unset_state="added")
 
 
 def _regions_from_csv(node, csv_path: Path) -> None:
-    import slicer
-
     by_label = {f.label: f for f in read_csv(csv_path)}
     rows = [by_label.get(base_label(node, i)) for i in range(node.GetNumberOfControlPoints())]
-    _set_measurement_values(node, "region", [_code(REGIONS, r.region) if r else math.nan for r in rows], slicer)
-    _set_measurement_values(node, "lobe", [_code(LOBES, r.lobe) if r else math.nan for r in rows], slicer)
+    _set_measurement_values(node, "region", [_code(REGIONS, r.region) if r else math.nan for r in rows])
+    _set_measurement_values(node, "lobe", [_code(LOBES, r.lobe) if r else math.nan for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-point values (static measurements)
+# Per-point values: keyed by control point ID, mirrored into measurements
 # ---------------------------------------------------------------------------------------------
+# The truth is the node attribute POINT_VALUES_ATTRIBUTE, {control point ID: [score, diameter,
+# region code, lobe code]}: an ID stays with its point whatever removes points (the Markups toolbar,
+# "Delete all", scripts, StartModify/EndModify batches, edits while no panel observes the node).
+# The static measurements are a copy in control point order, rewritten by reconcile(), because they
+# are what Slicer shows and writes to .mrk.json.
 
-def _set_measurement_values(node, measurement_name: str, values, slicer_module=None) -> None:
+def _values_by_id(node) -> dict:
+    text = node.GetAttribute(POINT_VALUES_ATTRIBUTE)
+    return json.loads(text) if text else {}
+
+
+def _point_ids(node) -> list:
+    return [node.GetNthControlPointID(i) for i in range(node.GetNumberOfControlPoints())]
+
+
+def _unknown_values() -> list:
+    return [math.nan] * len(MEASUREMENTS)
+
+
+def _values_from_measurements(node) -> dict:
+    """{ID: values} read from the measurement arrays; a column not one-per-point is unknown (NaN)."""
+    ids = _point_ids(node)
+    columns = []
+    for measurement_name in MEASUREMENTS:
+        column = _measurement_values(node, measurement_name)
+        columns.append(column if len(column) == len(ids) else [math.nan] * len(ids))
+    return {point_id: [float(column[i]) for column in columns] for i, point_id in enumerate(ids)}
+
+
+def _values_of(node) -> dict:
+    """{ID: values} of any node: the keyed values of a review node, else its measurements (read-only)."""
+    return _values_by_id(node) if is_review_node(node) else _values_from_measurements(node)
+
+
+def _store_values(node, values: dict) -> None:
+    """Keep the values of the node's present points and mirror them into the measurements."""
+    ids = _point_ids(node)
+    kept = {point_id: values.get(point_id, _unknown_values()) for point_id in ids}
+    text = json.dumps(kept)
+    if node.GetAttribute(POINT_VALUES_ATTRIBUTE) != text:
+        node.SetAttribute(POINT_VALUES_ATTRIBUTE, text)
+    for column, measurement_name in enumerate(MEASUREMENTS):
+        wanted = [kept[point_id][column] for point_id in ids]
+        if not _same_values(_measurement_values(node, measurement_name), wanted) or \
+                node.GetMeasurement(measurement_name) is None:
+            _set_measurement_values(node, measurement_name, wanted)
+
+
+def _same_values(first: list, second: list) -> bool:
+    return len(first) == len(second) and all(
+        a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(first, second))
+
+
+def _set_measurement_values(node, measurement_name: str, values) -> None:
     """Replace (or create) the static measurement `measurement_name` with one value per point."""
+    import slicer
     import vtk
 
-    slicer_module = slicer_module or __import__("slicer")
     array = vtk.vtkDoubleArray()
     array.SetName(measurement_name)
     for value in values:
         array.InsertNextValue(float(value) if value is not None else math.nan)
     measurement = node.GetMeasurement(measurement_name)
     if measurement is None:
-        measurement = slicer_module.vtkMRMLStaticMeasurement()
+        measurement = slicer.vtkMRMLStaticMeasurement()
         measurement.SetName(measurement_name)
-        units, print_format = MEASUREMENTS.get(measurement_name, ("", "%.3f"))
+        units, print_format = MEASUREMENTS[measurement_name]
         measurement.SetUnits(units)
         measurement.SetPrintFormat(print_format)
         measurement.SetEnabled(True)
@@ -142,7 +230,7 @@ def _set_measurement_values(node, measurement_name: str, values, slicer_module=N
 
 
 def _measurement_values(node, measurement_name: str) -> list:
-    """The measurement's per-point values as a list of floats (may be shorter than the point count)."""
+    """The measurement's values as a list of floats (any length: Slicer does not keep it aligned)."""
     measurement = node.GetMeasurement(measurement_name)
     array = measurement.GetControlPointValues() if measurement is not None else None
     if array is None:
@@ -150,80 +238,58 @@ def _measurement_values(node, measurement_name: str) -> list:
     return [array.GetValue(i) for i in range(array.GetNumberOfTuples())]
 
 
-def _value(values: list, index: int) -> float:
-    return float(values[index]) if index < len(values) else math.nan
-
-
-def point_values(node, index: int, columns: dict | None = None) -> dict:
+def point_values(node, index: int, values: dict | None = None) -> dict:
     """score, diameter_mm (NaN when unknown), region, lobe ("unknown"/"" when unknown) of point `index`.
 
-    columns: {measurement name: values} from _measurement_columns, to avoid re-reading per point.
+    values: {ID: values} from _values_of, to avoid re-reading per point.
     """
-    columns = columns or _measurement_columns(node)
-    return {
-        "score": _value(columns["score"], index),
-        "diameter_mm": _value(columns["diameter"], index),
-        "region": name_of_code(REGIONS, _value(columns["region"], index), "unknown"),
-        "lobe": name_of_code(LOBES, _value(columns["lobe"], index), ""),
-    }
-
-
-def _measurement_columns(node) -> dict:
-    return {name: _measurement_values(node, name) for name in MEASUREMENTS}
+    values = _values_of(node) if values is None else values
+    score, diameter, region, lobe = values.get(node.GetNthControlPointID(index), _unknown_values())
+    return {"score": float(score), "diameter_mm": float(diameter),
+            "region": name_of_code(REGIONS, region, "unknown"), "lobe": name_of_code(LOBES, lobe, "")}
 
 
 def set_point_values(node, index: int, score=None, diameter_mm=None, region=None, lobe=None) -> None:
     """Change some per-point values of point `index` (None leaves a value as it is)."""
-    adopt_new_points(node)
-    updates = {"score": score, "diameter": diameter_mm,
-               "region": None if region is None else _code(REGIONS, region),
-               "lobe": None if lobe is None else _code(LOBES, lobe)}
-    for measurement_name, value in updates.items():
-        if value is None:
-            continue
-        values = _padded(_measurement_values(node, measurement_name), node.GetNumberOfControlPoints())
-        values[index] = float(value)
-        _set_measurement_values(node, measurement_name, values)
+    _require_review_node(node)
+    reconcile(node)
+    values = _values_by_id(node)
+    record = values[node.GetNthControlPointID(index)]
+    updates = (score, diameter_mm, None if region is None else _code(REGIONS, region),
+               None if lobe is None else _code(LOBES, lobe))
+    for column, value in enumerate(updates):
+        if value is not None:
+            record[column] = float(value)
+    _store_values(node, values)
 
 
-def _padded(values: list, count: int) -> list:
-    return (list(values) + [math.nan] * count)[:count]
+def reconcile(node) -> list:
+    """Bring a review node up to date after anyone added or removed points (no-op on other nodes).
 
-
-def adopt_new_points(node) -> list:
-    """Make points placed by the reader first-class: description "added", NaN values, styled label.
-
-    Returns the indices that were adopted. Call after a point is placed (PointPositionDefinedEvent)
-    and before reading measurements.
+    Points without a values record (placed by the reader) get unknown values and, when they have no
+    review word, the state "added"; records of removed points are dropped; the measurement copies are
+    rewritten in the current point order. Returns the indices of the newly adopted points.
     """
-    count = node.GetNumberOfControlPoints()
-    for measurement_name in MEASUREMENTS:
-        values = _measurement_values(node, measurement_name)
-        if len(values) < count:
-            _set_measurement_values(node, measurement_name, _padded(values, count))
-    adopted = [i for i in range(count) if not node.GetNthControlPointDescription(i).strip()]
+    if not is_review_node(node):
+        return []
+    values = _values_by_id(node)
+    adopted = [i for i in range(node.GetNumberOfControlPoints())
+               if node.GetNthControlPointDescription(i).strip().lower() not in REVIEW_STATES]
+    for index in adopted:
+        # RemoveAllControlPoints restarts ID numbering: a new point may carry a deleted point's ID,
+        # but never its review word, so a point without one never inherits a record
+        values[node.GetNthControlPointID(index)] = _unknown_values()
+    _store_values(node, values)
     for index in adopted:
         set_state(node, index, "added")
     return adopted
 
 
 def remove_point(node, index: int) -> None:
-    """Delete point `index` and its entries in every per-point measurement."""
+    """Delete point `index` (its values go with it: they are keyed by its ID)."""
+    _require_review_node(node)
     node.RemoveNthControlPoint(index)
-    forget_removed_point(node, index)
-
-
-def forget_removed_point(node, index: int) -> None:
-    """Drop entry `index` from every measurement longer than the point count (after a removal).
-
-    The widget calls this from its PointRemovedEvent observer, which receives the removed index.
-    """
-    count = node.GetNumberOfControlPoints()
-    for measurement_name in MEASUREMENTS:
-        values = _measurement_values(node, measurement_name)
-        if len(values) > count and index < len(values):
-            del values[index]
-            _set_measurement_values(node, measurement_name, values)
+    reconcile(node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +304,7 @@ def get_state(node, index: int) -> str:
 
 def set_state(node, index: int, state: str) -> None:
     """Set the review state word and the visible cues (label suffix, selected and locked flags)."""
+    _require_review_node(node)
     if state not in REVIEW_STATES:
         raise CMBError(f"unknown review state {state!r}; expected one of {', '.join(REVIEW_STATES)}")
     if not 0 <= index < node.GetNumberOfControlPoints():
@@ -260,7 +327,8 @@ def _style_point(node, index: int, state: str) -> None:
 
 
 def style_node(node) -> None:
-    """Colours and label cues for every point (see the module docstring)."""
+    """Colours and label cues for every point of a review node (see the module docstring)."""
+    _require_review_node(node)
     display = node.GetDisplayNode()
     if display is None:
         node.CreateDefaultDisplayNodes()
@@ -291,11 +359,13 @@ def apply_threshold(node, threshold: float) -> int:
 
     Returns the number of hidden points.
     """
-    scores = _measurement_values(node, "score")
+    _require_review_node(node)
+    values = _values_by_id(node)
     hidden = 0
     was_modifying = node.StartModify()
     for index in range(node.GetNumberOfControlPoints()):
-        shown = is_shown_at(get_state(node, index), _value(scores, index), threshold)
+        score = values.get(node.GetNthControlPointID(index), _unknown_values())[0]
+        shown = is_shown_at(get_state(node, index), score, threshold)
         node.SetNthControlPointVisibility(index, shown)
         hidden += not shown
     node.EndModify(was_modifying)
@@ -317,15 +387,17 @@ def next_index(node, current: int, step: int = 1, pending_first: bool = False) -
 
 
 def review_table(node) -> list:
-    """One dict per point, in control point order: index, label, score, diameter_mm, region, lobe,
-    state, visible, position_ras (tuple of 3 floats, RAS mm)."""
-    adopt_new_points(node)
-    columns = _measurement_columns(node)
+    """One dict per point, in control point order: index, id, label, score, diameter_mm, region, lobe,
+    state, visible, position_ras (tuple of 3 floats, RAS mm). Reconciles a review node first; any other
+    node is only read."""
+    reconcile(node)
+    values = _values_of(node)
     rows = []
     for index in range(node.GetNumberOfControlPoints()):
         position = [0.0, 0.0, 0.0]
         node.GetNthControlPointPositionWorld(index, position)
-        rows.append({"index": index, "label": base_label(node, index), **point_values(node, index, columns),
+        rows.append({"index": index, "id": node.GetNthControlPointID(index), "label": base_label(node, index),
+                     **point_values(node, index, values),
                      "state": get_state(node, index), "visible": bool(node.GetNthControlPointVisibility(index)),
                      "position_ras": tuple(float(v) for v in position)})
     return rows
@@ -365,12 +437,13 @@ def node_findings(node) -> list:
 # ---------------------------------------------------------------------------------------------
 
 def export_review(node, csv_path, json_path, reader: str = "", input_name: str = "",
-                  model_versions: dict | None = None, threshold: float | None = None) -> dict:
+                  detection_run: dict | None = None, threshold: float | None = None) -> dict:
     """Write the reviewed findings.
 
     csv_path: findings.CSV_COLUMNS, one row per point (every state), readable by findings.read_csv.
-    json_path: {"software", "reviewed_at" (UTC ISO 8601), "reader", "input", "model_versions",
-    "threshold", "counts" (review_counts), "findings" (Finding.to_dict per point)}.
+    json_path: {"software", "reviewed_at" (UTC ISO 8601), "reader", "input", "detection_run"
+    (provenance from the run's summary, see detection_run_provenance), "threshold", "counts"
+    (review_counts), "findings" (Finding.to_dict per point)}.
     Returns the JSON document.
     """
     findings = node_findings(node)
@@ -380,13 +453,24 @@ def export_review(node, csv_path, json_path, reader: str = "", input_name: str =
         "reviewed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "reader": reader,
         "input": input_name,
-        "model_versions": dict(model_versions or {}),
+        "detection_run": dict(detection_run or {}),
         "threshold": threshold,
         "counts": review_counts(node),
         "findings": [_json_safe(f.to_dict()) for f in findings],
     }
     Path(json_path).write_text(json.dumps(document, indent=2, allow_nan=False))
     return document
+
+
+# What identifies the models and software of a detection run, as pipeline.detect writes them to STEM.json.
+PROVENANCE_KEYS = ("cmbdetector_version", "model", "yolo", "versions", "threshold", "operating_threshold")
+
+
+def detection_run_provenance(summary: dict) -> dict:
+    """The part of a run's summary (STEM.json) that says which models and versions produced the findings:
+    model {file, sha256, device}, yolo {used, sha256, ...}, versions {python, numpy, torch, ...}, the
+    threshold the run kept findings down to and its tuned operating point."""
+    return {key: summary[key] for key in PROVENANCE_KEYS if key in summary}
 
 
 def _json_safe(record: dict) -> dict:
