@@ -82,7 +82,7 @@ MODULE_DIR = Path(__file__).resolve().parent
 if str(MODULE_DIR) not in sys.path:  # CMBDetectorLib sits beside this file in the installed extension
     sys.path.insert(0, str(MODULE_DIR))
 
-from CMBDetectorLib import __version__, review  # noqa: E402
+from CMBDetectorLib import __version__, review, vocabulary  # noqa: E402
 from CMBDetectorLib.errors import CMBError, InputError  # noqa: E402
 
 # Packages `cmbdetector detect` imports, beyond what Slicer ships (numpy, SimpleITK, vtk).
@@ -172,11 +172,8 @@ class DetectionRequest:
 
     @property
     def stem(self) -> str:
-        name = Path(self.input_path).name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return Path(name).stem
+        """The stem the CLI names its outputs after (the same rule: vocabulary.stem_of)."""
+        return vocabulary.stem_of(self.input_path)
 
 
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
@@ -391,7 +388,7 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             raise InputError("select a GRE or SWI volume first")
         work_dir = Path(work_dir or tempfile.mkdtemp(prefix="CMBDetector-"))
         work_dir.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", input_node.GetName()) or "input"
+        stem = vocabulary.safe_stem(input_node.GetName())
         return DetectionRequest(
             input_path=self.write_volume(input_node, work_dir / f"{stem}.nii.gz"),
             out_dir=work_dir / "output",
@@ -422,15 +419,15 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
     def load_results(self, out_dir, stem: Optional[str] = None, name: Optional[str] = None):
         """Load OUT_DIR/STEM.mrk.json (regions from STEM.csv when needed) as a styled review node."""
         out_dir = Path(out_dir)
-        candidates = [out_dir / f"{stem}.mrk.json"] if stem else []
-        candidates += sorted(out_dir.glob("*.mrk.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = [out_dir / (stem + vocabulary.MARKUPS_SUFFIX)] if stem else []
+        candidates += sorted(out_dir.glob("*" + vocabulary.MARKUPS_SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True)
         existing = [path for path in candidates if path.is_file()]
         if not existing:
             raise CMBError(f"detection wrote no .mrk.json file in {out_dir}")
-        node = review.load_findings_markups(self.markups_logic, self.scene, existing[0],
-                                            name=name or f"CMB {existing[0].name[:-len('.mrk.json')]}")
+        run_stem = vocabulary.output_stem(existing[0])
+        node = review.load_findings_markups(self.markups_logic, self.scene, existing[0], name=name or f"CMB {run_stem}")
         node.SetAttribute("CMBDetector.outputDirectory", str(out_dir))
-        node.SetAttribute("CMBDetector.runStem", existing[0].name[:-len(".mrk.json")])
+        node.SetAttribute("CMBDetector.runStem", run_stem)
         return node
 
     @classmethod
@@ -451,7 +448,7 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         import json
 
         try:
-            summary = json.loads((Path(out_dir) / f"{stem}.json").read_text())
+            summary = json.loads((Path(out_dir) / (stem + vocabulary.SUMMARY_SUFFIX)).read_text())
         except (OSError, ValueError):
             return {}
         return summary if isinstance(summary, dict) else {}
@@ -469,7 +466,7 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         truth_findings = [Finding(label=f"truth-{cmb['id']}", position_ras=tuple(cmb["center_ras"]), score=1.0,
                                   diameter_mm=cmb.get("apparent_diameter_mm", float("nan")),
                                   region=cmb.get("region", "unknown"), lobe=cmb.get("lobe", ""),
-                                  status="accepted")
+                                  status=vocabulary.ACCEPTED)
                           for cmb in scan.truth.get("microbleeds", [])]
         truth = review.findings_to_markups_node(self.scene, truth_findings, f"{scan.scan_id} truth")
         truth.GetDisplayNode().SetVisibility(False)  # reveal it after reviewing, to check yourself
@@ -486,10 +483,10 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         return review.next_index(node, index, +1, pending_first=True)
 
     def accept(self, node, index: int) -> int:
-        return self.set_state(node, index, "accepted")
+        return self.set_state(node, index, vocabulary.ACCEPTED)
 
     def reject(self, node, index: int) -> int:
-        return self.set_state(node, index, "rejected")
+        return self.set_state(node, index, vocabulary.REJECTED)
 
     @staticmethod
     def step(node, index: int, step: int) -> int:
@@ -513,7 +510,8 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
     def counts_text(node) -> str:
         """One line for the panel, e.g. "3 accepted, 1 rejected, 0 added, 2 pending | lobar 2, deep 1, ..."."""
         counts = review.review_counts(node)
-        states = ", ".join(f"{counts[s]} {s}" for s in ("accepted", "rejected", "added", "pending"))
+        states = ", ".join(f"{counts[s]} {s}" for s in (vocabulary.ACCEPTED, vocabulary.REJECTED, vocabulary.ADDED,
+                                                         vocabulary.PENDING))
         regions = ", ".join(f"{region} {counts['by_region'][region]['confirmed']}"
                             for region in ("lobar", "deep", "infratentorial"))
         return f"{states} | confirmed: {regions}"
@@ -527,16 +525,17 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName())
+        stem = vocabulary.safe_stem(node.GetName(), default="findings")
         run_dir, run_stem = node.GetAttribute("CMBDetector.outputDirectory"), node.GetAttribute("CMBDetector.runStem")
         summary = self.run_summary(run_dir, run_stem) if run_dir and run_stem else {}
-        written = {"csv": out_dir / f"{stem}_review.csv", "json": out_dir / f"{stem}_review.json"}
+        written = {"csv": out_dir / (stem + vocabulary.REVIEW_CSV_SUFFIX),
+                   "json": out_dir / (stem + vocabulary.REVIEW_JSON_SUFFIX)}
         review.export_review(node, written["csv"], written["json"], reader=reader,
                              input_name=input_node.GetName() if input_node else "",
                              detection_run=review.detection_run_provenance(summary), threshold=threshold)
         if input_node is not None:
             labelmap = self.export_labelmap(node, input_node)
-            written["labelmap"] = self.write_volume(labelmap, out_dir / f"{stem}_accepted.nii.gz")
+            written["labelmap"] = self.write_volume(labelmap, out_dir / (stem + vocabulary.ACCEPTED_LABELMAP_SUFFIX))
         return written
 
     def export_labelmap(self, node, reference_volume_node, radius_mm: float = 1.5):
@@ -794,10 +793,10 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._show(self.logic.set_state(node, self._currentIndex, state))
 
     def onAccept(self) -> None:
-        self._decide("accepted")
+        self._decide(vocabulary.ACCEPTED)
 
     def onReject(self) -> None:
-        self._decide("rejected")
+        self._decide(vocabulary.REJECTED)
 
     def onAddPoint(self) -> None:
         """Place one point with the mouse; it becomes an "added" finding when placed."""
@@ -879,7 +878,7 @@ class CMBDetectorTest(ScriptedLoadableModuleTest):
         self.assertGreater(truth.GetNumberOfControlPoints(), 0)
         findings = review.node_findings(truth)
         for finding in findings:
-            finding.status = "pending"
+            finding.status = vocabulary.PENDING
         node = review.findings_to_markups_node(slicer.mrmlScene, findings, "CMB self-test")
         logic.accept(node, 0)
         if node.GetNumberOfControlPoints() > 1:

@@ -6,12 +6,12 @@ pytest all call the same functions.
 
 How a finding lives in a markups node (one control point per finding):
 - position: the control point position, RAS millimetres (world frame).
-- review state: the control point *description*, one word of findings.REVIEW_STATES. A point the reader
+- review state: the control point *description*, one word of vocabulary.REVIEW_STATES. A point the reader
   places has an empty description; it counts as "added" (reconcile writes the word).
 - score, diameter, region, lobe: keyed by control point ID in a node attribute (see "Per-point
   values" below), and copied in control point order into four static measurements
   (vtkMRMLStaticMeasurement), which Slicer shows and writes to `.mrk.json`. Region and lobe are
-  stored as codes: the index into findings.REGIONS and into LOBES (NaN = unknown).
+  stored as codes: the index into vocabulary.REGIONS and LOBES (NaN = unknown).
 - only review nodes (made by the detector, loaded from its files, or adopted by the reader) are
   ever written; see is_review_node.
 
@@ -27,34 +27,21 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from . import findings as findings_module
 from .errors import CMBError, InputError
-from .findings import REGIONS, REVIEW_STATES, Finding, name_of_code, read_csv, write_csv
+from .findings import Finding, read_csv, write_csv
+from .vocabulary import (CONFIRMED_STATES, DECIDED_COLOR, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
+                         MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES, code_of, name_of_code, output_stem)
+from .vocabulary import base_label as _base_label
 
-# Lobe codes: index into LOBES (findings.py is the owner once it writes region/lobe measurements itself).
-LOBES = getattr(findings_module, "LOBES", ("", "frontal", "parietal", "temporal", "occipital", "insula"))
-# measurement name -> (units, print format); "score" and "diameter" match findings.write_markups_json.
-MEASUREMENTS = {
-    "score": ("", "%.3f"),
-    "diameter": ("mm", "%.1f"),
-    "region": ("", "%.0f"),   # index into findings.REGIONS
-    "lobe": ("", "%.0f"),     # index into LOBES
-}
-LABEL_SUFFIX = {"pending": "", "accepted": " [A]", "rejected": " [R]", "added": " [+]"}
-PENDING_COLOR = (1.0, 0.75, 0.0)   # SelectedColor: amber, "still to read"
-DECIDED_COLOR = (0.3, 0.85, 1.0)   # Color: cyan, "read"; the label suffix tells which decision
-LABEL_FORMAT = "CMB-%d"
-CONFIRMED_STATES = ("accepted", "added")  # states that count as a lesion in counts and the labelmap
-_SUFFIX_PATTERN = re.compile(r"\s\[[AR+]\]$")
 # Detection from the module keeps findings down to this score (the benchmark's FROC floor) while the
 # review starts at the tuned operating point: lowering the slider then reveals what the run scored lower.
 DETECTION_FLOOR = 0.05
+# Node attributes this layer owns
 REVIEW_NODE_ATTRIBUTE = "CMBDetector.ReviewNode"    # "1" on nodes this layer may write
 POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"  # JSON {control point ID: [score, diameter, region, lobe]}
 
@@ -116,7 +103,7 @@ def findings_to_markups_node(scene, findings: list, name: str = "CMB detections"
         index = node.AddControlPoint([float(v) for v in finding.position_ras], finding.label)
         node.SetNthControlPointDescription(index, finding.status if finding.status in REVIEW_STATES else "pending")
         values[node.GetNthControlPointID(index)] = [float(finding.score), float(finding.diameter_mm),
-                                                    _code(REGIONS, finding.region), _code(LOBES, finding.lobe)]
+                                                    code_of(REGIONS, finding.region), code_of(LOBES, finding.lobe)]
     node.EndModify(was_modifying)
     _store_values(node, values)
     style_node(node)
@@ -133,11 +120,11 @@ def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = Non
     mrk_path = Path(mrk_path)
     if not mrk_path.is_file():
         raise InputError(f"markups file not found: {mrk_path}")
-    node_id = markups_logic.LoadMarkups(str(mrk_path), name or _stem(mrk_path))
+    node_id = markups_logic.LoadMarkups(str(mrk_path), name or output_stem(mrk_path))
     node = scene.GetNodeByID(node_id) if node_id else None
     if node is None:
         raise InputError(f"Slicer could not load the markups file {mrk_path}")
-    csv_path = Path(csv_path) if csv_path else mrk_path.with_name(_stem(mrk_path) + ".csv")
+    csv_path = Path(csv_path) if csv_path else mrk_path.with_name(output_stem(mrk_path) + FINDINGS_CSV_SUFFIX)
     if node.GetMeasurement("region") is None and csv_path.is_file():
         _regions_from_csv(node, csv_path)
     return adopt_node(node, unset_state="added")
@@ -146,8 +133,8 @@ def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = Non
 def _regions_from_csv(node, csv_path: Path) -> None:
     by_label = {f.label: f for f in read_csv(csv_path)}
     rows = [by_label.get(base_label(node, i)) for i in range(node.GetNumberOfControlPoints())]
-    _set_measurement_values(node, "region", [_code(REGIONS, r.region) if r else math.nan for r in rows])
-    _set_measurement_values(node, "lobe", [_code(LOBES, r.lobe) if r else math.nan for r in rows])
+    _set_measurement_values(node, "region", [code_of(REGIONS, r.region) if r else math.nan for r in rows])
+    _set_measurement_values(node, "lobe", [code_of(LOBES, r.lobe) if r else math.nan for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +242,8 @@ def set_point_values(node, index: int, score=None, diameter_mm=None, region=None
     reconcile(node)
     values = _values_by_id(node)
     record = values[node.GetNthControlPointID(index)]
-    updates = (score, diameter_mm, None if region is None else _code(REGIONS, region),
-               None if lobe is None else _code(LOBES, lobe))
+    updates = (score, diameter_mm, None if region is None else code_of(REGIONS, region),
+               None if lobe is None else code_of(LOBES, lobe))
     for column, value in enumerate(updates):
         if value is not None:
             record[column] = float(value)
@@ -317,7 +304,7 @@ def set_state(node, index: int, state: str) -> None:
 
 def base_label(node, index: int) -> str:
     """The point's label without the review suffix, e.g. "CMB-3"."""
-    return _SUFFIX_PATTERN.sub("", node.GetNthControlPointLabel(index))
+    return _base_label(node.GetNthControlPointLabel(index))
 
 
 def _style_point(node, index: int, state: str) -> None:
@@ -566,20 +553,3 @@ def volume_from_volume_node(node):
     array_ijk = np.transpose(slicer.util.arrayFromVolume(node), (2, 1, 0)).astype(np.float32)
     return Volume(np.ascontiguousarray(array_ijk), slicer.util.arrayFromVTKMatrix(matrix),
                   {"source": f"Slicer node {node.GetName()}"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------------
-
-def _code(names: tuple, name: str) -> float:
-    """Index of `name` in `names` as a float; NaN when it is not one of them."""
-    return float(names.index(name)) if name in names else math.nan
-
-
-def _stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".mrk.json", ".json", ".csv"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
