@@ -82,20 +82,10 @@ MODULE_DIR = Path(__file__).resolve().parent
 if str(MODULE_DIR) not in sys.path:  # CMBDetectorLib sits beside this file in the installed extension
     sys.path.insert(0, str(MODULE_DIR))
 
-from CMBDetectorLib import __version__, review, vocabulary  # noqa: E402
+from CMBDetectorLib import __version__, dependencies, review, vocabulary  # noqa: E402
 from CMBDetectorLib.errors import CMBError, InputError  # noqa: E402
 
-# Packages `cmbdetector detect` imports, beyond what Slicer ships (numpy, SimpleITK, vtk).
-# import name -> requirement. PyTorch itself comes from the PyTorch extension (see ensure_dependencies).
-PIP_REQUIREMENTS = {
-    "scipy": "scipy>=1.10",
-    "nibabel": "nibabel>=5.0",
-    "nilearn": "nilearn>=0.10",
-    "monai": "monai>=1.3",
-    "cv2": "opencv-python-headless>=4.8",
-    "ultralytics": "ultralytics>=8.1",
-}
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_REQUIREMENT = dependencies.PROTECTED_REQUIREMENTS["torch"]  # what the PyTorch extension must provide
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -303,33 +293,33 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
     # ---- dependencies ---------------------------------------------------------------------
 
     @staticmethod
-    def missing_packages() -> list:
-        """Import names of PIP_REQUIREMENTS (plus "torch") that cannot be imported."""
-        import importlib.util
+    def install_plan(groups=("detect",)) -> dependencies.InstallPlan:
+        """What installing the packages for `groups` ("detect", "sample", "cancel") would do here."""
+        return dependencies.plan_for_this_python(groups)
 
-        names = ["torch", *PIP_REQUIREMENTS]
-        return [name for name in names if importlib.util.find_spec(name) is None]
-
-    def ensure_dependencies(self, ask=None) -> bool:
-        """Install what detection needs, after asking. Returns True when everything is importable.
+    def ensure_dependencies(self, ask=None, groups=("detect",)) -> bool:
+        """Install what the features in `groups` need, after asking. True when nothing is missing.
 
         ask(message) -> bool asks the user; without it nothing is installed. PyTorch comes from the
-        PyTorch extension (it picks a CUDA or CPU build); the rest through slicer.pydeps.pip_ensure
-        (Slicer >= 5.11; older notes call it slicer.packaging) or slicer.util.pip_install.
+        PyTorch extension (it picks a CUDA or CPU build); the rest is pip-installed pinned and with
+        --no-deps (see CMBDetectorLib/dependencies.py), never touching what Slicer ships.
         """
-        missing = self.missing_packages()
-        if not missing:
+        plan = self.install_plan(groups)
+        if plan.complete:
             return True
-        if ask is None or not ask(_("CMB Detector needs these Python packages: {names}.\n"
-                                     "Download and install them now (a few GB for PyTorch)?")
-                                   .format(names=", ".join(missing))):
+        torch_missing = "detect" in groups and dependencies.installed_versions(["torch"])["torch"] is None
+        question = _("CMB Detector needs these Python packages (exact versions, installed without touching "
+                     "Slicer's own packages):\n{plan}{torch}\nDownload and install them now?").format(
+            plan=plan.describe(), torch=_("\nPyTorch, through the PyTorch extension") if torch_missing else "")
+        if ask is None or not ask(question):
             return False
-        if "torch" in missing:
+        if torch_missing:
             self._install_torch()
-        others = [PIP_REQUIREMENTS[name] for name in missing if name in PIP_REQUIREMENTS]
-        if others:
-            self._pip_install(others)
-        return not self.missing_packages()
+            plan = self.install_plan(groups)
+        if plan.protected_problems:
+            raise CMBError("\n".join(plan.protected_problems))
+        self._pip_install(plan)
+        return self.install_plan(groups).complete
 
     @staticmethod
     def _install_torch() -> None:
@@ -344,16 +334,16 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
                 raise CMBError("PyTorch installation did not complete")
 
     @staticmethod
-    def _pip_install(requirements: list) -> None:
-        package_manager = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
-        if package_manager is not None and hasattr(package_manager, "pip_ensure"):
-            from packaging.requirements import Requirement
+    def _pip_install(plan: dependencies.InstallPlan) -> None:
+        """pip install the plan with Slicer's pip (5.10 and 5.12 both have slicer.util.pip_install;
+        slicer.packaging.pip_ensure on 5.12 resolves dependencies, which is what must not happen)."""
+        import importlib
 
-            # torch/torchvision must stay the PyTorch extension's build: never let pip replace them
-            package_manager.pip_ensure([Requirement(r) for r in requirements],
-                                       skip_packages=["torch", "torchvision"], requester="CMBDetector")
-        else:
-            slicer.util.pip_install(requirements)
+        with tempfile.TemporaryDirectory(prefix="CMBDetector-pip-") as folder:
+            constraints = Path(folder) / "slicer-constraints.txt"
+            constraints.write_text("\n".join(plan.constraints) + "\n")
+            slicer.util.pip_install(plan.pip_arguments(str(constraints)))
+        importlib.invalidate_caches()
 
     # ---- detection --------------------------------------------------------------------------
 

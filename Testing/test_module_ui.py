@@ -108,16 +108,17 @@ def test_progress_parsing(module):
 
 def test_dependency_check_asks_before_installing(module, monkeypatch):
     logic = module.CMBDetectorLogic(scene=None)
+    if not logic.install_plan().complete:
+        pytest.skip(f"this environment differs from requirements.lock: {logic.install_plan().describe()}")
     questions = []
-    if logic.missing_packages():
-        pytest.skip(f"this environment lacks {logic.missing_packages()}")
     assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or True) is True
     assert questions == []  # nothing missing: no question
-    monkeypatch.setitem(module.PIP_REQUIREMENTS, "cmbdetector_absent_package", "cmbdetector-absent-package")
-    assert logic.missing_packages() == ["cmbdetector_absent_package"]
-    assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or False) is False
-    assert len(questions) == 1 and "cmbdetector_absent_package" in questions[0]
-    assert logic.ensure_dependencies(ask=None) is False  # never installs without asking
+    # a feature whose package is absent here: the user is asked, with the exact version, and may refuse
+    monkeypatch.setitem(module.dependencies.PINS, "cmbdetector-absent-package", "1.0")
+    monkeypatch.setitem(module.dependencies.GROUPS, "cancel", ("cmbdetector-absent-package",))
+    assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or False, groups=("cancel",)) is False
+    assert len(questions) == 1 and "cmbdetector-absent-package==1.0" in questions[0]
+    assert logic.ensure_dependencies(ask=None, groups=("cancel",)) is False  # never installs without asking
 
 
 def test_the_cli_runs_through_the_process_runner(module):
