@@ -66,8 +66,10 @@ def test_module_compiles_and_has_slicer_structure():
     assert "ScriptedLoadableModuleTest" in classes["CMBDetectorTest"]
     source = MODULE_FILE.read_text()
     assert 'slicer.util.loadUI(self.resourcePath("UI/CMBDetector.ui"))' in source
-    for key in ("A", "R", "N", "P"):
+    for key in ("A", "X", "N", "P", "Q", "U"):
         assert re.search(rf'\("{key}", "on\w+"\)', source), key
+    # Slicer's slice views take r (reset zoom and pan): a single-key shortcut on it would steal it
+    assert not re.search(r'\("R", "on\w+"\)', source)
 
 
 # ---- the Logic without Qt ----------------------------------------------------------------------
@@ -125,7 +127,7 @@ def test_the_cli_runs_through_the_process_runner(module):
     """`python -m CMBDetectorLib.cli --version` through the same runner and environment as detection."""
     logic = module.CMBDetectorLogic(scene=None)
     command = [sys.executable, "-m", "CMBDetectorLib.cli", "--version"]
-    process = module.DetectionProcess(command, logic.detection_environment())
+    process = module.BackgroundProcess(command, logic.detection_environment())
     assert process.wait(60) == 0
     assert any(line.startswith("cmbdetector ") for line in process.lines)
 
@@ -141,7 +143,7 @@ def test_cancel_kills_the_whole_process_tree(module, tmp_path):
             print(f"[{{step}}/1000] working", flush=True)
             time.sleep(0.05)
     """)
-    process = module.DetectionProcess([sys.executable, "-c", script])
+    process = module.BackgroundProcess([sys.executable, "-c", script])
     deadline = time.time() + 30
     while (not child_pid_file.exists() or process.progress == 0) and time.time() < deadline:
         process.poll()
@@ -169,21 +171,23 @@ def test_logic_writes_input_runs_detection_and_exports_provenance(module, mrml, 
     volume = small_swi_crop()
     node = review.volume_node_from_volume(mrml.scene, volume, "sub-01 swi")
     logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
-    request = logic.prepare_request(node, device="cpu", crop=True, work_dir=tmp_path / "work")
+    request = logic.prepare_request(node, device="cpu", crop=True)  # in a temporary folder
     assert request.input_path.name == "sub-01_swi.nii.gz" and request.stem == "sub-01_swi"
-    assert request.threshold == review.DETECTION_FLOOR
+    assert request.threshold == review.DETECTION_FLOOR and request.work_dir.is_dir()
     written = read_volume(request.input_path)
     np.testing.assert_allclose(written.affine, volume.affine, atol=1e-5)
     np.testing.assert_allclose(written.array, volume.array, rtol=1e-6)
 
     review_node = logic.run_detection(request, timeout_s=600)
+    assert not request.work_dir.exists()  # the patient's volume and the run's files are gone once loaded
     assert review.is_review_node(review_node)
-    summary = json.loads((request.out_dir / f"{request.stem}.json").read_text())
-    start = logic.review_start_threshold(request.out_dir, request.stem)
-    assert start == summary["operating_threshold"] > summary["threshold"] == review.DETECTION_FLOOR
+    run = review.detection_run(review_node)
+    start = review.review_start_threshold(review_node)
+    assert start == run["operating_threshold"] > run["threshold"] == review.DETECTION_FLOOR
     rows = review.review_table(review_node)
-    assert len(rows) == len(summary["findings"]) >= 1
-    assert [r["score"] for r in rows] == pytest.approx([f["score"] for f in summary["findings"]])
+    scores = [r["score"] for r in rows]
+    assert len(rows) >= 1 and scores == sorted(scores, reverse=True)
+    assert all(review.DETECTION_FLOOR <= score <= 1.0 for score in scores)
 
     next_index = logic.accept(review_node, 0)
     assert review.get_state(review_node, 0) == "accepted" and next_index != 0
@@ -194,9 +198,11 @@ def test_logic_writes_input_runs_detection_and_exports_provenance(module, mrml, 
     run = report["detection_run"]
     assert run["model"]["sha256"] == classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
     assert run["model"]["device"] == "cpu"
-    assert run["yolo"]["used"] and run["yolo"]["sha256"] == summary["yolo"]["sha256"]
-    assert Path(yolo.DEFAULT_YOLO).is_file()
-    assert run["versions"]["torch"] == summary["versions"]["torch"] and run["operating_threshold"] == start
+    assert run["yolo"]["used"] and run["yolo"]["sha256"] == json.loads(
+        Path(yolo.DEFAULT_YOLO).with_suffix(".json").read_text())["sha256"]
+    import torch
+
+    assert run["versions"]["torch"] == torch.__version__ and run["operating_threshold"] == start
     labels = read_volume(exported["labelmap"])
     assert labels.array.max() >= 1 and labels.array.shape == volume.shape
 
@@ -243,7 +249,8 @@ def test_cmake_files_name_the_module_and_its_scripts():
 
 @pytest.mark.slow
 def test_sample_scan_lesions_are_dark_where_the_truth_points_sit(module, mrml):
-    """load_sample_scan end to end (about 45 s: one simulated SWI scan): the magnitude node, the truth
+    """load_sample_scan end to end (about 45 s: one simulated SWI scan in a `cmbdetector synth` process, read
+    back with Slicer's volumes logic): the magnitude node, the truth
     markups and a labelmap of the truth lesions must agree, i.e. voxel order and IJK->RAS are right."""
     import numpy as np
     import slicer
@@ -251,8 +258,9 @@ def test_sample_scan_lesions_are_dark_where_the_truth_points_sit(module, mrml):
     from CMBDetectorLib import review
 
     pytest.importorskip("CMBDetectorLib.simulate.synth")
-    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
-    magnitude = logic.load_sample_scan(seed=7)
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic,
+                                    volumes_logic=mrml.volumes_logic)
+    magnitude = logic.load_sample_scan(seed=7)  # `cmbdetector synth` in a background process, files removed
     phase = mrml.scene.GetNodeByID(magnitude.GetAttribute("CMBDetector.phaseNodeID"))
     truth = mrml.scene.GetNodeByID(magnitude.GetAttribute("CMBDetector.truthNodeID"))
     assert phase is not None and truth.GetNumberOfControlPoints() > 0
@@ -269,3 +277,28 @@ def test_sample_scan_lesions_are_dark_where_the_truth_points_sit(module, mrml):
         darker += np.median(image[inside]) < np.median(image[brain])
     # microbleeds are hypointense on SWI: most lesions must be darker than brain tissue at their spot
     assert darker >= 0.8 * truth.GetNumberOfControlPoints()
+
+
+def test_extension_metadata_agrees_everywhere_and_screenshots_exist():
+    """CMakeLists.txt, CMBDetector.s4ext, CMBDetector.json and the module name the same category (one the
+    Extensions Index uses), homepage and contributors; every screenshot URL names a file in this repo."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CMBDetector.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#") and " " in line)
+    catalog = json.loads((ROOT / "CMBDetector.json").read_text())
+
+    def cmake_value(key):
+        return re.search(rf'set\({key} "([^"]*)"\)', cmake).group(1)
+
+    category = cmake_value("EXTENSION_CATEGORY")
+    assert category in ("Segmentation", "Quantification", "Neuroimaging")  # used by extensions in the index
+    assert s4ext["category"] == catalog["category"] == category
+    assert f'"{category}")]' in MODULE_FILE.read_text()
+    assert s4ext["homepage"] == cmake_value("EXTENSION_HOMEPAGE")
+    assert s4ext["contributors"] == cmake_value("EXTENSION_CONTRIBUTORS") == "CMBDetector developers"
+    assert s4ext["scmurl"] == catalog["scm_url"]
+    screenshots = cmake_value("EXTENSION_SCREENSHOTURLS").split()
+    assert screenshots == s4ext["screenshoturls"].split() and screenshots
+    for url in screenshots + [cmake_value("EXTENSION_ICONURL"), s4ext["iconurl"]]:
+        relative = url.split("/main/", 1)[1]
+        assert (ROOT / relative).is_file(), url

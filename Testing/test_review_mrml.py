@@ -420,3 +420,57 @@ def test_a_node_not_from_the_detector_is_only_read_until_adopted(mrml):
     assert [r["state"] for r in review.review_table(landmarks)] == ["pending", "pending"]
     review.set_state(landmarks, 0, "accepted")
     assert landmarks.GetNthControlPointLabel(0) == "nasion [A]"
+
+
+# ---- review flow: undo, back to pending, the threshold both ways, one labelmap -------------------
+
+
+def test_undo_puts_back_the_previous_state_and_pending_is_reachable(mrml):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 0, "accepted")
+    review.set_state(node, 1, "rejected")
+    review.set_state(node, 0, "rejected")  # changed my mind
+    assert review.undo_last_decision(node) == 0 and review.get_state(node, 0) == "accepted"
+    assert review.undo_last_decision(node) == 1 and review.get_state(node, 1) == "pending"
+    assert node.GetNthControlPointLabel(1) == "CMB-2" and node.GetNthControlPointSelected(1)
+    assert not node.GetNthControlPointLocked(1)  # a rejected point is locked; undone, it is free again
+    review.set_state(node, 2, "accepted")
+    remove_by_label(node, "CMB-3")  # the decided point is gone: undo skips it
+    assert review.undo_last_decision(node) == 0 and review.get_state(node, 0) == "pending"
+    assert review.undo_last_decision(node) == -1
+    review.set_state(node, 0, "accepted")
+    review.set_state(node, 0, "pending")  # back to pending directly
+    assert review.get_state(node, 0) == "pending" and node.GetNthControlPointLabel(0) == "CMB-1"
+
+
+def test_threshold_reveals_as_well_as_hides_and_hidden_pending_counts_as_below_threshold(mrml, tmp_path):
+    findings = sample_findings(synthetic_volume())  # scores 0.95, 0.8, 0.55, 0.3
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 2, "rejected")
+    review.apply_threshold(node, 0.6)
+    counts = review.review_counts(node)
+    assert (counts["pending"], counts["below_threshold"], counts["rejected"]) == (2, 1, 1)
+    review.apply_threshold(node, 0.2)  # lower: CMB-4 comes back as pending
+    assert all(node.GetNthControlPointVisibility(i) for i in range(4))
+    counts = review.review_counts(node)
+    assert (counts["pending"], counts["below_threshold"]) == (3, 0)
+    review.apply_threshold(node, 0.9)
+    document = review.export_review(node, tmp_path / "r.csv", tmp_path / "r.json")
+    assert [f["status"] for f in document["findings"]] == ["pending", "below_threshold", "rejected",
+                                                            "below_threshold"]
+    assert document["counts"]["below_threshold"] == 2 and document["counts"]["total"] == 4
+
+
+def test_labelmap_export_updates_one_node_in_place(mrml):
+    volume = synthetic_volume()
+    volume_node = review.volume_node_from_volume(mrml.scene, volume, "swi")
+    node = review.findings_to_markups_node(mrml.scene, sample_findings(volume))
+    review.set_state(node, 0, "accepted")
+    first = review.export_accepted_labelmap(mrml.scene, node, volume_node)
+    count = mrml.scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode")
+    review.set_state(node, 2, "accepted")
+    second = review.export_accepted_labelmap(mrml.scene, node, volume_node)
+    assert second.GetID() == first.GetID()
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == count
+    assert set(np.unique(slicer.util.arrayFromVolume(second))) == {0, 1, 3}

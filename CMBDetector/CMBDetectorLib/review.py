@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__
 from .errors import CMBError, InputError
 from .findings import Finding, read_csv, write_csv
-from .vocabulary import (CONFIRMED_STATES, DECIDED_COLOR, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
+from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, PENDING, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
                          MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES, code_of, name_of_code, output_stem)
 from .vocabulary import base_label as _base_label
 
@@ -44,6 +44,10 @@ DETECTION_FLOOR = 0.05
 # Node attributes this layer owns
 REVIEW_NODE_ATTRIBUTE = "CMBDetector.ReviewNode"    # "1" on nodes this layer may write
 POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"  # JSON {control point ID: [score, diameter, region, lobe]}
+DETECTION_RUN_ATTRIBUTE = "CMBDetector.DetectionRun"  # JSON: the run's models, hashes, versions, thresholds
+DECISION_HISTORY_ATTRIBUTE = "CMBDetector.DecisionHistory"  # JSON [[control point ID, state before]], for undo
+DECISION_HISTORY_LENGTH = 200
+ACCEPTED_LABELMAP_ROLE = "CMBDetectorAcceptedLabelmap"  # node reference: the one labelmap of a review node
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +300,34 @@ def set_state(node, index: int, state: str) -> None:
         raise CMBError(f"unknown review state {state!r}; expected one of {', '.join(REVIEW_STATES)}")
     if not 0 <= index < node.GetNumberOfControlPoints():
         raise CMBError(f"no control point {index} in {node.GetName()} ({node.GetNumberOfControlPoints()} points)")
+    previous = get_state(node, index)
     was_modifying = node.StartModify()
     node.SetNthControlPointDescription(index, state)
     _style_point(node, index, state)
     node.EndModify(was_modifying)
+    if previous != state:
+        history = _decision_history(node)[-(DECISION_HISTORY_LENGTH - 1):]
+        node.SetAttribute(DECISION_HISTORY_ATTRIBUTE, json.dumps(history + [[node.GetNthControlPointID(index), previous]]))
+
+
+def undo_last_decision(node) -> int:
+    """Put back the state the last decision replaced; returns that point's index, or -1 when there is
+    nothing to undo. Decisions on points deleted since are skipped (their point is gone)."""
+    _require_review_node(node)
+    history = _decision_history(node)
+    while history:
+        point_id, previous = history.pop()
+        index = node.GetNthControlPointIndexByID(point_id)
+        if index >= 0:
+            set_state(node, index, previous)
+            node.SetAttribute(DECISION_HISTORY_ATTRIBUTE, json.dumps(history))  # the undo itself is not undoable
+            return index
+    node.SetAttribute(DECISION_HISTORY_ATTRIBUTE, "[]")
+    return -1
+
+
+def _decision_history(node) -> list:
+    return json.loads(node.GetAttribute(DECISION_HISTORY_ATTRIBUTE) or "[]")
 
 
 def base_label(node, index: int) -> str:
@@ -390,17 +418,27 @@ def review_table(node) -> list:
     return rows
 
 
+def reported_state(row: dict) -> str:
+    """The state a count or an export reports: the stored one, except that a pending finding the
+    threshold hides is BELOW_THRESHOLD. The reader chose not to read below that score, so it is neither
+    waiting to be read nor a lesion; lowering the threshold makes it pending again."""
+    if row["state"] == PENDING and not row["visible"]:
+        return BELOW_THRESHOLD
+    return row["state"]
+
+
 def review_counts(node) -> dict:
-    """Counts per state, and per region: {"accepted", "rejected", "added", "pending", "total",
-    "confirmed" (accepted + added), "by_region": {region: {state: n, "confirmed": n}},
-    "lobar_by_lobe": {lobe: confirmed n}}."""
+    """Counts per reported state (see reported_state), and per region: {"accepted", "rejected", "added",
+    "pending", "below_threshold", "total", "confirmed" (accepted + added), "by_region": {region: {state: n,
+    "confirmed": n}}, "lobar_by_lobe": {lobe: confirmed n}}."""
     rows = review_table(node)
-    counts = {state: 0 for state in REVIEW_STATES}
-    by_region = {region: {**{state: 0 for state in REVIEW_STATES}, "confirmed": 0} for region in REGIONS}
+    states = (*REVIEW_STATES, BELOW_THRESHOLD)
+    counts = {state: 0 for state in states}
+    by_region = {region: {**{state: 0 for state in states}, "confirmed": 0} for region in REGIONS}
     by_lobe = {lobe: 0 for lobe in LOBES if lobe}
     for row in rows:
-        counts[row["state"]] += 1
-        by_region[row["region"]][row["state"]] += 1
+        counts[reported_state(row)] += 1
+        by_region[row["region"]][reported_state(row)] += 1
         if row["state"] in CONFIRMED_STATES:
             by_region[row["region"]]["confirmed"] += 1
             if row["region"] == "lobar" and row["lobe"]:
@@ -413,9 +451,10 @@ def review_counts(node) -> dict:
 
 
 def node_findings(node) -> list:
-    """The node's points as Finding records (base labels, RAS positions, review state as status)."""
+    """The node's points as Finding records (base labels, RAS positions, reported_state as status)."""
     return [Finding(label=row["label"], position_ras=row["position_ras"], score=row["score"],
-                    diameter_mm=row["diameter_mm"], region=row["region"], lobe=row["lobe"], status=row["state"])
+                    diameter_mm=row["diameter_mm"], region=row["region"], lobe=row["lobe"],
+                    status=reported_state(row))
             for row in review_table(node)]
 
 
@@ -460,6 +499,29 @@ def detection_run_provenance(summary: dict) -> dict:
     return {key: summary[key] for key in PROVENANCE_KEYS if key in summary}
 
 
+def record_detection_run(node, summary: dict) -> None:
+    """Keep the run's provenance on its review node, so the export needs no file of the run."""
+    _require_review_node(node)
+    node.SetAttribute(DETECTION_RUN_ATTRIBUTE, json.dumps(detection_run_provenance(summary)))
+
+
+def detection_run(node) -> dict:
+    """The provenance recorded by record_detection_run ({} for nodes from elsewhere)."""
+    return json.loads(node.GetAttribute(DETECTION_RUN_ATTRIBUTE) or "{}")
+
+
+def review_start_threshold(node) -> float | None:
+    """Where the review's slider starts: the run's tuned operating point, else the threshold it kept
+    findings down to; None when unknown. Findings between the floor and the operating point start
+    hidden, one slider move away."""
+    run = detection_run(node)
+    for key in ("operating_threshold", "threshold"):
+        value = run.get(key)
+        if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+            return float(value)
+    return None
+
+
 def _json_safe(record: dict) -> dict:
     """NaN (unknown score/diameter of reader-added points) becomes null: JSON has no NaN."""
     return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
@@ -468,7 +530,8 @@ def _json_safe(record: dict) -> dict:
 
 def export_accepted_labelmap(scene, node, reference_volume_node, radius_mm: float = 1.5,
                              name: str | None = None):
-    """A vtkMRMLLabelMapVolumeNode on the reference volume's grid marking confirmed lesions.
+    """A vtkMRMLLabelMapVolumeNode on the reference volume's grid marking confirmed lesions: for a review
+    node, its one labelmap (made on the first call, overwritten in place on later ones).
 
     Each accepted or reader-added point becomes a sphere of its diameter (or of `radius_mm` when the
     diameter is unknown) with label value = control point index + 1. Pending and rejected points are
@@ -492,7 +555,11 @@ def export_accepted_labelmap(scene, node, reference_volume_node, radius_mm: floa
             continue
         radius = row["diameter_mm"] / 2 if math.isfinite(row["diameter_mm"]) and row["diameter_mm"] > 0 else radius_mm
         _paint_sphere(labels_kji, affine, ras_to_ijk, np.asarray(row["position_ras"]), radius, row["index"] + 1)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name or f"{node.GetName()} accepted")
+    labelmap = node.GetNodeReference(ACCEPTED_LABELMAP_ROLE) if is_review_node(node) else None
+    if labelmap is None:
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name or f"{node.GetName()} accepted")
+        if is_review_node(node):  # one labelmap per review node, updated in place by later exports
+            node.SetNodeReferenceID(ACCEPTED_LABELMAP_ROLE, labelmap.GetID())
     labelmap.SetIJKToRASMatrix(ijk_to_ras)
     slicer.util.updateVolumeFromArray(labelmap, labels_kji)
     labelmap.CreateDefaultDisplayNodes()
