@@ -109,6 +109,30 @@ class CMBDetector(ScriptedLoadableModule):
             "Version {version}.").format(version=__version__)
         self.parent.acknowledgementText = _(
             "Two-stage design after Dou et al. 2016 and Al-Masni et al. 2020; built on MONAI and PyTorch.")
+        if HAVE_SLICER_GUI:
+            slicer.app.startupCompleted.connect(registerSampleData)
+
+
+def registerSampleData() -> None:
+    """List the simulated sample scan in the Sample Data module. Nothing is downloaded: choosing it opens
+    this module and simulates the scan in the background, as *Load sample scan* does."""
+    try:
+        import SampleData
+    except ImportError:  # the Sample Data module is disabled
+        return
+
+    def simulateInTheBackground(source=None):
+        slicer.util.selectModule("CMBDetector")
+        slicer.modules.CMBDetectorWidget.onLoadSample()
+
+    try:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="CMBDetector", sampleName="CMBSimulatedSWI", uris=["cmbdetector://simulated-swi"],
+            fileNames=["CMBSimulatedSWI.nii.gz"], nodeNames=["CMBSimulatedSWI"], loadFiles=[False],
+            thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "CMBDetector.png"),
+            customDownloader=simulateInTheBackground)
+    except TypeError as error:  # an older Sample Data module without customDownloader
+        logging.info("CMBDetector: sample scan not registered with Sample Data (%s)", error)
 
 
 # =============================================================================================
