@@ -582,10 +582,12 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def counts_text(node) -> str:
-        """One line for the panel, e.g. "3 accepted, 1 rejected, 0 added, 2 pending | lobar 2, deep 1, ..."."""
+        """One line for the panel, e.g. "3 accepted, 1 rejected, 0 added, 2 pending, 4 below threshold |
+        confirmed: lobar 2, deep 1, ..."."""
         counts = review.review_counts(node)
         states = ", ".join(f"{counts[s]} {s}" for s in (vocabulary.ACCEPTED, vocabulary.REJECTED, vocabulary.ADDED,
                                                          vocabulary.PENDING))
+        states += f", {counts[vocabulary.BELOW_THRESHOLD]} below threshold"
         regions = ", ".join(f"{region} {counts['by_region'][region]['confirmed']}"
                             for region in ("lobar", "deep", "infratentorial"))
         return f"{states} | confirmed: {regions}"
@@ -670,7 +672,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewTable.currentCellChanged.connect(self.onTableCurrentCellChanged)
         self.ui.thresholdSlider.valueChanged.connect(self.onThresholdChanged)
         self.ui.findingsSelector.currentNodeChanged.connect(self.onFindingsChanged)
-        self.ui.inputVolumeSelector.currentNodeChanged.connect(self.updateButtons)
+        self.ui.inputVolumeSelector.currentNodeChanged.connect(self._refreshSoon)
         self.ui.exportDirectoryButton.directory = str(Path.home())
 
         self.ui.reviewTable.setColumnCount(len(self.TABLE_COLUMNS))
@@ -810,7 +812,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         start = review.review_start_threshold(node)
         if start is not None:
             self._parameterNode.threshold = start  # the slider is bound to it
-        self.onThresholdChanged(self.ui.thresholdSlider.value)
+        self.onThresholdChanged(self._parameterNode.threshold)
         self.onNext()
 
     def onLoadSample(self) -> None:
@@ -836,7 +838,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFindingsChanged(self, node) -> None:
         self._observeFindings(node)
         self._currentIndex = -1
-        self.refreshTable()
+        self._refreshSoon()  # the parameter node learns of the new selection from the same signal
 
     def _observeFindings(self, node) -> None:
         if self._observedFindings is not None:
@@ -852,7 +854,11 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent, self.onPointInteraction)
 
     def onFindingsModified(self, caller, event) -> None:
-        # many events arrive per edit: refresh once, after the event loop settles
+        self._refreshSoon()
+
+    def _refreshSoon(self, *args) -> None:
+        # many events arrive per edit, and a selector's signal reaches this widget before the parameter
+        # node: refresh once, after the event loop settles
         if not self._refreshPending:
             self._refreshPending = True
             qt.QTimer.singleShot(0, self.refreshTable)
@@ -958,7 +964,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._findings()
         if node is not None:
             self.logic.adopt(node)
-            self.onThresholdChanged(self.ui.thresholdSlider.value)
+            self.onThresholdChanged(self._parameterNode.threshold)
 
     def onThresholdChanged(self, value: float) -> None:
         node = self._findings()
