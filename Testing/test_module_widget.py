@@ -253,3 +253,23 @@ def test_a_landmarks_node_is_shown_but_not_changed_until_adopted(harness):
     harness.click(ui.nextButton)
     harness.click(ui.acceptButton)
     assert landmarks.GetNthControlPointLabel(0) == "nasion [A]"
+
+
+def test_the_module_self_test_runs_its_fast_parts(harness):
+    """The self-test Slicer's CMake registers (CMBDetectorTest), on the harness's scene: the review on
+    synthetic findings and Cancel. (Its sample-scan part simulates a scan: test_module_ui covers that.)"""
+    self_test = harness.module.CMBDetectorTest()
+    for name in ("test_review_on_synthetic_findings", "test_detection_process_cancel"):
+        self_test.setUp()
+        getattr(self_test, name)()
+    assert {"Review test passed", "Cancel test passed"} <= set(standins.DISPLAYED)
+
+
+def test_the_self_test_skips_what_lacks_its_packages_and_says_so(harness, monkeypatch):
+    """On a fresh Slicer (the extension build machine) the sample's packages are absent."""
+    from CMBDetectorLib import dependencies
+
+    monkeypatch.setitem(dependencies.PINS, "cmbdetector-absent-package", "1.0")
+    monkeypatch.setitem(dependencies.GROUPS, "sample", ("cmbdetector-absent-package",))
+    harness.module.CMBDetectorTest().test_sample_scan_review()  # returns at once instead of simulating
+    assert any(line.startswith("Skipped (needs cmbdetector-absent-package==1.0)") for line in standins.DISPLAYED)
