@@ -4,10 +4,12 @@ The module holds only Slicer glue. Review decisions (states, threshold, counts, 
 CMBDetectorLib/review.py; detection runs as a separate process (`PythonSlicer -m CMBDetectorLib.cli
 detect ...`) so the GUI stays responsive and a crash or Cancel cannot take Slicer down.
 
-The Qt layer (Widget, shortcuts, timers) needs the Slicer desktop application. Everything else
-(DetectionRequest, BackgroundProcess, CMBDetectorLogic) also imports with the `slicer-core` wheel, where
-`qt`, `slicer.ScriptedLoadableModule` and `slicer.parameterNodeWrapper` do not exist: those imports are
-guarded below so the test suite can exercise the Logic on real MRML without the application.
+The Qt layer (Widget, shortcuts, timers) needs `qt` and the application's `slicer` parts: Slicer's
+PythonQt, or PySide6 with the stand-ins of Testing/slicer_qt_standins.py. It uses idioms both accept
+(signal attributes, setters). Everything else (DetectionRequest, BackgroundProcess, CMBDetectorLogic)
+also imports with the bare `slicer-core` wheel, where `qt`, `slicer.ScriptedLoadableModule` and
+`slicer.parameterNodeWrapper` do not exist: those imports are guarded below, so batch scripts and
+the tests can use the Logic on real MRML without the application.
 """
 
 import logging

@@ -1,9 +1,9 @@
 """The Slicer module's files, and its Qt-free Logic on slicer-core.
 
-The Widget needs the Slicer desktop application (Qt, CTK); here we check what can be checked without
-it: the .ui parses and holds every widget the Widget uses, the module compiles and imports on
-slicer-core, the background process runner reports progress and Cancel kills the whole process tree,
-and the extension description files carry the keys the Extensions Index needs.
+The Widget itself runs in test_module_widget.py (PySide6). Here: the .ui parses and holds every widget
+the Widget uses, the module compiles and imports on bare slicer-core, the background process runner
+reports progress and Cancel kills the whole process tree, the Logic runs a real detection, and the
+extension description files agree and carry the keys the Extensions Index needs.
 """
 
 from __future__ import annotations
