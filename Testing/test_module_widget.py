@@ -273,3 +273,20 @@ def test_the_self_test_skips_what_lacks_its_packages_and_says_so(harness, monkey
     monkeypatch.setitem(dependencies.GROUPS, "sample", ("cmbdetector-absent-package",))
     harness.module.CMBDetectorTest().test_sample_scan_review()  # returns at once instead of simulating
     assert any(line.startswith("Skipped (needs cmbdetector-absent-package==1.0)") for line in standins.DISPLAYED)
+
+
+def test_load_sample_runs_in_the_background_and_cancel_stops_it(harness):
+    ui = harness.ui
+    harness.click(ui.loadSampleButton)
+    process = harness.widget._process
+    assert process is not None and process.command[3:5] == ["synth", "--out"]
+    assert not ui.loadSampleButton.isEnabled() and ui.cancelButton.isEnabled()
+    assert len(cmbdetector_temp_folders(harness)) == 1  # made by slicer.util.tempDirectory
+    # the click returned while the simulation (tens of seconds) runs: the GUI is not blocked
+    assert process.running
+    QtTest.QTest.qWait(500)  # the event loop, with the widget's poll timer, keeps running meanwhile
+    harness.click(ui.cancelButton)
+    wait_until(lambda: harness.widget._process is None, 60, "the cancelled simulation to end")
+    assert process.cancelled and cmbdetector_temp_folders(harness) == []
+    assert harness.mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert ui.loadSampleButton.isEnabled() and not ui.cancelButton.isEnabled()
