@@ -4,10 +4,12 @@ The module holds only Slicer glue. Review decisions (states, threshold, counts, 
 CMBDetectorLib/review.py; detection runs as a separate process (`PythonSlicer -m CMBDetectorLib.cli
 detect ...`) so the GUI stays responsive and a crash or Cancel cannot take Slicer down.
 
-The Qt layer (Widget, shortcuts, timers) needs the Slicer desktop application. Everything else
-(DetectionRequest, DetectionProcess, CMBDetectorLogic) also imports with the `slicer-core` wheel, where
-`qt`, `slicer.ScriptedLoadableModule` and `slicer.parameterNodeWrapper` do not exist: those imports are
-guarded below so the test suite can exercise the Logic on real MRML without the application.
+The Qt layer (Widget, shortcuts, timers) needs `qt` and the application's `slicer` parts: Slicer's
+PythonQt, or PySide6 with the stand-ins of Testing/slicer_qt_standins.py. It uses idioms both accept
+(signal attributes, setters). Everything else (DetectionRequest, BackgroundProcess, CMBDetectorLogic)
+also imports with the bare `slicer-core` wheel, where `qt`, `slicer.ScriptedLoadableModule` and
+`slicer.parameterNodeWrapper` do not exist: those imports are guarded below, so batch scripts and
+the tests can use the Logic on real MRML without the application.
 """
 
 import logging
@@ -24,8 +26,6 @@ import unittest
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
-
-import vtk
 
 import slicer
 
@@ -84,20 +84,10 @@ MODULE_DIR = Path(__file__).resolve().parent
 if str(MODULE_DIR) not in sys.path:  # CMBDetectorLib sits beside this file in the installed extension
     sys.path.insert(0, str(MODULE_DIR))
 
-from CMBDetectorLib import __version__, review  # noqa: E402
+from CMBDetectorLib import __version__, dependencies, review, vocabulary  # noqa: E402
 from CMBDetectorLib.errors import CMBError, InputError  # noqa: E402
 
-# Packages `cmbdetector detect` imports, beyond what Slicer ships (numpy, SimpleITK, vtk).
-# import name -> requirement. PyTorch itself comes from the PyTorch extension (see ensure_dependencies).
-PIP_REQUIREMENTS = {
-    "scipy": "scipy>=1.10",
-    "nibabel": "nibabel>=5.0",
-    "nilearn": "nilearn>=0.10",
-    "monai": "monai>=1.3",
-    "cv2": "opencv-python-headless>=4.8",
-    "ultralytics": "ultralytics>=8.1",
-}
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_REQUIREMENT = dependencies.PROTECTED_REQUIREMENTS["torch"]  # what the PyTorch extension must provide
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -109,17 +99,42 @@ class CMBDetector(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("CMB Detector")
-        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Diagnosis")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = ["Markups", "Volumes"]
         self.parent.contributors = ["CMBDetector developers"]
         self.parent.helpText = _(
             "Finds cerebral microbleeds on GRE/SWI brain MRI and lets you review every finding: "
-            "N / P next and previous finding, A accept, R reject; place a point to add a missed lesion. "
+            "N / P next and previous finding, A accept, X reject, Q back to pending, U undo; place a point "
+            "to add a missed lesion. "
             "Exports counts by location (lobar / deep / infratentorial), a CSV, a JSON report and a "
             "labelmap of accepted lesions. Not a medical device: research use only. "
             "Version {version}.").format(version=__version__)
         self.parent.acknowledgementText = _(
             "Two-stage design after Dou et al. 2016 and Al-Masni et al. 2020; built on MONAI and PyTorch.")
+        if HAVE_SLICER_GUI:
+            slicer.app.startupCompleted.connect(registerSampleData)
+
+
+def registerSampleData() -> None:
+    """List the simulated sample scan in the Sample Data module. Nothing is downloaded: choosing it opens
+    this module and simulates the scan in the background, as *Load sample scan* does."""
+    try:
+        import SampleData
+    except ImportError:  # the Sample Data module is disabled
+        return
+
+    def simulateInTheBackground(source=None):
+        slicer.util.selectModule("CMBDetector")
+        slicer.modules.CMBDetectorWidget.onLoadSample()
+
+    try:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="CMBDetector", sampleName="CMBSimulatedSWI", uris=["cmbdetector://simulated-swi"],
+            fileNames=["CMBSimulatedSWI.nii.gz"], nodeNames=["CMBSimulatedSWI"], loadFiles=[False],
+            thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "CMBDetector.png"),
+            customDownloader=simulateInTheBackground)
+    except TypeError as error:  # an older Sample Data module without customDownloader
+        logging.info("CMBDetector: sample scan not registered with Sample Data (%s)", error)
 
 
 # =============================================================================================
@@ -136,6 +151,7 @@ class CMBDetectorParameterNode:
     findings: vtkMRMLMarkupsFiducialNode
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    partialBrain: bool = False
     sampleSeed: Annotated[int, WithinRange(0, 999999)] = 7
     reader: str = ""
 
@@ -154,6 +170,8 @@ class DetectionRequest:
     mask_path: Optional[Path] = None
     threshold: Optional[float] = None
     device: str = "auto"
+    crop: bool = False  # a partial-brain crop: no head-size check, no atlas locations
+    work_dir: Optional[Path] = None  # a temporary folder holding the inputs and outputs, removed after loading
 
     def arguments(self) -> list:
         """The `detect` subcommand's arguments (after `-m CMBDetectorLib.cli`)."""
@@ -164,17 +182,16 @@ class DetectionRequest:
             arguments += ["--mask", str(self.mask_path)]
         if self.threshold is not None:
             arguments += ["--threshold", f"{float(self.threshold):g}"]
-        if self.device in ("cpu", "cuda"):
-            arguments += ["--device", self.device]
+        if self.device:
+            arguments += ["--device", self.device]  # the reader's choice, "auto" included
+        if self.crop:
+            arguments.append("--crop")
         return arguments
 
     @property
     def stem(self) -> str:
-        name = Path(self.input_path).name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return Path(name).stem
+        """The stem the CLI names its outputs after (the same rule: vocabulary.stem_of)."""
+        return vocabulary.stem_of(self.input_path)
 
 
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
@@ -193,7 +210,7 @@ def parse_progress(line: str) -> Optional[float]:
     return None
 
 
-class DetectionProcess:
+class BackgroundProcess:
     """A running command whose merged stdout/stderr is read by a thread into a queue.
 
     poll() returns the lines printed since the last call (never blocks); cancel() kills the whole process
@@ -271,6 +288,12 @@ class DetectionProcess:
         psutil.wait_procs(children, timeout=5)
 
 
+def _check_finished(process, returncode: int, what: str) -> None:
+    if returncode != 0:
+        tail = "\n".join(process.lines[-5:])
+        raise CMBError(f"{what} failed (exit code {returncode}):\n{tail}")
+
+
 def _popen(command: list, env: Optional[dict]):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=env)
@@ -287,10 +310,11 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
     explicitly when running on slicer-core.
     """
 
-    def __init__(self, scene=None, markups_logic=None):
+    def __init__(self, scene=None, markups_logic=None, volumes_logic=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
         self._markups_logic = markups_logic
+        self._volumes_logic = volumes_logic
 
     def getParameterNode(self):
         return CMBDetectorParameterNode(super().getParameterNode())
@@ -301,36 +325,42 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             self._markups_logic = slicer.modules.markups.logic()
         return self._markups_logic
 
+    @property
+    def volumes_logic(self):
+        if self._volumes_logic is None:
+            self._volumes_logic = slicer.modules.volumes.logic()
+        return self._volumes_logic
+
     # ---- dependencies ---------------------------------------------------------------------
 
     @staticmethod
-    def missing_packages() -> list:
-        """Import names of PIP_REQUIREMENTS (plus "torch") that cannot be imported."""
-        import importlib.util
+    def install_plan(groups=("detect",)) -> dependencies.InstallPlan:
+        """What installing the packages for `groups` ("detect", "sample", "cancel") would do here."""
+        return dependencies.plan_for_this_python(groups)
 
-        names = ["torch", *PIP_REQUIREMENTS]
-        return [name for name in names if importlib.util.find_spec(name) is None]
-
-    def ensure_dependencies(self, ask=None) -> bool:
-        """Install what detection needs, after asking. Returns True when everything is importable.
+    def ensure_dependencies(self, ask=None, groups=("detect",)) -> bool:
+        """Install what the features in `groups` need, after asking. True when nothing is missing.
 
         ask(message) -> bool asks the user; without it nothing is installed. PyTorch comes from the
-        PyTorch extension (it picks a CUDA or CPU build); the rest through slicer.pydeps.pip_ensure
-        (Slicer >= 5.11; older notes call it slicer.packaging) or slicer.util.pip_install.
+        PyTorch extension (it picks a CUDA or CPU build); the rest is pip-installed pinned and with
+        --no-deps (see CMBDetectorLib/dependencies.py), never touching what Slicer ships.
         """
-        missing = self.missing_packages()
-        if not missing:
+        plan = self.install_plan(groups)
+        if plan.complete:
             return True
-        if ask is None or not ask(_("CMB Detector needs these Python packages: {names}.\n"
-                                     "Download and install them now (a few GB for PyTorch)?")
-                                   .format(names=", ".join(missing))):
+        torch_missing = "detect" in groups and dependencies.installed_versions(["torch"])["torch"] is None
+        question = _("CMB Detector needs these Python packages (exact versions, installed without touching "
+                     "Slicer's own packages):\n{plan}{torch}\nDownload and install them now?").format(
+            plan=plan.describe(), torch=_("\nPyTorch, through the PyTorch extension") if torch_missing else "")
+        if ask is None or not ask(question):
             return False
-        if "torch" in missing:
+        if torch_missing:
             self._install_torch()
-        others = [PIP_REQUIREMENTS[name] for name in missing if name in PIP_REQUIREMENTS]
-        if others:
-            self._pip_install(others)
-        return not self.missing_packages()
+            plan = self.install_plan(groups)
+        if plan.protected_problems:
+            raise CMBError("\n".join(plan.protected_problems))
+        self._pip_install(plan)
+        return self.install_plan(groups).complete
 
     @staticmethod
     def _install_torch() -> None:
@@ -345,16 +375,16 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
                 raise CMBError("PyTorch installation did not complete")
 
     @staticmethod
-    def _pip_install(requirements: list) -> None:
-        package_manager = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
-        if package_manager is not None and hasattr(package_manager, "pip_ensure"):
-            from packaging.requirements import Requirement
+    def _pip_install(plan: dependencies.InstallPlan) -> None:
+        """pip install the plan with Slicer's pip (5.10 and 5.12 both have slicer.util.pip_install;
+        slicer.packaging.pip_ensure on 5.12 resolves dependencies, which is what must not happen)."""
+        import importlib
 
-            # torch/torchvision must stay the PyTorch extension's build: never let pip replace them
-            package_manager.pip_ensure([Requirement(r) for r in requirements],
-                                       skip_packages=["torch", "torchvision"], requester="CMBDetector")
-        else:
-            slicer.util.pip_install(requirements)
+        with tempfile.TemporaryDirectory(prefix="CMBDetector-pip-") as folder:
+            constraints = Path(folder) / "slicer-constraints.txt"
+            constraints.write_text("\n".join(plan.constraints) + "\n")
+            slicer.util.pip_install(plan.pip_arguments(str(constraints)))
+        importlib.invalidate_caches()
 
     # ---- detection --------------------------------------------------------------------------
 
@@ -382,103 +412,143 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             raise CMBError(f"could not write {volume_node.GetName()} to {path}")
         return path
 
-    def prepare_request(self, input_node, phase_node=None, mask_node=None, threshold=None, device="auto",
-                        work_dir=None) -> DetectionRequest:
-        """Write the selected nodes to a work folder and describe the run."""
+    @staticmethod
+    def new_work_directory() -> Path:
+        """A fresh folder for one run's files: Slicer's own temp folder in the application (so Slicer's
+        temp cleanup covers it), the system's elsewhere (slicer-core batch use)."""
+        if HAVE_SLICER_GUI:
+            return Path(slicer.util.tempDirectory(key="CMBDetector-"))
+        return Path(tempfile.mkdtemp(prefix="CMBDetector-"))
+
+    def prepare_request(self, input_node, phase_node=None, mask_node=None, threshold=review.DETECTION_FLOOR,
+                        device="auto", work_dir=None, crop=False) -> DetectionRequest:
+        """Write the selected nodes to a work folder and describe the run. Without `work_dir` the folder is
+        a new temporary one, removed by remove_work_directory once the findings are loaded."""
         if input_node is None or input_node.GetImageData() is None:
             raise InputError("select a GRE or SWI volume first")
-        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="CMBDetector-"))
+        temporary = work_dir is None
+        work_dir = Path(work_dir) if work_dir else self.new_work_directory()
         work_dir.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", input_node.GetName()) or "input"
+        stem = vocabulary.safe_stem(input_node.GetName())
         return DetectionRequest(
             input_path=self.write_volume(input_node, work_dir / f"{stem}.nii.gz"),
             out_dir=work_dir / "output",
             phase_path=self.write_volume(phase_node, work_dir / f"{stem}_phase.nii.gz") if phase_node else None,
             mask_path=self.write_volume(mask_node, work_dir / f"{stem}_mask.nii.gz") if mask_node else None,
-            threshold=threshold, device=device)
+            threshold=threshold, device=device, crop=crop, work_dir=work_dir if temporary else None)
 
-    def start_detection(self, request: DetectionRequest) -> DetectionProcess:
-        """Start `cmbdetector detect` in the background; poll the returned process."""
-        request.out_dir.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def remove_work_directory(request) -> None:
+        """Delete the request's temporary folder (patient data: nothing is left behind once loaded)."""
+        if request is not None and request.work_dir is not None:
+            shutil.rmtree(request.work_dir, ignore_errors=True)
+
+    def start_cli(self, arguments: list) -> BackgroundProcess:
+        """Start `python -m CMBDetectorLib.cli ARGUMENTS` in the background; poll the returned process."""
+        command = [self.python_executable(), "-m", "CMBDetectorLib.cli", *arguments]
+        environment = self.detection_environment()
         launcher = None
         if HAVE_SLICER_GUI:  # PythonSlicer needs Slicer's launcher environment
             def launcher(command, env):
                 return slicer.util.launchConsoleProcess(command, updateEnvironment={
                     "PYTHONPATH": env["PYTHONPATH"], "PYTHONUNBUFFERED": "1"})
-        logging.info("CMBDetector: %s", " ".join(self.detection_command(request)))
-        return DetectionProcess(self.detection_command(request), self.detection_environment(), launcher)
+        logging.info("CMBDetector: %s", " ".join(command))
+        return BackgroundProcess(command, environment, launcher)
+
+    def start_detection(self, request: DetectionRequest) -> BackgroundProcess:
+        """Start `cmbdetector detect` in the background; poll the returned process."""
+        request.out_dir.mkdir(parents=True, exist_ok=True)
+        return self.start_cli(request.arguments())
 
     def run_detection(self, request: DetectionRequest, timeout_s: float = 1800.0):
         """Blocking path (tests, batch): run, then load the findings. Returns the markups node."""
         process = self.start_detection(request)
-        returncode = process.wait(timeout_s)
-        if returncode != 0:
-            tail = "\n".join(process.lines[-5:])
-            raise CMBError(f"detection failed (exit code {returncode}):\n{tail}")
-        return self.load_results(request.out_dir, request.stem)
+        _check_finished(process, process.wait(timeout_s), "detection")
+        node = self.load_results(request.out_dir, request.stem)
+        self.remove_work_directory(request)
+        return node
 
     def load_results(self, out_dir, stem: Optional[str] = None, name: Optional[str] = None):
-        """Load OUT_DIR/STEM.mrk.json (regions from STEM.csv when needed) as a styled review node."""
+        """Load OUT_DIR/STEM.mrk.json (regions from STEM.csv when needed) as a styled review node, with the
+        run's provenance and review start threshold (from STEM.json) kept on the node, so that nothing
+        needs the run's folder afterwards."""
+        import json
+
         out_dir = Path(out_dir)
-        candidates = [out_dir / f"{stem}.mrk.json"] if stem else []
-        candidates += sorted(out_dir.glob("*.mrk.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = [out_dir / (stem + vocabulary.MARKUPS_SUFFIX)] if stem else []
+        candidates += sorted(out_dir.glob("*" + vocabulary.MARKUPS_SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True)
         existing = [path for path in candidates if path.is_file()]
         if not existing:
             raise CMBError(f"detection wrote no .mrk.json file in {out_dir}")
-        node = review.load_findings_markups(self.markups_logic, self.scene, existing[0],
-                                            name=name or f"CMB {existing[0].name[:-len('.mrk.json')]}")
-        node.SetAttribute("CMBDetector.outputDirectory", str(out_dir))
+        run_stem = vocabulary.output_stem(existing[0])
+        node = review.load_findings_markups(self.markups_logic, self.scene, existing[0], name=name or f"CMB {run_stem}")
+        node.SetAndObserveStorageNodeID(None)  # the file lives in a temporary folder: Save must ask where to write
+        review.record_detection_run(node, self.run_summary(out_dir, run_stem))
         return node
 
     @staticmethod
-    def run_threshold(out_dir, stem: str) -> Optional[float]:
-        """The score threshold the detection run used (its STEM.json summary), or None when unknown:
-        the review starts at it, so every finding the run reported is shown."""
+    def run_summary(out_dir, stem: str) -> dict:
+        """The run's summary (OUT_DIR/STEM.json, written by `cmbdetector detect`); {} when absent."""
         import json
 
         try:
-            value = json.loads((Path(out_dir) / f"{stem}.json").read_text()).get("threshold")
+            summary = json.loads((Path(out_dir) / (stem + vocabulary.SUMMARY_SUFFIX)).read_text())
         except (OSError, ValueError):
-            return None
-        return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 1.0 else None
-
-    @staticmethod
-    def model_versions(out_dir) -> dict:
-        """Model names/versions recorded in the run's summary JSON (STEM.json), if any."""
-        import json
-
-        for path in sorted(Path(out_dir).glob("*.json")):
-            if path.name.endswith(".mrk.json"):
-                continue
-            try:
-                summary = json.loads(path.read_text())
-            except ValueError:
-                continue
-            versions = summary.get("model_versions") or summary.get("models")
-            if isinstance(versions, dict):
-                return versions
-        return {}
+            return {}
+        return summary if isinstance(summary, dict) else {}
 
     # ---- sample data (simulated: no download) ---------------------------------------------
 
-    def load_sample_scan(self, seed: int = 7, acquisition: str = "swi3t"):
-        """Simulate a scan and add its magnitude (returned), phase and hidden ground-truth points."""
-        from CMBDetectorLib.findings import Finding
-        from CMBDetectorLib.simulate.synth import simulate_scan
+    SAMPLE_ACQUISITION = "swi3t"
 
-        scan = simulate_scan(seed=int(seed), acquisition=acquisition)
-        magnitude = review.volume_node_from_volume(self.scene, scan.magnitude, f"{scan.scan_id}")
-        phase = review.volume_node_from_volume(self.scene, scan.phase, f"{scan.scan_id}_phase")
+    @classmethod
+    def sample_arguments(cls, seed: int, out_dir) -> list:
+        """`cmbdetector synth` arguments for one sample scan with microbleeds (the same seed, the same scan)."""
+        return ["synth", "--out", str(out_dir), "--n", "1", "--seed", str(int(seed)),
+                "--acquisition", cls.SAMPLE_ACQUISITION, "--cmb-free-fraction", "0"]
+
+    def start_sample(self, seed: int, out_dir) -> BackgroundProcess:
+        """Simulate the sample scan in the background (about 45 s): the GUI stays responsive."""
+        return self.start_cli(self.sample_arguments(seed, out_dir))
+
+    def load_sample_files(self, out_dir):
+        """Add the simulated magnitude (returned), phase and hidden ground-truth points from OUT_DIR."""
+        import json
+
+        from CMBDetectorLib.findings import Finding
+
+        truth_files = sorted(Path(out_dir).glob("*.truth.json"))
+        if not truth_files:
+            raise CMBError(f"the simulator wrote no scan in {out_dir}")
+        truth_document = json.loads(truth_files[0].read_text())
+        scan_id = truth_files[0].name[: -len(".truth.json")]
+        files = {key: Path(out_dir) / name for key, name in truth_document["files"].items()}
+        magnitude = self.volumes_logic.AddArchetypeVolume(str(files["magnitude"]), scan_id)
+        phase = self.volumes_logic.AddArchetypeVolume(str(files["phase"]), f"{scan_id}_phase")
+        if magnitude is None or phase is None:
+            raise CMBError(f"Slicer could not read the simulated scan in {out_dir}")
+        for node in (magnitude, phase):
+            node.SetAndObserveStorageNodeID(None)  # the files are temporary: they are removed after loading
         truth_findings = [Finding(label=f"truth-{cmb['id']}", position_ras=tuple(cmb["center_ras"]), score=1.0,
                                   diameter_mm=cmb.get("apparent_diameter_mm", float("nan")),
                                   region=cmb.get("region", "unknown"), lobe=cmb.get("lobe", ""),
-                                  status="accepted")
-                          for cmb in scan.truth.get("microbleeds", [])]
-        truth = review.findings_to_markups_node(self.scene, truth_findings, f"{scan.scan_id} truth")
+                                  status=vocabulary.ACCEPTED)
+                          for cmb in truth_document.get("microbleeds", [])]
+        truth = review.findings_to_markups_node(self.scene, truth_findings, f"{scan_id} truth")
         truth.GetDisplayNode().SetVisibility(False)  # reveal it after reviewing, to check yourself
         magnitude.SetAttribute("CMBDetector.phaseNodeID", phase.GetID())
         magnitude.SetAttribute("CMBDetector.truthNodeID", truth.GetID())
         return magnitude
+
+    def load_sample_scan(self, seed: int = 7, timeout_s: float = 600.0):
+        """Blocking path (self-test, batch): simulate in a process, load, remove the files."""
+        out_dir = self.new_work_directory()
+        try:
+            process = self.start_sample(seed, out_dir)
+            _check_finished(process, process.wait(timeout_s), "the sample simulation")
+            return self.load_sample_files(out_dir)
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
     # ---- review (all decisions in review.py) ------------------------------------------------
 
@@ -489,10 +559,10 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         return review.next_index(node, index, +1, pending_first=True)
 
     def accept(self, node, index: int) -> int:
-        return self.set_state(node, index, "accepted")
+        return self.set_state(node, index, vocabulary.ACCEPTED)
 
     def reject(self, node, index: int) -> int:
-        return self.set_state(node, index, "rejected")
+        return self.set_state(node, index, vocabulary.REJECTED)
 
     @staticmethod
     def step(node, index: int, step: int) -> int:
@@ -500,7 +570,13 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def apply_threshold(node, threshold: float) -> int:
-        return review.apply_threshold(node, threshold)
+        """Hide findings below `threshold` in a review node; any other node is left as it is."""
+        return review.apply_threshold(node, threshold) if review.is_review_node(node) else 0
+
+    @staticmethod
+    def adopt(node):
+        """The reader's explicit choice to review a node the detector did not make."""
+        return review.adopt_node(node)
 
     @staticmethod
     def review_table(node) -> list:
@@ -508,9 +584,12 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def counts_text(node) -> str:
-        """One line for the panel, e.g. "3 accepted, 1 rejected, 0 added, 2 pending | lobar 2, deep 1, ..."."""
+        """One line for the panel, e.g. "3 accepted, 1 rejected, 0 added, 2 pending, 4 below threshold |
+        confirmed: lobar 2, deep 1, ..."."""
         counts = review.review_counts(node)
-        states = ", ".join(f"{counts[s]} {s}" for s in ("accepted", "rejected", "added", "pending"))
+        states = ", ".join(f"{counts[s]} {s}" for s in (vocabulary.ACCEPTED, vocabulary.REJECTED, vocabulary.ADDED,
+                                                         vocabulary.PENDING))
+        states += f", {counts[vocabulary.BELOW_THRESHOLD]} below threshold"
         regions = ", ".join(f"{region} {counts['by_region'][region]['confirmed']}"
                             for region in ("lobar", "deep", "infratentorial"))
         return f"{states} | confirmed: {regions}"
@@ -524,15 +603,15 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName())
-        run_dir = node.GetAttribute("CMBDetector.outputDirectory")
-        written = {"csv": out_dir / f"{stem}_review.csv", "json": out_dir / f"{stem}_review.json"}
+        stem = vocabulary.safe_stem(node.GetName(), default="findings")
+        written = {"csv": out_dir / (stem + vocabulary.REVIEW_CSV_SUFFIX),
+                   "json": out_dir / (stem + vocabulary.REVIEW_JSON_SUFFIX)}
         review.export_review(node, written["csv"], written["json"], reader=reader,
                              input_name=input_node.GetName() if input_node else "",
-                             model_versions=self.model_versions(run_dir) if run_dir else {}, threshold=threshold)
+                             detection_run=review.detection_run(node), threshold=threshold)
         if input_node is not None:
             labelmap = self.export_labelmap(node, input_node)
-            written["labelmap"] = self.write_volume(labelmap, out_dir / f"{stem}_accepted.nii.gz")
+            written["labelmap"] = self.write_volume(labelmap, out_dir / (stem + vocabulary.ACCEPTED_LABELMAP_SUFFIX))
         return written
 
     def export_labelmap(self, node, reference_volume_node, radius_mm: float = 1.5):
@@ -544,9 +623,16 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 # =============================================================================================
 
 class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel. Qt idioms here are those PythonQt (Slicer) and PySide6 (the test harness) share:
+    signal attributes (`button.clicked.connect`), setters (`setEnabled`, `setText`) rather than PythonQt's
+    property assignment, and `qt.QTimer.singleShot` for polling."""
+
     POLL_MS = 200
-    SHORTCUTS = (("A", "onAccept"), ("R", "onReject"), ("N", "onNext"), ("P", "onPrevious"))
+    # Single keys no Slicer view uses (Slicer's own: r resets the view; arrows, b/f move slices).
+    SHORTCUTS = (("A", "onAccept"), ("X", "onReject"), ("N", "onNext"), ("P", "onPrevious"),
+                 ("Q", "onPending"), ("U", "onUndo"))
     TABLE_COLUMNS = ("label", "score", "diameter_mm", "region", "lobe", "state")
+    FINDINGS_EVENTS = ("PointModifiedEvent", "PointAddedEvent", "PointRemovedEvent", "PointPositionDefinedEvent")
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -555,11 +641,13 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._observedFindings = None
-        self._process = None
-        self._request = None
+        self._process = None      # the running background process (detection or sample), if any
+        self._onProcessDone = None  # what to do with its output when it succeeds
+        self._workDir = None      # its temporary folder, removed when it ends
         self._currentIndex = -1
         self._shortcuts = []
         self._refreshPending = False
+        self._fillingTable = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -572,21 +660,21 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.detectButton.connect("clicked(bool)", self.onDetect)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
-        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
-        self.ui.previousButton.connect("clicked(bool)", self.onPrevious)
-        self.ui.nextButton.connect("clicked(bool)", self.onNext)
-        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
-        self.ui.rejectButton.connect("clicked(bool)", self.onReject)
-        self.ui.addPointButton.connect("clicked(bool)", self.onAddPoint)
-        self.ui.exportButton.connect("clicked(bool)", self.onExport)
-        self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
-        self.ui.reviewTable.connect("cellClicked(int,int)", self.onTableClicked)
-        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
-        self.ui.findingsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onFindingsChanged)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        for button, slot in ((self.ui.detectButton, self.onDetect), (self.ui.cancelButton, self.onCancel),
+                             (self.ui.loadSampleButton, self.onLoadSample),
+                             (self.ui.checkDependenciesButton, self.onCheckDependencies),
+                             (self.ui.previousButton, self.onPrevious), (self.ui.nextButton, self.onNext),
+                             (self.ui.acceptButton, self.onAccept), (self.ui.rejectButton, self.onReject),
+                             (self.ui.pendingButton, self.onPending), (self.ui.undoButton, self.onUndo),
+                             (self.ui.addPointButton, self.onAddPoint), (self.ui.adoptButton, self.onAdopt),
+                             (self.ui.exportButton, self.onExport),
+                             (self.ui.exportLabelmapButton, self.onExportLabelmap)):
+            button.clicked.connect(slot)
+        # currentCellChanged follows clicks and arrow keys alike
+        self.ui.reviewTable.currentCellChanged.connect(self.onTableCurrentCellChanged)
+        self.ui.thresholdSlider.valueChanged.connect(self.onThresholdChanged)
+        self.ui.findingsSelector.currentNodeChanged.connect(self.onFindingsChanged)
+        self.ui.inputVolumeSelector.currentNodeChanged.connect(self._refreshSoon)
         self.ui.exportDirectoryButton.directory = str(Path.home())
 
         self.ui.reviewTable.setColumnCount(len(self.TABLE_COLUMNS))
@@ -594,7 +682,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                        _("Lobe"), _("State")])
         self.ui.reviewTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.reviewTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
-        self.ui.cancelButton.enabled = False
+        self.ui.reviewTable.setSelectionMode(qt.QAbstractItemView.SingleSelection)
         self.ui.progressBar.setValue(0)
         self.initializeParameterNode()
 
@@ -603,8 +691,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.removeObservers()
         self._removeShortcuts()
-        if self._process is not None and self._process.running:
-            self._process.cancel()
+        self._cancelProcess()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -617,6 +704,8 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        # a run's result belongs to the scene being closed: never load it into the next one
+        self._cancelProcess()
         self.setParameterNode(None)
         self._observeFindings(None)
 
@@ -642,7 +731,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._removeShortcuts()
         for key, slotName in self.SHORTCUTS:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
-            shortcut.connect("activated()", getattr(self, slotName))
+            shortcut.activated.connect(getattr(self, slotName))
             self._shortcuts.append(shortcut)
 
     def _removeShortcuts(self) -> None:
@@ -651,67 +740,97 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.deleteLater()
         self._shortcuts = []
 
+    # ---- background processes (detection, sample scan) ------------------------------------
+
+    def _startProcess(self, process, workDir, onDone) -> None:
+        self._process, self._workDir, self._onProcessDone = process, workDir, onDone
+        self.ui.logTextEdit.clear()
+        self.appendLog(" ".join(process.command))
+        self.ui.progressBar.setValue(0)
+        self.updateButtons()
+        qt.QTimer.singleShot(self.POLL_MS, self._pollProcess)
+
+    def _pollProcess(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        for line in process.poll():
+            self.appendLog(line)
+        self.ui.progressBar.setValue(int(round(100 * process.progress)))
+        if process.running:
+            qt.QTimer.singleShot(self.POLL_MS, self._pollProcess)
+            return
+        onDone, workDir = self._onProcessDone, self._workDir
+        self._process = self._onProcessDone = self._workDir = None
+        try:
+            if process.cancelled:
+                self.appendLog(_("Cancelled."))
+            elif process.returncode != 0:
+                slicer.util.errorDisplay(_("The background process failed (exit code {code}). See the log.").format(
+                    code=process.returncode))
+            else:
+                with slicer.util.tryWithErrorDisplay(_("Could not load the results.")):
+                    onDone()
+                    self.ui.progressBar.setValue(100)
+        finally:
+            if workDir is not None:
+                shutil.rmtree(workDir, ignore_errors=True)  # patient data: nothing stays behind
+            self.updateButtons()
+
+    def _cancelProcess(self) -> None:
+        if self._process is not None and self._process.running:
+            self._process.cancel()
+
+    def onCancel(self) -> None:
+        self._cancelProcess()
+
+    def appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def _ensure(self, groups) -> bool:
+        return self.logic.ensure_dependencies(ask=slicer.util.confirmOkCancelDisplay, groups=groups)
+
     # ---- detection ------------------------------------------------------------------------
 
     def onCheckDependencies(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Installing dependencies failed."), waitCursor=True):
-            if self.logic.ensure_dependencies(ask=slicer.util.confirmOkCancelDisplay):
+            if self._ensure(("detect", "sample", "cancel")):
                 self.appendLog(_("All dependencies are installed."))
 
     def onDetect(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not start detection."), waitCursor=True):
-            if not self.logic.ensure_dependencies(ask=slicer.util.confirmOkCancelDisplay):
+            if not self._ensure(("detect", "cancel")):
                 self.appendLog(_("Detection needs the packages listed above; nothing was installed."))
                 return
-            self._request = self.logic.prepare_request(p.inputVolume, p.phaseVolume, p.maskVolume,
-                                                       threshold=None, device=p.device)
-            self._process = self.logic.start_detection(self._request)
-            self.ui.logTextEdit.clear()
-            self.appendLog(" ".join(self._process.command))
-            self.ui.progressBar.setValue(0)
-            self.updateButtons()
-            qt.QTimer.singleShot(self.POLL_MS, self._pollDetection)
+            request = self.logic.prepare_request(p.inputVolume, p.phaseVolume, p.maskVolume, device=p.device,
+                                                 crop=p.partialBrain)
+            self._startProcess(self.logic.start_detection(request), request.work_dir,
+                               lambda: self._loadFindings(request))
 
-    def _pollDetection(self) -> None:
-        if self._process is None:
-            return
-        for line in self._process.poll():
-            self.appendLog(line)
-        self.ui.progressBar.setValue(int(round(100 * self._process.progress)))
-        if self._process.running:
-            qt.QTimer.singleShot(self.POLL_MS, self._pollDetection)
-            return
-        process, self._process = self._process, None
-        self.updateButtons()
-        if process.cancelled:
-            self.appendLog(_("Detection cancelled."))
-        elif process.returncode != 0:
-            slicer.util.errorDisplay(_("Detection failed (exit code {code}). See the log.").format(
-                code=process.returncode))
-        else:
-            with slicer.util.tryWithErrorDisplay(_("Could not load the findings.")):
-                node = self.logic.load_results(self._request.out_dir, self._request.stem)
-                self.ui.progressBar.setValue(100)
-                self._parameterNode.findings = node
-                threshold = self.logic.run_threshold(self._request.out_dir, self._request.stem)
-                if threshold is not None:
-                    self._parameterNode.threshold = threshold  # the slider is bound to it
-                self.onThresholdChanged(self.ui.thresholdSlider.value)
-
-    def onCancel(self) -> None:
-        if self._process is not None:
-            self._process.cancel()
-
-    def appendLog(self, text: str) -> None:
-        self.ui.logTextEdit.appendPlainText(text)
+    def _loadFindings(self, request) -> None:
+        node = self.logic.load_results(request.out_dir, request.stem)
+        self._parameterNode.findings = node
+        start = review.review_start_threshold(node)
+        if start is not None:
+            self._parameterNode.threshold = start  # the slider is bound to it
+        self.onThresholdChanged(self._parameterNode.threshold)
+        self.onNext()
 
     def onLoadSample(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not simulate the sample scan."), waitCursor=True):
-            node = self.logic.load_sample_scan(seed=self._parameterNode.sampleSeed)
-            self._parameterNode.inputVolume = node
-            self._parameterNode.phaseVolume = slicer.mrmlScene.GetNodeByID(node.GetAttribute("CMBDetector.phaseNodeID"))
-            slicer.util.setSliceViewerLayers(background=node, fit=True)
+            if not self._ensure(("sample", "cancel")):
+                self.appendLog(_("The sample scan needs the packages listed above; nothing was installed."))
+                return
+            workDir = self.logic.new_work_directory()
+            self._startProcess(self.logic.start_sample(self._parameterNode.sampleSeed, workDir), workDir,
+                               lambda: self._loadSample(workDir))
+
+    def _loadSample(self, workDir) -> None:
+        node = self.logic.load_sample_files(workDir)
+        self._parameterNode.inputVolume = node
+        self._parameterNode.phaseVolume = slicer.mrmlScene.GetNodeByID(node.GetAttribute("CMBDetector.phaseNodeID"))
+        slicer.util.setSliceViewerLayers(background=node, fit=True)
 
     # ---- review -----------------------------------------------------------------------------
 
@@ -721,62 +840,82 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFindingsChanged(self, node) -> None:
         self._observeFindings(node)
         self._currentIndex = -1
-        self.refreshTable()
+        self._refreshSoon()  # the parameter node learns of the new selection from the same signal
 
     def _observeFindings(self, node) -> None:
         if self._observedFindings is not None:
-            for event in (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
-                          slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent):
-                self.removeObserver(self._observedFindings, event, self.onFindingsModified)
-            self.removeObserver(self._observedFindings, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
-                                self.onPointRemoved)
+            for event in self.FINDINGS_EVENTS:
+                self.removeObserver(self._observedFindings, getattr(slicer.vtkMRMLMarkupsNode, event),
+                                    self.onFindingsModified)
+            self.removeObserver(self._observedFindings, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent,
+                                self.onPointInteraction)
         self._observedFindings = node
         if node is not None:
-            for event in (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
-                          slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent):
-                self.addObserver(node, event, self.onFindingsModified)
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointRemovedEvent, self.onPointRemoved)
+            for event in self.FINDINGS_EVENTS:
+                self.addObserver(node, getattr(slicer.vtkMRMLMarkupsNode, event), self.onFindingsModified)
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent, self.onPointInteraction)
 
     def onFindingsModified(self, caller, event) -> None:
-        # many events arrive per edit: refresh once, after the event loop settles
+        self._refreshSoon()
+
+    def _refreshSoon(self, *args) -> None:
+        # many events arrive per edit, and a selector's signal reaches this widget before the parameter
+        # node: refresh once, after the event loop settles
         if not self._refreshPending:
             self._refreshPending = True
             qt.QTimer.singleShot(0, self.refreshTable)
 
-    @vtk.calldata_type(vtk.VTK_INT)
-    def onPointRemoved(self, caller, event, index) -> None:
-        review.forget_removed_point(caller, index)
-        self.onFindingsModified(caller, event)
+    def onPointInteraction(self, caller, event) -> None:
+        """A point was clicked or dragged in a view: make its row the current one (N/P go on from it)."""
+        display = caller.GetDisplayNode()
+        index = display.GetActiveControlPoint() if display is not None else -1
+        if 0 <= index < caller.GetNumberOfControlPoints():
+            self._currentIndex = index
+            self._selectRow(index)
 
     def refreshTable(self) -> None:
         self._refreshPending = False
         node = self._findings()
         table = self.ui.reviewTable
-        rows = self.logic.review_table(node) if node else []  # also adopts reader-placed points
-        table.setRowCount(len(rows))
-        for rowIndex, row in enumerate(rows):
-            for column, key in enumerate(self.TABLE_COLUMNS):
-                value = row[key]
-                text = f"{value:.2f}" if isinstance(value, float) and value == value else (
-                    "" if isinstance(value, float) else str(value))
-                item = qt.QTableWidgetItem(text)
-                if not row["visible"]:
-                    item.setForeground(qt.QBrush(qt.QColor("gray")))
-                table.setItem(rowIndex, column, item)
-        if 0 <= self._currentIndex < len(rows):
-            table.selectRow(self._currentIndex)
-        self.ui.countsLabel.text = self.logic.counts_text(node) if node else ""
+        rows = self.logic.review_table(node) if node else []  # reconciles a review node first
+        self._fillingTable = True
+        try:
+            table.setRowCount(len(rows))
+            for rowIndex, row in enumerate(rows):
+                for column, key in enumerate(self.TABLE_COLUMNS):
+                    value = review.reported_state(row) if key == "state" else row[key]
+                    text = f"{value:.2f}" if isinstance(value, float) and value == value else (
+                        "" if isinstance(value, float) else str(value))
+                    item = qt.QTableWidgetItem(text)
+                    if not row["visible"]:
+                        item.setForeground(qt.QBrush(qt.QColor("gray")))
+                    table.setItem(rowIndex, column, item)
+            if not 0 <= self._currentIndex < len(rows):
+                self._currentIndex = -1
+            if self._currentIndex >= 0:
+                table.selectRow(self._currentIndex)
+        finally:
+            self._fillingTable = False
+        self.ui.countsLabel.setText(self.logic.counts_text(node) if node else "")
         self.updateButtons()
+
+    def _selectRow(self, index: int) -> None:
+        self._fillingTable = True  # selecting from code must not jump the views a second time
+        try:
+            self.ui.reviewTable.selectRow(index)
+        finally:
+            self._fillingTable = False
 
     def _show(self, index: int) -> None:
         self._currentIndex = index
         node = self._findings()
         if node is not None and index >= 0:
             self.logic.jump_to(node, index)
-            self.ui.reviewTable.selectRow(index)
+            self._selectRow(index)
 
-    def onTableClicked(self, row: int, column: int) -> None:
-        self._show(row)
+    def onTableCurrentCellChanged(self, row: int, column: int, previousRow: int, previousColumn: int) -> None:
+        if not self._fillingTable and row >= 0 and row != self._currentIndex:
+            self._show(row)
 
     def onNext(self) -> None:
         if self._findings():
@@ -788,16 +927,30 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _decide(self, state: str) -> None:
         node = self._findings()
-        if node is None or not 0 <= self._currentIndex < node.GetNumberOfControlPoints():
+        if not review.is_review_node(node) or not 0 <= self._currentIndex < node.GetNumberOfControlPoints():
             return
         with slicer.util.tryWithErrorDisplay(_("Could not record the decision.")):
             self._show(self.logic.set_state(node, self._currentIndex, state))
 
     def onAccept(self) -> None:
-        self._decide("accepted")
+        self._decide(vocabulary.ACCEPTED)
 
     def onReject(self) -> None:
-        self._decide("rejected")
+        self._decide(vocabulary.REJECTED)
+
+    def onPending(self) -> None:
+        """Back to pending, and stay on it (it is still to be read)."""
+        node = self._findings()
+        if review.is_review_node(node) and 0 <= self._currentIndex < node.GetNumberOfControlPoints():
+            review.set_state(node, self._currentIndex, vocabulary.PENDING)
+            self._show(self._currentIndex)
+
+    def onUndo(self) -> None:
+        node = self._findings()
+        if review.is_review_node(node):
+            index = review.undo_last_decision(node)
+            if index >= 0:
+                self._show(index)
 
     def onAddPoint(self) -> None:
         """Place one point with the mouse; it becomes an "added" finding when placed."""
@@ -808,6 +961,12 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         interaction.SetPlaceModePersistence(0)
         interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def onAdopt(self) -> None:
+        node = self._findings()
+        if node is not None:
+            self.logic.adopt(node)
+            self.onThresholdChanged(self._parameterNode.threshold)
 
     def onThresholdChanged(self, value: float) -> None:
         node = self._findings()
@@ -835,14 +994,16 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self, *args) -> None:
         running = self._process is not None
         p = self._parameterNode
-        hasInput = bool(p and p.inputVolume)
-        hasFindings = bool(p and p.findings and p.findings.GetNumberOfControlPoints() >= 0)
-        self.ui.detectButton.enabled = hasInput and not running
-        self.ui.cancelButton.enabled = running
-        self.ui.loadSampleButton.enabled = not running
+        hasFindings = bool(p and p.findings)
+        reviewable = hasFindings and review.is_review_node(p.findings)
+        self.ui.detectButton.setEnabled(bool(p and p.inputVolume) and not running)
+        self.ui.cancelButton.setEnabled(running)
+        self.ui.loadSampleButton.setEnabled(not running)
+        self.ui.adoptButton.setEnabled(hasFindings and not reviewable)
         for button in (self.ui.previousButton, self.ui.nextButton, self.ui.acceptButton, self.ui.rejectButton,
-                       self.ui.addPointButton, self.ui.exportButton, self.ui.exportLabelmapButton):
-            button.enabled = hasFindings
+                       self.ui.pendingButton, self.ui.undoButton, self.ui.addPointButton, self.ui.exportButton,
+                       self.ui.exportLabelmapButton):
+            button.setEnabled(reviewable)
 
 
 # =============================================================================================
@@ -850,44 +1011,59 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # =============================================================================================
 
 class CMBDetectorTest(ScriptedLoadableModuleTest):
-    """Exercises the Logic on a simulated sample scan; no download, no model weights needed."""
+    """The review on synthetic findings (needs nothing beyond Slicer), Cancel (needs psutil) and the
+    simulated sample scan (needs nibabel and nilearn). What lacks its packages is skipped, and says so:
+    a fresh Slicer (the extension build machine) has none of them."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_review_on_simulated_scan()
-        self.setUp()
-        self.test_detection_process_cancel()
+        for test in (self.test_review_on_synthetic_findings, self.test_detection_process_cancel,
+                     self.test_sample_scan_review):
+            self.setUp()
+            test()
 
-    def test_review_on_simulated_scan(self):
-        self.delayDisplay("Simulating a sample scan")
+    def _skipUnlessInstalled(self, groups) -> bool:
+        plan = CMBDetectorLogic.install_plan(groups)
+        if not plan.install:
+            return False
+        self.delayDisplay("Skipped (needs {}): install them with the module's Dependencies button".format(
+            ", ".join(package.requirement for package in plan.install)))
+        return True
+
+    def test_review_on_synthetic_findings(self):
+        import numpy as np
+
+        from CMBDetectorLib.findings import Finding
+        from CMBDetectorLib.image import Volume
+
+        self.delayDisplay("Reviewing synthetic findings")
         logic = CMBDetectorLogic()
-        magnitude = logic.load_sample_scan(seed=3)
-        truth = slicer.mrmlScene.GetNodeByID(magnitude.GetAttribute("CMBDetector.truthNodeID"))
-        self.assertGreater(truth.GetNumberOfControlPoints(), 0)
-        findings = review.node_findings(truth)
-        for finding in findings:
-            finding.status = "pending"
+        volume = review.volume_node_from_volume(slicer.mrmlScene, Volume(np.zeros((40, 40, 20), np.float32),
+                                                                         np.diag([1.0, 1.0, 2.0, 1.0])), "self-test")
+        findings = [Finding(vocabulary.finding_label(n + 1), (10.0 + 5 * n, 20.0, 10.0), score, 3.0, "deep")
+                    for n, score in enumerate((0.9, 0.6, 0.2))]
         node = review.findings_to_markups_node(slicer.mrmlScene, findings, "CMB self-test")
         logic.accept(node, 0)
-        if node.GetNumberOfControlPoints() > 1:
-            logic.reject(node, 1)
+        logic.reject(node, 1)
+        node.RemoveNthControlPoint(1)  # values stay with their own points
+        self.assertAlmostEqual(review.review_table(node)[1]["score"], 0.2)
         counts = review.review_counts(node)
-        self.assertEqual(counts["accepted"], 1)
-        self.assertEqual(counts["total"], len(findings))
-        labelmap = logic.export_labelmap(node, magnitude)
+        self.assertEqual((counts["accepted"], counts["pending"], counts["total"]), (1, 1, 2))
+        labelmap = logic.export_labelmap(node, volume)
         self.assertEqual(int(slicer.util.arrayFromVolume(labelmap).max()), 1)
-        out_dir = Path(tempfile.mkdtemp(prefix="CMBDetectorTest-"))
-        written = logic.export(node, out_dir, reader="self-test", input_node=magnitude)
-        self.assertTrue(all(Path(path).is_file() for path in written.values()))
+        with tempfile.TemporaryDirectory(prefix="CMBDetectorTest-") as out_dir:
+            written = logic.export(node, out_dir, reader="self-test", input_node=volume)
+            self.assertTrue(all(Path(path).is_file() for path in written.values()))
         self.delayDisplay("Review test passed")
 
     def test_detection_process_cancel(self):
+        if self._skipUnlessInstalled(("cancel",)):
+            return
         command = [sys.executable, "-c", "import time\nfor i in range(100):\n print(f'[{i}/100]', flush=True)\n"
                    " time.sleep(0.1)"]
-        process = DetectionProcess(command)
+        process = BackgroundProcess(command)
         time.sleep(1.0)
         process.poll()
         self.assertGreater(process.progress, 0.0)
@@ -895,3 +1071,13 @@ class CMBDetectorTest(ScriptedLoadableModuleTest):
         process.wait(10)
         self.assertTrue(process.cancelled)
         self.delayDisplay("Cancel test passed")
+
+    def test_sample_scan_review(self):
+        if self._skipUnlessInstalled(("sample",)):
+            return
+        self.delayDisplay("Simulating a sample scan (in a background process)")
+        magnitude = CMBDetectorLogic().load_sample_scan(seed=3)
+        truth = slicer.mrmlScene.GetNodeByID(magnitude.GetAttribute("CMBDetector.truthNodeID"))
+        self.assertGreater(truth.GetNumberOfControlPoints(), 0)
+        self.assertEqual(review.review_counts(truth)["accepted"], truth.GetNumberOfControlPoints())
+        self.delayDisplay("Sample scan test passed")

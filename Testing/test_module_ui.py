@@ -1,9 +1,9 @@
 """The Slicer module's files, and its Qt-free Logic on slicer-core.
 
-The Widget needs the Slicer desktop application (Qt, CTK); here we check what can be checked without
-it: the .ui parses and holds every widget the Widget uses, the module compiles and imports on
-slicer-core, the background process runner reports progress and Cancel kills the whole process tree,
-and the extension description files carry the keys the Extensions Index needs.
+The Widget itself runs in test_module_widget.py (PySide6). Here: the .ui parses and holds every widget
+the Widget uses, the module compiles and imports on bare slicer-core, the background process runner
+reports progress and Cancel kills the whole process tree, the Logic runs a real detection, and the
+extension description files agree and carry the keys the Extensions Index needs.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def test_module_compiles_and_has_slicer_structure():
     assert "ScriptedLoadableModuleTest" in classes["CMBDetectorTest"]
     source = MODULE_FILE.read_text()
     assert 'slicer.util.loadUI(self.resourcePath("UI/CMBDetector.ui"))' in source
-    for key in ("A", "R", "N", "P"):
+    for key in ("A", "X", "N", "P", "Q", "U"):
         assert re.search(rf'\("{key}", "on\w+"\)', source), key
+    # Slicer's slice views take r (reset zoom and pan): a single-key shortcut on it would steal it
+    assert not re.search(r'\("R", "on\w+"\)', source)
 
 
 # ---- the Logic without Qt ----------------------------------------------------------------------
@@ -95,8 +97,8 @@ def test_detection_command_line(module, tmp_path):
     assert command[4:] == [str(tmp_path / "sub 1.nii.gz"), "--out", str(tmp_path / "out"),
                            "--phase", str(tmp_path / "p.nii.gz"), "--threshold", "0.25", "--device", "cuda"]
     assert request.stem == "sub 1"
-    auto = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"))
-    assert auto.arguments() == ["detect", "a.nii", "--out", "o"]
+    auto = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"), crop=True)
+    assert auto.arguments() == ["detect", "a.nii", "--out", "o", "--device", "auto", "--crop"]
 
 
 def test_progress_parsing(module):
@@ -108,23 +110,24 @@ def test_progress_parsing(module):
 
 def test_dependency_check_asks_before_installing(module, monkeypatch):
     logic = module.CMBDetectorLogic(scene=None)
+    if not logic.install_plan().complete:
+        pytest.skip(f"this environment differs from requirements.lock: {logic.install_plan().describe()}")
     questions = []
-    if logic.missing_packages():
-        pytest.skip(f"this environment lacks {logic.missing_packages()}")
     assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or True) is True
     assert questions == []  # nothing missing: no question
-    monkeypatch.setitem(module.PIP_REQUIREMENTS, "cmbdetector_absent_package", "cmbdetector-absent-package")
-    assert logic.missing_packages() == ["cmbdetector_absent_package"]
-    assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or False) is False
-    assert len(questions) == 1 and "cmbdetector_absent_package" in questions[0]
-    assert logic.ensure_dependencies(ask=None) is False  # never installs without asking
+    # a feature whose package is absent here: the user is asked, with the exact version, and may refuse
+    monkeypatch.setitem(module.dependencies.PINS, "cmbdetector-absent-package", "1.0")
+    monkeypatch.setitem(module.dependencies.GROUPS, "cancel", ("cmbdetector-absent-package",))
+    assert logic.ensure_dependencies(ask=lambda text: questions.append(text) or False, groups=("cancel",)) is False
+    assert len(questions) == 1 and "cmbdetector-absent-package==1.0" in questions[0]
+    assert logic.ensure_dependencies(ask=None, groups=("cancel",)) is False  # never installs without asking
 
 
 def test_the_cli_runs_through_the_process_runner(module):
     """`python -m CMBDetectorLib.cli --version` through the same runner and environment as detection."""
     logic = module.CMBDetectorLogic(scene=None)
     command = [sys.executable, "-m", "CMBDetectorLib.cli", "--version"]
-    process = module.DetectionProcess(command, logic.detection_environment())
+    process = module.BackgroundProcess(command, logic.detection_environment())
     assert process.wait(60) == 0
     assert any(line.startswith("cmbdetector ") for line in process.lines)
 
@@ -140,7 +143,7 @@ def test_cancel_kills_the_whole_process_tree(module, tmp_path):
             print(f"[{{step}}/1000] working", flush=True)
             time.sleep(0.05)
     """)
-    process = module.DetectionProcess([sys.executable, "-c", script])
+    process = module.BackgroundProcess([sys.executable, "-c", script])
     deadline = time.time() + 30
     while (not child_pid_file.exists() or process.progress == 0) and time.time() < deadline:
         process.poll()
@@ -155,44 +158,53 @@ def test_cancel_kills_the_whole_process_tree(module, tmp_path):
     assert gone, "the worker's child survived Cancel"
 
 
-def test_logic_writes_input_and_loads_results(module, mrml, tmp_path):
-    """prepare_request writes the node as NIfTI that the core reads back with the same geometry;
-    load_results turns a detection output folder into a styled review node."""
+def test_logic_writes_input_runs_detection_and_exports_provenance(module, mrml, tmp_path):
+    """prepare_request writes the node as NIfTI that the core reads back with the same geometry; the real
+    `cmbdetector detect` runs on it (a small crop: seconds); the review starts at the run's operating
+    point with the findings below it kept (hidden), and the exported review names the models that ran."""
     import numpy as np
 
-    from CMBDetectorLib import review
-    from CMBDetectorLib.findings import Finding, write_csv, write_markups_json
-    from CMBDetectorLib.image import Volume
+    from CMBDetectorLib import classify, review, yolo
     from CMBDetectorLib.io import read_volume
+    from helpers import small_swi_crop
 
-    affine = np.array([[0.5, 0, 0, -20], [0, 0.5, 0, 10], [0, 0, 2.0, -5], [0, 0, 0, 1]], dtype=float)
-    array = np.random.default_rng(0).random((30, 20, 8)).astype(np.float32)
-    node = review.volume_node_from_volume(mrml.scene, Volume(array, affine), "sub-01 swi")
+    volume = small_swi_crop()
+    node = review.volume_node_from_volume(mrml.scene, volume, "sub-01 swi")
     logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
-    request = logic.prepare_request(node, threshold=0.3, work_dir=tmp_path / "work")
+    request = logic.prepare_request(node, device="cpu", crop=True)  # in a temporary folder
     assert request.input_path.name == "sub-01_swi.nii.gz" and request.stem == "sub-01_swi"
+    assert request.threshold == review.DETECTION_FLOOR and request.work_dir.is_dir()
     written = read_volume(request.input_path)
-    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
-    np.testing.assert_allclose(written.array, array, rtol=1e-6)
+    np.testing.assert_allclose(written.affine, volume.affine, atol=1e-5)
+    np.testing.assert_allclose(written.array, volume.array, rtol=1e-6)
 
-    findings = [Finding("CMB-1", (-12.0, 15.0, 3.0), 0.9, 4.0, "deep", ""),
-                Finding("CMB-2", (-5.0, 2.0, 0.0), 0.2, 2.0, "lobar", "temporal")]
-    request.out_dir.mkdir(parents=True)
-    write_markups_json(findings, request.out_dir / f"{request.stem}.mrk.json")
-    write_csv(findings, request.out_dir / f"{request.stem}.csv")
-    assert logic.run_threshold(request.out_dir, request.stem) is None  # no summary yet
-    (request.out_dir / f"{request.stem}.json").write_text(json.dumps({"model_versions": {"cnn": "v1"}, "threshold": 0.3}))
-    assert logic.run_threshold(request.out_dir, request.stem) == 0.3  # the review slider starts where the run cut
-    review_node = logic.load_results(request.out_dir, request.stem)
-    assert [r["region"] for r in review.review_table(review_node)] == ["deep", "lobar"]
+    review_node = logic.run_detection(request, timeout_s=600)
+    assert not request.work_dir.exists()  # the patient's volume and the run's files are gone once loaded
+    assert review.is_review_node(review_node)
+    run = review.detection_run(review_node)
+    start = review.review_start_threshold(review_node)
+    assert start == run["operating_threshold"] > run["threshold"] == review.DETECTION_FLOOR
+    rows = review.review_table(review_node)
+    scores = [r["score"] for r in rows]
+    assert len(rows) >= 1 and scores == sorted(scores, reverse=True)
+    assert all(review.DETECTION_FLOOR <= score <= 1.0 for score in scores)
+
     next_index = logic.accept(review_node, 0)
-    assert next_index == 1 and review.get_state(review_node, 0) == "accepted"
+    assert review.get_state(review_node, 0) == "accepted" and next_index != 0
     assert "1 accepted" in logic.counts_text(review_node)
-    exported = logic.export(review_node, tmp_path / "export", reader="R", input_node=node)
+    exported = logic.export(review_node, tmp_path / "export", reader="R", input_node=node, threshold=start)
     report = json.loads(exported["json"].read_text())
-    assert report["model_versions"] == {"cnn": "v1"} and report["input"] == "sub-01 swi"
+    assert report["input"] == "sub-01 swi" and report["threshold"] == start
+    run = report["detection_run"]
+    assert run["model"]["sha256"] == classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
+    assert run["model"]["device"] == "cpu"
+    assert run["yolo"]["used"] and run["yolo"]["sha256"] == json.loads(
+        Path(yolo.DEFAULT_YOLO).with_suffix(".json").read_text())["sha256"]
+    import torch
+
+    assert run["versions"]["torch"] == torch.__version__ and run["operating_threshold"] == start
     labels = read_volume(exported["labelmap"])
-    assert labels.array.max() == 1 and labels.array.shape == array.shape
+    assert labels.array.max() >= 1 and labels.array.shape == volume.shape
 
 
 # ---- extension description files -----------------------------------------------------------------
@@ -237,7 +249,8 @@ def test_cmake_files_name_the_module_and_its_scripts():
 
 @pytest.mark.slow
 def test_sample_scan_lesions_are_dark_where_the_truth_points_sit(module, mrml):
-    """load_sample_scan end to end (about 45 s: one simulated SWI scan): the magnitude node, the truth
+    """load_sample_scan end to end (about 45 s: one simulated SWI scan in a `cmbdetector synth` process, read
+    back with Slicer's volumes logic): the magnitude node, the truth
     markups and a labelmap of the truth lesions must agree, i.e. voxel order and IJK->RAS are right."""
     import numpy as np
     import slicer
@@ -245,8 +258,9 @@ def test_sample_scan_lesions_are_dark_where_the_truth_points_sit(module, mrml):
     from CMBDetectorLib import review
 
     pytest.importorskip("CMBDetectorLib.simulate.synth")
-    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
-    magnitude = logic.load_sample_scan(seed=7)
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic,
+                                    volumes_logic=mrml.volumes_logic)
+    magnitude = logic.load_sample_scan(seed=7)  # `cmbdetector synth` in a background process, files removed
     phase = mrml.scene.GetNodeByID(magnitude.GetAttribute("CMBDetector.phaseNodeID"))
     truth = mrml.scene.GetNodeByID(magnitude.GetAttribute("CMBDetector.truthNodeID"))
     assert phase is not None and truth.GetNumberOfControlPoints() > 0
@@ -263,3 +277,28 @@ def test_sample_scan_lesions_are_dark_where_the_truth_points_sit(module, mrml):
         darker += np.median(image[inside]) < np.median(image[brain])
     # microbleeds are hypointense on SWI: most lesions must be darker than brain tissue at their spot
     assert darker >= 0.8 * truth.GetNumberOfControlPoints()
+
+
+def test_extension_metadata_agrees_everywhere_and_screenshots_exist():
+    """CMakeLists.txt, CMBDetector.s4ext, CMBDetector.json and the module name the same category (one the
+    Extensions Index uses), homepage and contributors; every screenshot URL names a file in this repo."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "CMBDetector.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#") and " " in line)
+    catalog = json.loads((ROOT / "CMBDetector.json").read_text())
+
+    def cmake_value(key):
+        return re.search(rf'set\({key} "([^"]*)"\)', cmake).group(1)
+
+    category = cmake_value("EXTENSION_CATEGORY")
+    assert category in ("Segmentation", "Quantification", "Neuroimaging")  # used by extensions in the index
+    assert s4ext["category"] == catalog["category"] == category
+    assert f'"{category}")]' in MODULE_FILE.read_text()
+    assert s4ext["homepage"] == cmake_value("EXTENSION_HOMEPAGE")
+    assert s4ext["contributors"] == cmake_value("EXTENSION_CONTRIBUTORS") == "CMBDetector developers"
+    assert s4ext["scmurl"] == catalog["scm_url"]
+    screenshots = cmake_value("EXTENSION_SCREENSHOTURLS").split()
+    assert screenshots == s4ext["screenshoturls"].split() and screenshots
+    for url in screenshots + [cmake_value("EXTENSION_ICONURL"), s4ext["iconurl"]]:
+        relative = url.split("/main/", 1)[1]
+        assert (ROOT / relative).is_file(), url

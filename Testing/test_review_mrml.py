@@ -149,7 +149,7 @@ def test_review_survives_save_and_reload(mrml, tmp_path):
     review.set_state(node, 0, "accepted")
     review.set_state(node, 2, "rejected")
     node.AddControlPoint([1.0, 2.0, 3.0])  # placed by the reader
-    review.adopt_new_points(node)
+    review.reconcile(node)
     review.set_point_values(node, 4, diameter_mm=3.5, region="deep")
     review.apply_threshold(node, 0.5)
     before_rows, before_counts = review.review_table(node), review.review_counts(node)
@@ -229,8 +229,11 @@ def test_export_csv_and_json_field_by_field(mrml, tmp_path):
     review.set_state(node, 0, "accepted")
     review.set_state(node, 1, "rejected")
     added = node.AddControlPoint([1.5, 2.5, -3.5])
+    run = review.detection_run_provenance({"model": {"file": "m.json", "sha256": "ab12", "device": "cpu"},
+                                           "findings": [], "timings_s": {}})
+    assert run == {"model": {"file": "m.json", "sha256": "ab12", "device": "cpu"}}  # provenance only
     document = review.export_review(node, tmp_path / "review.csv", tmp_path / "review.json", reader="Dr R",
-                                    input_name="sub-01_swi.nii.gz", model_versions={"cnn": "cnn-v1"},
+                                    input_name="sub-01_swi.nii.gz", detection_run=run,
                                     threshold=0.5)
     with (tmp_path / "review.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -249,7 +252,7 @@ def test_export_csv_and_json_field_by_field(mrml, tmp_path):
     on_disk = json.loads((tmp_path / "review.json").read_text())
     assert on_disk == json.loads(json.dumps(document))
     assert on_disk["reader"] == "Dr R" and on_disk["input"] == "sub-01_swi.nii.gz"
-    assert on_disk["model_versions"] == {"cnn": "cnn-v1"} and on_disk["threshold"] == 0.5
+    assert on_disk["detection_run"] == run and on_disk["threshold"] == 0.5
     assert on_disk["reviewed_at"].endswith("+00:00")
     assert on_disk["counts"]["accepted"] == 1 and on_disk["counts"]["added"] == 1
     assert on_disk["counts"]["by_region"]["lobar"]["confirmed"] == 1
@@ -284,3 +287,190 @@ def test_labelmap_holds_accepted_lesions_only(mrml):
     for finding in (findings[1], findings[3]):  # rejected and pending: nothing painted there
         ijk = np.rint(volume.ras_to_ijk(finding.position_ras)[0]).astype(int)
         assert labels[tuple(ijk)] == 0
+
+
+# ---- per-point values stay with their own point, however points are removed ----------------------
+
+
+def expected_by_label(findings: list) -> dict:
+    return {f.label: (f.score, f.diameter_mm, f.region, f.lobe) for f in findings}
+
+
+def assert_values_follow_their_points(node, findings: list) -> None:
+    """Every detector point's score, size, region and lobe are its own Finding's, in the table and in
+    the measurement arrays Slicer writes to .mrk.json."""
+    expected = expected_by_label(findings)
+    rows = review.review_table(node)
+    for row in rows:
+        if row["label"] in expected:
+            score, diameter, region, lobe = expected[row["label"]]
+            assert (row["score"], row["diameter_mm"], row["region"], row["lobe"]) == \
+                (pytest.approx(score), pytest.approx(diameter), region, lobe), row["label"]
+    scores = [node.GetMeasurement("score").GetControlPointValues().GetValue(i)
+              for i in range(node.GetMeasurement("score").GetControlPointValues().GetNumberOfTuples())]
+    assert len(scores) == node.GetNumberOfControlPoints()
+    for row, score in zip(rows, scores):
+        assert (math.isnan(score) and math.isnan(row["score"])) or score == pytest.approx(row["score"])
+
+
+def remove_by_label(node, label: str) -> None:
+    """Remove the point the way the Markups toolbar and scripts do: by index, nothing else."""
+    index = next(i for i in range(node.GetNumberOfControlPoints()) if review.base_label(node, i) == label)
+    node.RemoveNthControlPoint(index)
+
+
+def test_values_follow_their_points_after_single_removals(mrml):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 3, "accepted")
+    remove_by_label(node, "CMB-2")
+    assert_values_follow_their_points(node, findings)
+    remove_by_label(node, "CMB-1")
+    assert [r["label"] for r in review.review_table(node)] == ["CMB-3", "CMB-4"]
+    assert_values_follow_their_points(node, findings)
+    assert review.get_state(node, 1) == "accepted"
+
+
+def test_values_follow_their_points_when_removals_are_never_observed(mrml):
+    """Several removals and an addition with no review call in between (the panel was closed)."""
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    remove_by_label(node, "CMB-1")
+    remove_by_label(node, "CMB-3")
+    node.AddControlPoint([3.0, 4.0, 5.0])
+    rows = review.review_table(node)
+    assert [r["label"] for r in rows[:2]] == ["CMB-2", "CMB-4"]
+    assert rows[2]["state"] == "added" and math.isnan(rows[2]["score"]) and rows[2]["region"] == "unknown"
+    assert_values_follow_their_points(node, findings)
+
+
+def test_values_follow_their_points_in_a_modify_batch(mrml):
+    """Removals between StartModify and EndModify arrive deferred, without an index."""
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    removed_events = []
+    tag = node.AddObserver(slicer.vtkMRMLMarkupsNode.PointRemovedEvent, lambda caller, event: removed_events.append(1))
+    was_modifying = node.StartModify()
+    remove_by_label(node, "CMB-1")
+    remove_by_label(node, "CMB-3")
+    node.EndModify(was_modifying)
+    node.RemoveObserver(tag)
+    assert removed_events  # the batch did announce removals
+    assert [r["label"] for r in review.review_table(node)] == ["CMB-2", "CMB-4"]
+    assert_values_follow_their_points(node, findings)
+
+
+def test_delete_all_then_new_points_inherit_nothing(mrml):
+    """RemoveAllControlPoints restarts ID numbering: the reader's next point gets ID "1" again, which
+    must not bring back CMB-1's score, size or region."""
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    reused_id = node.GetNthControlPointID(0)
+    node.RemoveAllControlPoints()
+    new_index = node.AddControlPoint([1.0, 1.0, 1.0])
+    assert node.GetNthControlPointID(new_index) == reused_id
+    rows = review.review_table(node)
+    assert len(rows) == 1 and rows[0]["state"] == "added"
+    assert math.isnan(rows[0]["score"]) and math.isnan(rows[0]["diameter_mm"])
+    assert (rows[0]["region"], rows[0]["lobe"]) == ("unknown", "")
+    assert review.review_counts(node)["total"] == 1
+
+
+def test_saved_after_unobserved_removal_loads_without_misattribution(mrml, tmp_path):
+    """A node saved right after a removal nobody reconciled has measurement arrays one value too long;
+    on reload nobody can tell which value is whose, so they are unknown rather than wrong. Once
+    reconciled, the saved file holds every value at its own point."""
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings, "review")
+    remove_by_label(node, "CMB-2")
+    stale, _ = save_and_reload(mrml, node, tmp_path, "stale")
+    stale_rows = review.review_table(stale)
+    assert [r["label"] for r in stale_rows] == ["CMB-1", "CMB-3", "CMB-4"]
+    assert all(math.isnan(r["score"]) for r in stale_rows)
+    review.reconcile(node)
+    reloaded, _ = save_and_reload(mrml, node, tmp_path, "reconciled")
+    assert_values_follow_their_points(reloaded, findings)
+    assert [r["score"] for r in review.review_table(reloaded)] == pytest.approx([0.95, 0.55, 0.3])
+
+
+def test_a_node_not_from_the_detector_is_only_read_until_adopted(mrml):
+    landmarks = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "landmarks")
+    landmarks.AddControlPoint([0.0, 60.0, 0.0], "nasion")
+    landmarks.AddControlPoint([0.0, -90.0, 0.0], "inion")
+
+    def snapshot():
+        return ([(landmarks.GetNthControlPointLabel(i), landmarks.GetNthControlPointDescription(i),
+                  bool(landmarks.GetNthControlPointSelected(i)), bool(landmarks.GetNthControlPointLocked(i)))
+                 for i in range(landmarks.GetNumberOfControlPoints())], landmarks.GetNumberOfMeasurements())
+
+    before = snapshot()
+    rows = review.review_table(landmarks)
+    review.review_counts(landmarks)
+    assert [r["label"] for r in rows] == ["nasion", "inion"]
+    assert snapshot() == before
+    assert not review.is_review_node(landmarks)
+    for write in (lambda: review.set_state(landmarks, 0, "accepted"), lambda: review.apply_threshold(landmarks, 0.5),
+                  lambda: review.set_point_values(landmarks, 0, score=0.5)):
+        with pytest.raises(Exception, match="not a CMBDetector review node"):
+            write()
+    assert snapshot() == before
+
+    review.adopt_node(landmarks)  # the reader's explicit choice
+    assert review.is_review_node(landmarks)
+    assert [r["state"] for r in review.review_table(landmarks)] == ["pending", "pending"]
+    review.set_state(landmarks, 0, "accepted")
+    assert landmarks.GetNthControlPointLabel(0) == "nasion [A]"
+
+
+# ---- review flow: undo, back to pending, the threshold both ways, one labelmap -------------------
+
+
+def test_undo_puts_back_the_previous_state_and_pending_is_reachable(mrml):
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 0, "accepted")
+    review.set_state(node, 1, "rejected")
+    review.set_state(node, 0, "rejected")  # changed my mind
+    assert review.undo_last_decision(node) == 0 and review.get_state(node, 0) == "accepted"
+    assert review.undo_last_decision(node) == 1 and review.get_state(node, 1) == "pending"
+    assert node.GetNthControlPointLabel(1) == "CMB-2" and node.GetNthControlPointSelected(1)
+    assert not node.GetNthControlPointLocked(1)  # a rejected point is locked; undone, it is free again
+    review.set_state(node, 2, "accepted")
+    remove_by_label(node, "CMB-3")  # the decided point is gone: undo skips it
+    assert review.undo_last_decision(node) == 0 and review.get_state(node, 0) == "pending"
+    assert review.undo_last_decision(node) == -1
+    review.set_state(node, 0, "accepted")
+    review.set_state(node, 0, "pending")  # back to pending directly
+    assert review.get_state(node, 0) == "pending" and node.GetNthControlPointLabel(0) == "CMB-1"
+
+
+def test_threshold_reveals_as_well_as_hides_and_hidden_pending_counts_as_below_threshold(mrml, tmp_path):
+    findings = sample_findings(synthetic_volume())  # scores 0.95, 0.8, 0.55, 0.3
+    node = review.findings_to_markups_node(mrml.scene, findings)
+    review.set_state(node, 2, "rejected")
+    review.apply_threshold(node, 0.6)
+    counts = review.review_counts(node)
+    assert (counts["pending"], counts["below_threshold"], counts["rejected"]) == (2, 1, 1)
+    review.apply_threshold(node, 0.2)  # lower: CMB-4 comes back as pending
+    assert all(node.GetNthControlPointVisibility(i) for i in range(4))
+    counts = review.review_counts(node)
+    assert (counts["pending"], counts["below_threshold"]) == (3, 0)
+    review.apply_threshold(node, 0.9)
+    document = review.export_review(node, tmp_path / "r.csv", tmp_path / "r.json")
+    assert [f["status"] for f in document["findings"]] == ["pending", "below_threshold", "rejected",
+                                                            "below_threshold"]
+    assert document["counts"]["below_threshold"] == 2 and document["counts"]["total"] == 4
+
+
+def test_labelmap_export_updates_one_node_in_place(mrml):
+    volume = synthetic_volume()
+    volume_node = review.volume_node_from_volume(mrml.scene, volume, "swi")
+    node = review.findings_to_markups_node(mrml.scene, sample_findings(volume))
+    review.set_state(node, 0, "accepted")
+    first = review.export_accepted_labelmap(mrml.scene, node, volume_node)
+    count = mrml.scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode")
+    review.set_state(node, 2, "accepted")
+    second = review.export_accepted_labelmap(mrml.scene, node, volume_node)
+    assert second.GetID() == first.GetID()
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == count
+    assert set(np.unique(slicer.util.arrayFromVolume(second))) == {0, 1, 3}

@@ -14,23 +14,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .vocabulary import (DECIDED_COLOR, LABEL_FORMAT, LOBES, MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES,
+                         base_label, finding_label, name_of_code)
 
 MARKUPS_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/main/Modules/Loadable/Markups/Resources/Schema/"
     "markups-schema-v1.0.3.json#"
 )
-REVIEW_STATES = ("pending", "accepted", "rejected", "added")
-REGIONS = ("lobar", "deep", "infratentorial", "unknown")
-LOBES = ("", "frontal", "parietal", "temporal", "occipital", "insula")
 CSV_COLUMNS = ("id", "label", "x_ras", "y_ras", "z_ras", "score", "diameter_mm", "region", "lobe", "status")
-MEASUREMENTS = (("score", "", "%.3f"), ("diameter", "mm", "%.1f"), ("region", "", "%.0f"), ("lobe", "", "%.0f"))
-# review.py appends " [A]", " [R]" or " [+]" to labels in Slicer so decisions show in the views
-_REVIEW_LABEL_SUFFIX = re.compile(r"\s\[[AR+]\]$")
 
 
 @dataclass
@@ -64,7 +59,7 @@ def label_findings(findings: list) -> list:
     """Sort by decreasing score and label CMB-1, CMB-2, ... in that order."""
     ordered = sorted(findings, key=lambda f: -f.score)
     for index, finding in enumerate(ordered, start=1):
-        finding.label = f"CMB-{index}"
+        finding.label = finding_label(index)
     return ordered
 
 
@@ -93,7 +88,7 @@ def write_markups_json(findings: list, path, node_name: str = "CMB detections") 
         "region": [float(_index_or(REGIONS, f.region, REGIONS.index("unknown"))) for f in findings],
         "lobe": [float(_index_or(LOBES, f.lobe, 0)) for f in findings],
     }
-    for name, units, print_format in MEASUREMENTS:
+    for name, (units, print_format) in MEASUREMENTS.items():
         measurements.append({
             "name": name,
             "enabled": True,
@@ -109,12 +104,12 @@ def write_markups_json(findings: list, path, node_name: str = "CMB detections") 
             "coordinateUnits": "mm",
             "locked": False,
             "fixedNumberOfControlPoints": False,
-            "labelFormat": "CMB-%d",
+            "labelFormat": LABEL_FORMAT,
             "lastUsedControlPointNumber": len(findings),
             "controlPoints": points,
             "measurements": measurements,
             "display": {"visibility": True, "glyphType": "Sphere3D", "glyphScale": 2.0,
-                        "textScale": 2.5, "color": [1.0, 0.5, 0.0], "selectedColor": [1.0, 0.85, 0.0]},
+                        "textScale": 2.5, "color": list(DECIDED_COLOR), "selectedColor": list(PENDING_COLOR)},
         }],
     }
     path.write_text(json.dumps(document, indent=2))
@@ -138,7 +133,7 @@ def read_markups_json(path) -> list:
         x, y, z = point["position"]
         state = point.get("description", "") or "added"
         findings.append(Finding(
-            label=_REVIEW_LABEL_SUFFIX.sub("", point.get("label", f"CMB-{index + 1}")),
+            label=base_label(point.get("label", finding_label(index + 1))),
             position_ras=(-x, -y, z) if flip else (x, y, z),
             score=_value_at(values.get("score"), index),
             diameter_mm=_value_at(values.get("diameter"), index),
@@ -192,11 +187,6 @@ def _value_at(values, index: int) -> float:
 
 def _index_or(names: tuple, name: str, default: int) -> int:
     return names.index(name) if name in names else default
-
-
-def name_of_code(names: tuple, code: float, default: str) -> str:
-    """names[code] for a region or lobe code stored as a measurement value; default when not valid."""
-    return names[int(code)] if math.isfinite(code) and 0 <= int(code) < len(names) else default
 
 
 def _name_at(names: tuple, codes, index: int, default: str) -> str:

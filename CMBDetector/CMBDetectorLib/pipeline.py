@@ -25,6 +25,7 @@ from .findings import Finding, label_findings, write_csv, write_json, write_mark
 from .image import Volume
 from .io import read_volume
 from .preprocess import Prepared, prepare
+from .vocabulary import stem_of
 
 MERGE_MM = 3.0  # detections closer than this are one lesion
 # Peak memory of a whole detect run, linear in the voxels (every full-size step works in slabs, see
@@ -259,14 +260,6 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
             "monai": monai.__version__, "SimpleITK": SimpleITK.Version_VersionString()}
-
-
-def stem_of(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def write_outputs(detection: Detection, out_dir, stem: str, png: bool = True) -> dict:

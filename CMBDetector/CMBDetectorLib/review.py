@@ -6,15 +6,14 @@ pytest all call the same functions.
 
 How a finding lives in a markups node (one control point per finding):
 - position: the control point position, RAS millimetres (world frame).
-- review state: the control point *description*, one word of findings.REVIEW_STATES. A point the reader
-  places has an empty description; it counts as "added" (adopt_new_points writes the word).
-- score, diameter, region, lobe: four static measurements (vtkMRMLStaticMeasurement) whose
-  ControlPointValues array holds one value per control point, in control point order. Static
-  measurements are written to and read from `.mrk.json` ("measurements": [{"name",
-  "controlPointValues"}]), so they survive a scene save / reload. Region and lobe are stored as codes:
-  the index into findings.REGIONS and into LOBES (NaN = unknown).
-  Slicer does not keep these arrays aligned when points are added or removed: adopt_new_points pads
-  them, remove_point / forget_removed_point drop the removed point's entry.
+- review state: the control point *description*, one word of vocabulary.REVIEW_STATES. A point the reader
+  places has an empty description; it counts as "added" (reconcile writes the word).
+- score, diameter, region, lobe: keyed by control point ID in a node attribute (see "Per-point
+  values" below), and copied in control point order into four static measurements
+  (vtkMRMLStaticMeasurement), which Slicer shows and writes to `.mrk.json`. Region and lobe are
+  stored as codes: the index into vocabulary.REGIONS and LOBES (NaN = unknown).
+- only review nodes (made by the detector, loaded from its files, or adopted by the reader) are
+  ever written; see is_review_node.
 
 What the reader sees at a glance (a markups display node has only Color and SelectedColor):
 - pending points are *selected*: drawn in SelectedColor (amber), label "CMB-3".
@@ -28,31 +27,68 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from . import findings as findings_module
 from .errors import CMBError, InputError
-from .findings import REGIONS, REVIEW_STATES, Finding, name_of_code, read_csv, write_csv
+from .findings import Finding, read_csv, write_csv
+from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, PENDING, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
+                         MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES, code_of, name_of_code, output_stem)
+from .vocabulary import base_label as _base_label
 
-# Lobe codes: index into LOBES (findings.py is the owner once it writes region/lobe measurements itself).
-LOBES = getattr(findings_module, "LOBES", ("", "frontal", "parietal", "temporal", "occipital", "insula"))
-# measurement name -> (units, print format); "score" and "diameter" match findings.write_markups_json.
-MEASUREMENTS = {
-    "score": ("", "%.3f"),
-    "diameter": ("mm", "%.1f"),
-    "region": ("", "%.0f"),   # index into findings.REGIONS
-    "lobe": ("", "%.0f"),     # index into LOBES
-}
-LABEL_SUFFIX = {"pending": "", "accepted": " [A]", "rejected": " [R]", "added": " [+]"}
-PENDING_COLOR = (1.0, 0.75, 0.0)   # SelectedColor: amber, "still to read"
-DECIDED_COLOR = (0.3, 0.85, 1.0)   # Color: cyan, "read"; the label suffix tells which decision
-LABEL_FORMAT = "CMB-%d"
-CONFIRMED_STATES = ("accepted", "added")  # states that count as a lesion in counts and the labelmap
-_SUFFIX_PATTERN = re.compile(r"\s\[[AR+]\]$")
+# Detection from the module keeps findings down to this score (the benchmark's FROC floor) while the
+# review starts at the tuned operating point: lowering the slider then reveals what the run scored lower.
+DETECTION_FLOOR = 0.05
+# Node attributes this layer owns
+REVIEW_NODE_ATTRIBUTE = "CMBDetector.ReviewNode"    # "1" on nodes this layer may write
+POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"  # JSON {control point ID: [score, diameter, region, lobe]}
+DETECTION_RUN_ATTRIBUTE = "CMBDetector.DetectionRun"  # JSON: the run's models, hashes, versions, thresholds
+DECISION_HISTORY_ATTRIBUTE = "CMBDetector.DecisionHistory"  # JSON [[control point ID, state before]], for undo
+DECISION_HISTORY_LENGTH = 200
+ACCEPTED_LABELMAP_ROLE = "CMBDetectorAcceptedLabelmap"  # node reference: the one labelmap of a review node
+
+
+# ---------------------------------------------------------------------------------------------
+# Which nodes are reviews
+# ---------------------------------------------------------------------------------------------
+
+def is_review_node(node) -> bool:
+    """True for nodes made by the detector (or loaded from its files) and nodes the reader adopted.
+
+    Only these are ever written to: choosing some other fiducial node (landmarks, say) shows it
+    read-only until the reader adopts it.
+    """
+    return node is not None and node.GetAttribute(REVIEW_NODE_ATTRIBUTE) == "1"
+
+
+def adopt_node(node, unset_state: str = "pending"):
+    """Make `node` a review node (no-op when it is one): mark it, key its per-point values by control
+    point ID, give points without a review word `unset_state`, and style every point.
+
+    Values come from the node's measurement arrays only when each holds exactly one value per point
+    (a freshly loaded file); otherwise nobody can tell which value belongs to which point, so they are
+    unknown (NaN) rather than attached to the wrong finding.
+    """
+    if is_review_node(node):
+        return node
+    node.SetAttribute(REVIEW_NODE_ATTRIBUTE, "1")
+    node.SetMarkupLabelFormat(LABEL_FORMAT)
+    _store_values(node, _values_from_measurements(node))
+    was_modifying = node.StartModify()
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointDescription(index).strip().lower() not in REVIEW_STATES:
+            node.SetNthControlPointDescription(index, unset_state)
+    node.EndModify(was_modifying)
+    style_node(node)
+    return node
+
+
+def _require_review_node(node) -> None:
+    if not is_review_node(node):
+        name = node.GetName() if node is not None else "None"
+        raise CMBError(f"{name} is not a CMBDetector review node; adopt it for review first")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,78 +96,121 @@ _SUFFIX_PATTERN = re.compile(r"\s\[[AR+]\]$")
 # ---------------------------------------------------------------------------------------------
 
 def findings_to_markups_node(scene, findings: list, name: str = "CMB detections"):
-    """A new vtkMRMLMarkupsFiducialNode in `scene`, one control point per Finding (RAS positions)."""
-    import slicer
-
+    """A new review node (vtkMRMLMarkupsFiducialNode) in `scene`, one control point per Finding."""
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
     node.CreateDefaultDisplayNodes()
     node.SetMarkupLabelFormat(LABEL_FORMAT)
+    node.SetAttribute(REVIEW_NODE_ATTRIBUTE, "1")
+    values = {}
     was_modifying = node.StartModify()
     for finding in findings:
         index = node.AddControlPoint([float(v) for v in finding.position_ras], finding.label)
         node.SetNthControlPointDescription(index, finding.status if finding.status in REVIEW_STATES else "pending")
+        values[node.GetNthControlPointID(index)] = [float(finding.score), float(finding.diameter_mm),
+                                                    code_of(REGIONS, finding.region), code_of(LOBES, finding.lobe)]
     node.EndModify(was_modifying)
-    columns = {
-        "score": [f.score for f in findings],
-        "diameter": [f.diameter_mm for f in findings],
-        "region": [_code(REGIONS, f.region) for f in findings],
-        "lobe": [_code(LOBES, f.lobe) for f in findings],
-    }
-    for measurement_name, values in columns.items():
-        _set_measurement_values(node, measurement_name, values, slicer)
+    _store_values(node, values)
     style_node(node)
     return node
 
 
 def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = None, csv_path=None):
-    """Load a STEM.mrk.json (from `cmbdetector detect` or a saved review) with the markups logic.
+    """Load a STEM.mrk.json (from `cmbdetector detect` or a saved review) as a review node.
 
     Region and lobe come from the file's "region"/"lobe" measurements when present; otherwise from the
-    STEM.csv beside it (or `csv_path`), matched by label. Returns the styled markups node.
+    STEM.csv beside it (or `csv_path`), matched by label. Points without a review word (placed by a
+    reader and saved before the module saw them) are "added". Returns the styled markups node.
     """
     mrk_path = Path(mrk_path)
     if not mrk_path.is_file():
         raise InputError(f"markups file not found: {mrk_path}")
-    node_id = markups_logic.LoadMarkups(str(mrk_path), name or _stem(mrk_path))
+    node_id = markups_logic.LoadMarkups(str(mrk_path), name or output_stem(mrk_path))
     node = scene.GetNodeByID(node_id) if node_id else None
     if node is None:
         raise InputError(f"Slicer could not load the markups file {mrk_path}")
-    node.SetMarkupLabelFormat(LABEL_FORMAT)
-    csv_path = Path(csv_path) if csv_path else mrk_path.with_name(_stem(mrk_path) + ".csv")
+    csv_path = Path(csv_path) if csv_path else mrk_path.with_name(output_stem(mrk_path) + FINDINGS_CSV_SUFFIX)
     if node.GetMeasurement("region") is None and csv_path.is_file():
         _regions_from_csv(node, csv_path)
-    adopt_new_points(node)
-    style_node(node)
-    return node
+    return adopt_node(node, unset_state="added")
 
 
 def _regions_from_csv(node, csv_path: Path) -> None:
-    import slicer
-
     by_label = {f.label: f for f in read_csv(csv_path)}
     rows = [by_label.get(base_label(node, i)) for i in range(node.GetNumberOfControlPoints())]
-    _set_measurement_values(node, "region", [_code(REGIONS, r.region) if r else math.nan for r in rows], slicer)
-    _set_measurement_values(node, "lobe", [_code(LOBES, r.lobe) if r else math.nan for r in rows], slicer)
+    _set_measurement_values(node, "region", [code_of(REGIONS, r.region) if r else math.nan for r in rows])
+    _set_measurement_values(node, "lobe", [code_of(LOBES, r.lobe) if r else math.nan for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-point values (static measurements)
+# Per-point values: keyed by control point ID, mirrored into measurements
 # ---------------------------------------------------------------------------------------------
+# The truth is the node attribute POINT_VALUES_ATTRIBUTE, {control point ID: [score, diameter,
+# region code, lobe code]}: an ID stays with its point whatever removes points (the Markups toolbar,
+# "Delete all", scripts, StartModify/EndModify batches, edits while no panel observes the node).
+# The static measurements are a copy in control point order, rewritten by reconcile(), because they
+# are what Slicer shows and writes to .mrk.json.
 
-def _set_measurement_values(node, measurement_name: str, values, slicer_module=None) -> None:
+def _values_by_id(node) -> dict:
+    text = node.GetAttribute(POINT_VALUES_ATTRIBUTE)
+    return json.loads(text) if text else {}
+
+
+def _point_ids(node) -> list:
+    return [node.GetNthControlPointID(i) for i in range(node.GetNumberOfControlPoints())]
+
+
+def _unknown_values() -> list:
+    return [math.nan] * len(MEASUREMENTS)
+
+
+def _values_from_measurements(node) -> dict:
+    """{ID: values} read from the measurement arrays; a column not one-per-point is unknown (NaN)."""
+    ids = _point_ids(node)
+    columns = []
+    for measurement_name in MEASUREMENTS:
+        column = _measurement_values(node, measurement_name)
+        columns.append(column if len(column) == len(ids) else [math.nan] * len(ids))
+    return {point_id: [float(column[i]) for column in columns] for i, point_id in enumerate(ids)}
+
+
+def _values_of(node) -> dict:
+    """{ID: values} of any node: the keyed values of a review node, else its measurements (read-only)."""
+    return _values_by_id(node) if is_review_node(node) else _values_from_measurements(node)
+
+
+def _store_values(node, values: dict) -> None:
+    """Keep the values of the node's present points and mirror them into the measurements."""
+    ids = _point_ids(node)
+    kept = {point_id: values.get(point_id, _unknown_values()) for point_id in ids}
+    text = json.dumps(kept)
+    if node.GetAttribute(POINT_VALUES_ATTRIBUTE) != text:
+        node.SetAttribute(POINT_VALUES_ATTRIBUTE, text)
+    for column, measurement_name in enumerate(MEASUREMENTS):
+        wanted = [kept[point_id][column] for point_id in ids]
+        if not _same_values(_measurement_values(node, measurement_name), wanted) or \
+                node.GetMeasurement(measurement_name) is None:
+            _set_measurement_values(node, measurement_name, wanted)
+
+
+def _same_values(first: list, second: list) -> bool:
+    return len(first) == len(second) and all(
+        a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(first, second))
+
+
+def _set_measurement_values(node, measurement_name: str, values) -> None:
     """Replace (or create) the static measurement `measurement_name` with one value per point."""
+    import slicer
     import vtk
 
-    slicer_module = slicer_module or __import__("slicer")
     array = vtk.vtkDoubleArray()
     array.SetName(measurement_name)
     for value in values:
         array.InsertNextValue(float(value) if value is not None else math.nan)
     measurement = node.GetMeasurement(measurement_name)
     if measurement is None:
-        measurement = slicer_module.vtkMRMLStaticMeasurement()
+        measurement = slicer.vtkMRMLStaticMeasurement()
         measurement.SetName(measurement_name)
-        units, print_format = MEASUREMENTS.get(measurement_name, ("", "%.3f"))
+        units, print_format = MEASUREMENTS[measurement_name]
         measurement.SetUnits(units)
         measurement.SetPrintFormat(print_format)
         measurement.SetEnabled(True)
@@ -142,7 +221,7 @@ def _set_measurement_values(node, measurement_name: str, values, slicer_module=N
 
 
 def _measurement_values(node, measurement_name: str) -> list:
-    """The measurement's per-point values as a list of floats (may be shorter than the point count)."""
+    """The measurement's values as a list of floats (any length: Slicer does not keep it aligned)."""
     measurement = node.GetMeasurement(measurement_name)
     array = measurement.GetControlPointValues() if measurement is not None else None
     if array is None:
@@ -150,80 +229,58 @@ def _measurement_values(node, measurement_name: str) -> list:
     return [array.GetValue(i) for i in range(array.GetNumberOfTuples())]
 
 
-def _value(values: list, index: int) -> float:
-    return float(values[index]) if index < len(values) else math.nan
-
-
-def point_values(node, index: int, columns: dict | None = None) -> dict:
+def point_values(node, index: int, values: dict | None = None) -> dict:
     """score, diameter_mm (NaN when unknown), region, lobe ("unknown"/"" when unknown) of point `index`.
 
-    columns: {measurement name: values} from _measurement_columns, to avoid re-reading per point.
+    values: {ID: values} from _values_of, to avoid re-reading per point.
     """
-    columns = columns or _measurement_columns(node)
-    return {
-        "score": _value(columns["score"], index),
-        "diameter_mm": _value(columns["diameter"], index),
-        "region": name_of_code(REGIONS, _value(columns["region"], index), "unknown"),
-        "lobe": name_of_code(LOBES, _value(columns["lobe"], index), ""),
-    }
-
-
-def _measurement_columns(node) -> dict:
-    return {name: _measurement_values(node, name) for name in MEASUREMENTS}
+    values = _values_of(node) if values is None else values
+    score, diameter, region, lobe = values.get(node.GetNthControlPointID(index), _unknown_values())
+    return {"score": float(score), "diameter_mm": float(diameter),
+            "region": name_of_code(REGIONS, region, "unknown"), "lobe": name_of_code(LOBES, lobe, "")}
 
 
 def set_point_values(node, index: int, score=None, diameter_mm=None, region=None, lobe=None) -> None:
     """Change some per-point values of point `index` (None leaves a value as it is)."""
-    adopt_new_points(node)
-    updates = {"score": score, "diameter": diameter_mm,
-               "region": None if region is None else _code(REGIONS, region),
-               "lobe": None if lobe is None else _code(LOBES, lobe)}
-    for measurement_name, value in updates.items():
-        if value is None:
-            continue
-        values = _padded(_measurement_values(node, measurement_name), node.GetNumberOfControlPoints())
-        values[index] = float(value)
-        _set_measurement_values(node, measurement_name, values)
+    _require_review_node(node)
+    reconcile(node)
+    values = _values_by_id(node)
+    record = values[node.GetNthControlPointID(index)]
+    updates = (score, diameter_mm, None if region is None else code_of(REGIONS, region),
+               None if lobe is None else code_of(LOBES, lobe))
+    for column, value in enumerate(updates):
+        if value is not None:
+            record[column] = float(value)
+    _store_values(node, values)
 
 
-def _padded(values: list, count: int) -> list:
-    return (list(values) + [math.nan] * count)[:count]
+def reconcile(node) -> list:
+    """Bring a review node up to date after anyone added or removed points (no-op on other nodes).
 
-
-def adopt_new_points(node) -> list:
-    """Make points placed by the reader first-class: description "added", NaN values, styled label.
-
-    Returns the indices that were adopted. Call after a point is placed (PointPositionDefinedEvent)
-    and before reading measurements.
+    Points without a values record (placed by the reader) get unknown values and, when they have no
+    review word, the state "added"; records of removed points are dropped; the measurement copies are
+    rewritten in the current point order. Returns the indices of the newly adopted points.
     """
-    count = node.GetNumberOfControlPoints()
-    for measurement_name in MEASUREMENTS:
-        values = _measurement_values(node, measurement_name)
-        if len(values) < count:
-            _set_measurement_values(node, measurement_name, _padded(values, count))
-    adopted = [i for i in range(count) if not node.GetNthControlPointDescription(i).strip()]
+    if not is_review_node(node):
+        return []
+    values = _values_by_id(node)
+    adopted = [i for i in range(node.GetNumberOfControlPoints())
+               if node.GetNthControlPointDescription(i).strip().lower() not in REVIEW_STATES]
+    for index in adopted:
+        # RemoveAllControlPoints restarts ID numbering: a new point may carry a deleted point's ID,
+        # but never its review word, so a point without one never inherits a record
+        values[node.GetNthControlPointID(index)] = _unknown_values()
+    _store_values(node, values)
     for index in adopted:
         set_state(node, index, "added")
     return adopted
 
 
 def remove_point(node, index: int) -> None:
-    """Delete point `index` and its entries in every per-point measurement."""
+    """Delete point `index` (its values go with it: they are keyed by its ID)."""
+    _require_review_node(node)
     node.RemoveNthControlPoint(index)
-    forget_removed_point(node, index)
-
-
-def forget_removed_point(node, index: int) -> None:
-    """Drop entry `index` from every measurement longer than the point count (after a removal).
-
-    The widget calls this from its PointRemovedEvent observer, which receives the removed index.
-    """
-    count = node.GetNumberOfControlPoints()
-    for measurement_name in MEASUREMENTS:
-        values = _measurement_values(node, measurement_name)
-        if len(values) > count and index < len(values):
-            del values[index]
-            _set_measurement_values(node, measurement_name, values)
+    reconcile(node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,19 +295,44 @@ def get_state(node, index: int) -> str:
 
 def set_state(node, index: int, state: str) -> None:
     """Set the review state word and the visible cues (label suffix, selected and locked flags)."""
+    _require_review_node(node)
     if state not in REVIEW_STATES:
         raise CMBError(f"unknown review state {state!r}; expected one of {', '.join(REVIEW_STATES)}")
     if not 0 <= index < node.GetNumberOfControlPoints():
         raise CMBError(f"no control point {index} in {node.GetName()} ({node.GetNumberOfControlPoints()} points)")
+    previous = get_state(node, index)
     was_modifying = node.StartModify()
     node.SetNthControlPointDescription(index, state)
     _style_point(node, index, state)
     node.EndModify(was_modifying)
+    if previous != state:
+        history = _decision_history(node)[-(DECISION_HISTORY_LENGTH - 1):]
+        node.SetAttribute(DECISION_HISTORY_ATTRIBUTE, json.dumps(history + [[node.GetNthControlPointID(index), previous]]))
+
+
+def undo_last_decision(node) -> int:
+    """Put back the state the last decision replaced; returns that point's index, or -1 when there is
+    nothing to undo. Decisions on points deleted since are skipped (their point is gone)."""
+    _require_review_node(node)
+    history = _decision_history(node)
+    while history:
+        point_id, previous = history.pop()
+        index = node.GetNthControlPointIndexByID(point_id)
+        if index >= 0:
+            set_state(node, index, previous)
+            node.SetAttribute(DECISION_HISTORY_ATTRIBUTE, json.dumps(history))  # the undo itself is not undoable
+            return index
+    node.SetAttribute(DECISION_HISTORY_ATTRIBUTE, "[]")
+    return -1
+
+
+def _decision_history(node) -> list:
+    return json.loads(node.GetAttribute(DECISION_HISTORY_ATTRIBUTE) or "[]")
 
 
 def base_label(node, index: int) -> str:
     """The point's label without the review suffix, e.g. "CMB-3"."""
-    return _SUFFIX_PATTERN.sub("", node.GetNthControlPointLabel(index))
+    return _base_label(node.GetNthControlPointLabel(index))
 
 
 def _style_point(node, index: int, state: str) -> None:
@@ -260,7 +342,8 @@ def _style_point(node, index: int, state: str) -> None:
 
 
 def style_node(node) -> None:
-    """Colours and label cues for every point (see the module docstring)."""
+    """Colours and label cues for every point of a review node (see the module docstring)."""
+    _require_review_node(node)
     display = node.GetDisplayNode()
     if display is None:
         node.CreateDefaultDisplayNodes()
@@ -291,11 +374,13 @@ def apply_threshold(node, threshold: float) -> int:
 
     Returns the number of hidden points.
     """
-    scores = _measurement_values(node, "score")
+    _require_review_node(node)
+    values = _values_by_id(node)
     hidden = 0
     was_modifying = node.StartModify()
     for index in range(node.GetNumberOfControlPoints()):
-        shown = is_shown_at(get_state(node, index), _value(scores, index), threshold)
+        score = values.get(node.GetNthControlPointID(index), _unknown_values())[0]
+        shown = is_shown_at(get_state(node, index), score, threshold)
         node.SetNthControlPointVisibility(index, shown)
         hidden += not shown
     node.EndModify(was_modifying)
@@ -317,31 +402,43 @@ def next_index(node, current: int, step: int = 1, pending_first: bool = False) -
 
 
 def review_table(node) -> list:
-    """One dict per point, in control point order: index, label, score, diameter_mm, region, lobe,
-    state, visible, position_ras (tuple of 3 floats, RAS mm)."""
-    adopt_new_points(node)
-    columns = _measurement_columns(node)
+    """One dict per point, in control point order: index, id, label, score, diameter_mm, region, lobe,
+    state, visible, position_ras (tuple of 3 floats, RAS mm). Reconciles a review node first; any other
+    node is only read."""
+    reconcile(node)
+    values = _values_of(node)
     rows = []
     for index in range(node.GetNumberOfControlPoints()):
         position = [0.0, 0.0, 0.0]
         node.GetNthControlPointPositionWorld(index, position)
-        rows.append({"index": index, "label": base_label(node, index), **point_values(node, index, columns),
+        rows.append({"index": index, "id": node.GetNthControlPointID(index), "label": base_label(node, index),
+                     **point_values(node, index, values),
                      "state": get_state(node, index), "visible": bool(node.GetNthControlPointVisibility(index)),
                      "position_ras": tuple(float(v) for v in position)})
     return rows
 
 
+def reported_state(row: dict) -> str:
+    """The state a count or an export reports: the stored one, except that a pending finding the
+    threshold hides is BELOW_THRESHOLD. The reader chose not to read below that score, so it is neither
+    waiting to be read nor a lesion; lowering the threshold makes it pending again."""
+    if row["state"] == PENDING and not row["visible"]:
+        return BELOW_THRESHOLD
+    return row["state"]
+
+
 def review_counts(node) -> dict:
-    """Counts per state, and per region: {"accepted", "rejected", "added", "pending", "total",
-    "confirmed" (accepted + added), "by_region": {region: {state: n, "confirmed": n}},
-    "lobar_by_lobe": {lobe: confirmed n}}."""
+    """Counts per reported state (see reported_state), and per region: {"accepted", "rejected", "added",
+    "pending", "below_threshold", "total", "confirmed" (accepted + added), "by_region": {region: {state: n,
+    "confirmed": n}}, "lobar_by_lobe": {lobe: confirmed n}}."""
     rows = review_table(node)
-    counts = {state: 0 for state in REVIEW_STATES}
-    by_region = {region: {**{state: 0 for state in REVIEW_STATES}, "confirmed": 0} for region in REGIONS}
+    states = (*REVIEW_STATES, BELOW_THRESHOLD)
+    counts = {state: 0 for state in states}
+    by_region = {region: {**{state: 0 for state in states}, "confirmed": 0} for region in REGIONS}
     by_lobe = {lobe: 0 for lobe in LOBES if lobe}
     for row in rows:
-        counts[row["state"]] += 1
-        by_region[row["region"]][row["state"]] += 1
+        counts[reported_state(row)] += 1
+        by_region[row["region"]][reported_state(row)] += 1
         if row["state"] in CONFIRMED_STATES:
             by_region[row["region"]]["confirmed"] += 1
             if row["region"] == "lobar" and row["lobe"]:
@@ -354,9 +451,10 @@ def review_counts(node) -> dict:
 
 
 def node_findings(node) -> list:
-    """The node's points as Finding records (base labels, RAS positions, review state as status)."""
+    """The node's points as Finding records (base labels, RAS positions, reported_state as status)."""
     return [Finding(label=row["label"], position_ras=row["position_ras"], score=row["score"],
-                    diameter_mm=row["diameter_mm"], region=row["region"], lobe=row["lobe"], status=row["state"])
+                    diameter_mm=row["diameter_mm"], region=row["region"], lobe=row["lobe"],
+                    status=reported_state(row))
             for row in review_table(node)]
 
 
@@ -365,12 +463,13 @@ def node_findings(node) -> list:
 # ---------------------------------------------------------------------------------------------
 
 def export_review(node, csv_path, json_path, reader: str = "", input_name: str = "",
-                  model_versions: dict | None = None, threshold: float | None = None) -> dict:
+                  detection_run: dict | None = None, threshold: float | None = None) -> dict:
     """Write the reviewed findings.
 
     csv_path: findings.CSV_COLUMNS, one row per point (every state), readable by findings.read_csv.
-    json_path: {"software", "reviewed_at" (UTC ISO 8601), "reader", "input", "model_versions",
-    "threshold", "counts" (review_counts), "findings" (Finding.to_dict per point)}.
+    json_path: {"software", "reviewed_at" (UTC ISO 8601), "reader", "input", "detection_run"
+    (provenance from the run's summary, see detection_run_provenance), "threshold", "counts"
+    (review_counts), "findings" (Finding.to_dict per point)}.
     Returns the JSON document.
     """
     findings = node_findings(node)
@@ -380,13 +479,47 @@ def export_review(node, csv_path, json_path, reader: str = "", input_name: str =
         "reviewed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "reader": reader,
         "input": input_name,
-        "model_versions": dict(model_versions or {}),
+        "detection_run": dict(detection_run or {}),
         "threshold": threshold,
         "counts": review_counts(node),
         "findings": [_json_safe(f.to_dict()) for f in findings],
     }
     Path(json_path).write_text(json.dumps(document, indent=2, allow_nan=False))
     return document
+
+
+# What identifies the models and software of a detection run, as pipeline.detect writes them to STEM.json.
+PROVENANCE_KEYS = ("cmbdetector_version", "model", "yolo", "versions", "threshold", "operating_threshold")
+
+
+def detection_run_provenance(summary: dict) -> dict:
+    """The part of a run's summary (STEM.json) that says which models and versions produced the findings:
+    model {file, sha256, device}, yolo {used, sha256, ...}, versions {python, numpy, torch, ...}, the
+    threshold the run kept findings down to and its tuned operating point."""
+    return {key: summary[key] for key in PROVENANCE_KEYS if key in summary}
+
+
+def record_detection_run(node, summary: dict) -> None:
+    """Keep the run's provenance on its review node, so the export needs no file of the run."""
+    _require_review_node(node)
+    node.SetAttribute(DETECTION_RUN_ATTRIBUTE, json.dumps(detection_run_provenance(summary)))
+
+
+def detection_run(node) -> dict:
+    """The provenance recorded by record_detection_run ({} for nodes from elsewhere)."""
+    return json.loads(node.GetAttribute(DETECTION_RUN_ATTRIBUTE) or "{}")
+
+
+def review_start_threshold(node) -> float | None:
+    """Where the review's slider starts: the run's tuned operating point, else the threshold it kept
+    findings down to; None when unknown. Findings between the floor and the operating point start
+    hidden, one slider move away."""
+    run = detection_run(node)
+    for key in ("operating_threshold", "threshold"):
+        value = run.get(key)
+        if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+            return float(value)
+    return None
 
 
 def _json_safe(record: dict) -> dict:
@@ -397,7 +530,8 @@ def _json_safe(record: dict) -> dict:
 
 def export_accepted_labelmap(scene, node, reference_volume_node, radius_mm: float = 1.5,
                              name: str | None = None):
-    """A vtkMRMLLabelMapVolumeNode on the reference volume's grid marking confirmed lesions.
+    """A vtkMRMLLabelMapVolumeNode on the reference volume's grid marking confirmed lesions: for a review
+    node, its one labelmap (made on the first call, overwritten in place on later ones).
 
     Each accepted or reader-added point becomes a sphere of its diameter (or of `radius_mm` when the
     diameter is unknown) with label value = control point index + 1. Pending and rejected points are
@@ -421,7 +555,11 @@ def export_accepted_labelmap(scene, node, reference_volume_node, radius_mm: floa
             continue
         radius = row["diameter_mm"] / 2 if math.isfinite(row["diameter_mm"]) and row["diameter_mm"] > 0 else radius_mm
         _paint_sphere(labels_kji, affine, ras_to_ijk, np.asarray(row["position_ras"]), radius, row["index"] + 1)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name or f"{node.GetName()} accepted")
+    labelmap = node.GetNodeReference(ACCEPTED_LABELMAP_ROLE) if is_review_node(node) else None
+    if labelmap is None:
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name or f"{node.GetName()} accepted")
+        if is_review_node(node):  # one labelmap per review node, updated in place by later exports
+            node.SetNodeReferenceID(ACCEPTED_LABELMAP_ROLE, labelmap.GetID())
     labelmap.SetIJKToRASMatrix(ijk_to_ras)
     slicer.util.updateVolumeFromArray(labelmap, labels_kji)
     labelmap.CreateDefaultDisplayNodes()
@@ -482,20 +620,3 @@ def volume_from_volume_node(node):
     array_ijk = np.transpose(slicer.util.arrayFromVolume(node), (2, 1, 0)).astype(np.float32)
     return Volume(np.ascontiguousarray(array_ijk), slicer.util.arrayFromVTKMatrix(matrix),
                   {"source": f"Slicer node {node.GetName()}"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------------
-
-def _code(names: tuple, name: str) -> float:
-    """Index of `name` in `names` as a float; NaN when it is not one of them."""
-    return float(names.index(name)) if name in names else math.nan
-
-
-def _stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".mrk.json", ".json", ".csv"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem

@@ -1,0 +1,297 @@
+"""The module's real CMBDetectorWidget in a real Qt event loop (PySide6, offscreen), on slicer-core's MRML.
+
+The real .ui is loaded through QUiLoader; CTK/qMRML widgets and the Slicer application are the small
+stand-ins of Testing/slicer_qt_standins.py. The test clicks the real buttons, presses the real shortcut
+keys, and lets the real `cmbdetector detect` run in the background on a small crop, as a reader's
+session would: load, detect, review with keys, threshold down and up, export, Delete all, and closing
+the scene while a run is going. The panel is drawn on the way; with CMBDETECTOR_SCREENSHOT=1 the drawing
+replaces docs/images/slicer-panel.png.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="the widget tests need PySide6")
+from PySide6 import QtCore, QtTest  # noqa: E402
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("needs slicer-core", allow_module_level=True)
+
+import slicer_qt_standins as standins  # noqa: E402
+from helpers import small_swi_crop  # noqa: E402
+
+from CMBDetectorLib import classify, review  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_FILE = ROOT / "CMBDetector" / "CMBDetector.py"
+SCREENSHOT = ROOT / "docs" / "images" / "slicer-panel.png"
+Qt = QtCore.Qt
+
+
+def wait_until(condition, timeout_s: float = 300.0, what: str = "") -> None:
+    """Run the Qt event loop until condition() holds (the GUI's timers and signals keep working)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        QtWidgets.QApplication.processEvents()
+        time.sleep(0.02)
+    QtWidgets.QApplication.processEvents()
+
+
+class Harness:
+    def __init__(self, mrml, temp_root: Path):
+        self.app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+        self.mrml = mrml
+        self.temp_root = temp_root
+        self.main_window = QtWidgets.QMainWindow()
+        self.undo_standins, self.gui = standins.install(mrml, self.main_window, temp_root)
+        try:
+            self._start()
+        except BaseException:
+            self.undo_standins()
+            raise
+
+    def _start(self) -> None:
+        spec = importlib.util.spec_from_file_location("CMBDetectorInQt", MODULE_FILE)
+        self.module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = self.module  # resourcePath finds the .ui beside the module file
+        spec.loader.exec_module(self.module)
+        self.widget = self.module.CMBDetectorWidget()
+        self.widget.setup()
+        self.ui = self.widget.ui
+        self.main_window.setCentralWidget(self.widget.parent)
+        self.main_window.resize(480, 980)
+        self.main_window.show()
+        self.main_window.activateWindow()
+        QtTest.QTest.qWaitForWindowExposed(self.main_window)
+        self.widget.enter()
+
+    def click(self, button) -> None:
+        assert button.isEnabled(), button.objectName()
+        QtTest.QTest.mouseClick(button, Qt.LeftButton)
+        QtWidgets.QApplication.processEvents()
+
+    def key(self, key) -> None:
+        """A key press as the reader makes it: into the focused panel, where the shortcut catches it."""
+        QtTest.QTest.keyClick(self.widget.parent, key)
+        QtWidgets.QApplication.processEvents()
+
+    def findings(self):
+        return self.widget._parameterNode.findings
+
+    def table_column(self, column: int) -> list:
+        table = self.ui.reviewTable
+        return [table.item(row, column).text() for row in range(table.rowCount())]
+
+    def close(self) -> None:
+        self.widget.exit()
+        self.widget.cleanup()
+        wait_until(lambda: self.widget._process is None, 60, "the last run to end")
+        self.widget.parent.findChild(standins.qMRMLWidget).setMRMLScene(None)  # as when Slicer destroys the panel
+        self.main_window.close()
+        QtWidgets.QApplication.processEvents()
+        sys.modules.pop("CMBDetectorInQt", None)
+        self.undo_standins()
+
+
+@pytest.fixture()
+def harness(mrml, tmp_path):
+    errors = []
+    previous_hook = sys.excepthook
+    sys.excepthook = lambda kind, value, trace: errors.append(value)  # exceptions raised inside Qt slots
+    (tmp_path / "slicer-temp").mkdir()
+    harness = Harness(mrml, tmp_path / "slicer-temp")
+    harness.errors = errors
+    yield harness
+    harness.close()
+    sys.excepthook = previous_hook
+    assert errors == [], errors
+
+
+def add_small_crop(mrml, name="sub-01 swi"):
+    return review.volume_node_from_volume(mrml.scene, small_swi_crop(), name)
+
+
+def cmbdetector_temp_folders(harness) -> list:
+    return sorted(harness.temp_root.glob("CMBDetector-*"))
+
+
+def test_a_reading_session_through_the_real_widget(harness, tmp_path):
+    ui, mrml = harness.ui, harness.mrml
+
+    # ---- load: the reader picks the scan, the CPU, a partial-brain crop -------------------------------
+    volume = add_small_crop(mrml)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.deviceComboBox.setCurrentText("cpu")
+    QtTest.QTest.mouseClick(ui.partialBrainCheckBox, Qt.LeftButton)
+    QtWidgets.QApplication.processEvents()
+    parameters = harness.widget._parameterNode
+    assert parameters.inputVolume is volume and parameters.device == "cpu" and parameters.partialBrain
+    assert not ui.acceptButton.isEnabled()  # nothing to review yet
+
+    # ---- detect: the real process, polled by the widget's timer ----------------------------------------
+    harness.click(ui.detectButton)
+    assert ui.cancelButton.isEnabled() and not ui.detectButton.isEnabled()
+    wait_until(lambda: harness.widget._process is None, what="the detection run")
+    node = harness.findings()
+    assert node is not None and review.is_review_node(node), harness.ui.logTextEdit.toPlainText()
+    assert cmbdetector_temp_folders(harness) == []  # the scan copy and the run's files are gone
+    run = review.detection_run(node)
+    assert parameters.threshold == pytest.approx(run["operating_threshold"])  # the review starts there
+    rows = review.review_table(node)
+    assert ui.reviewTable.rowCount() == len(rows) == node.GetNumberOfControlPoints()
+    below = [r for r in rows if r["score"] < parameters.threshold]
+    assert below, "the small crop is made to have a finding below the operating point"
+    assert all(not r["visible"] for r in below) and all(r["visible"] for r in rows if r not in below)
+    assert f"{len(below)} below threshold" in ui.countsLabel.text()
+    assert ui.reviewTable.currentRow() == 0  # the first finding is shown
+
+    # ---- review with the real shortcut keys --------------------------------------------------------------
+    harness.key(Qt.Key_A)
+    assert review.get_state(node, 0) == "accepted" and node.GetNthControlPointLabel(0).endswith("[A]")
+    current = ui.reviewTable.currentRow()
+    assert current == 1  # accepted, then on to the next pending finding
+    harness.key(Qt.Key_X)
+    assert review.get_state(node, 1) == "rejected"
+    harness.key(Qt.Key_U)  # undo: back to pending, and shown again
+    assert review.get_state(node, 1) == "pending" and ui.reviewTable.currentRow() == 1
+    harness.key(Qt.Key_A)
+    harness.key(Qt.Key_P)
+    harness.key(Qt.Key_P)
+    assert ui.reviewTable.currentRow() == 0
+    harness.key(Qt.Key_Q)  # back to pending
+    assert review.get_state(node, 0) == "pending"
+    harness.key(Qt.Key_A)
+    harness.key(Qt.Key_R)  # Slicer's reset-view key does nothing here
+    assert [review.get_state(node, i) for i in range(2)] == ["accepted", "accepted"]
+    assert "2 accepted" in ui.countsLabel.text()
+
+    # ---- table and views stay in step: arrow keys in the table, a point clicked in a view ----------------
+    ui.reviewTable.setFocus()
+    QtTest.QTest.keyClick(ui.reviewTable, Qt.Key_Up)
+    assert harness.widget._currentIndex == ui.reviewTable.currentRow()
+    last = node.GetNumberOfControlPoints() - 1
+    node.GetDisplayNode().SetActiveControlPoint(last)  # what a click on the point in a view does ...
+    node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)  # ... and then announces
+    QtWidgets.QApplication.processEvents()
+    assert ui.reviewTable.currentRow() == last and harness.widget._currentIndex == last
+
+    # ---- threshold down reveals, up hides ---------------------------------------------------------------
+    ui.thresholdSlider.setValue(review.DETECTION_FLOOR)
+    assert all(node.GetNthControlPointVisibility(i) for i in range(node.GetNumberOfControlPoints()))
+    assert "0 below threshold" in ui.countsLabel.text()
+    ui.thresholdSlider.setValue(0.999)
+    hidden = [i for i in range(node.GetNumberOfControlPoints()) if not node.GetNthControlPointVisibility(i)]
+    assert all(review.get_state(node, i) == "pending" for i in hidden)  # accepted findings always show
+    ui.thresholdSlider.setValue(run["operating_threshold"])
+
+    # ---- export: files with the run's provenance, one labelmap updated in place -----------------------
+    ui.exportDirectoryButton.directory = str(tmp_path / "export")
+    harness.click(ui.exportButton)
+    report = json.loads(next((tmp_path / "export").glob("*_review.json")).read_text())
+    assert report["detection_run"]["model"]["sha256"] == classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
+    assert report["counts"]["accepted"] == 2 and report["threshold"] == pytest.approx(run["operating_threshold"])
+    labelmaps = mrml.scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode")
+    harness.click(ui.exportLabelmapButton)
+    harness.click(ui.exportLabelmapButton)
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == labelmaps  # reused
+    assert harness.gui.slice_layers[-1]["label"] is node.GetNodeReference(review.ACCEPTED_LABELMAP_ROLE)
+
+    # the panel as drawn here; CMBDETECTOR_SCREENSHOT=1 also writes it to docs/images (kept out of
+    # ordinary runs: the log's temporary paths change every time)
+    drawn = tmp_path / "slicer-panel.png"
+    assert harness.widget.parent.grab().save(str(drawn)) and drawn.read_bytes()[:4] == b"\x89PNG"
+    if os.environ.get("CMBDETECTOR_SCREENSHOT"):
+        SCREENSHOT.write_bytes(drawn.read_bytes())
+
+    # ---- Delete all control points (the Markups module's action), then a point the reader places -------
+    node.RemoveAllControlPoints()
+    wait_until(lambda: ui.reviewTable.rowCount() == 0, 10, "the table to empty")
+    node.AddControlPoint([1.0, 2.0, 3.0])
+    wait_until(lambda: ui.reviewTable.rowCount() == 1, 10, "the placed point's row")
+    assert harness.table_column(5) == ["added"] and harness.table_column(1) == [""]  # inherits no score
+
+
+def test_closing_the_scene_cancels_a_run(harness):
+    ui, mrml = harness.ui, harness.mrml
+    ui.inputVolumeSelector.setCurrentNode(add_small_crop(mrml))
+    ui.deviceComboBox.setCurrentText("cpu")
+    QtTest.QTest.mouseClick(ui.partialBrainCheckBox, Qt.LeftButton)
+    QtWidgets.QApplication.processEvents()
+    harness.click(ui.detectButton)
+    process = harness.widget._process
+    assert process is not None and process.running
+    mrml.scene.Clear(0)  # File > Close Scene
+    wait_until(lambda: harness.widget._process is None, 60, "the cancelled run to end")
+    assert process.cancelled and not process.running
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 0  # nothing loaded
+    assert cmbdetector_temp_folders(harness) == []
+    assert "Cancelled." in ui.logTextEdit.toPlainText()
+    assert ui.detectButton.isEnabled() is False  # the new scene has no input yet
+    assert ui.loadSampleButton.isEnabled()
+
+
+def test_a_landmarks_node_is_shown_but_not_changed_until_adopted(harness):
+    ui, mrml = harness.ui, harness.mrml
+    landmarks = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "landmarks")
+    landmarks.AddControlPoint([0.0, 60.0, 0.0], "nasion")
+    ui.findingsSelector.setCurrentNode(landmarks)
+    QtWidgets.QApplication.processEvents()
+    assert harness.table_column(0) == ["nasion"]
+    harness.key(Qt.Key_A)
+    ui.thresholdSlider.setValue(0.9)
+    assert landmarks.GetNthControlPointLabel(0) == "nasion" and landmarks.GetNthControlPointDescription(0) == ""
+    assert not ui.acceptButton.isEnabled() and ui.adoptButton.isEnabled()
+    harness.click(ui.adoptButton)
+    assert review.is_review_node(landmarks) and not ui.adoptButton.isEnabled()
+    harness.click(ui.nextButton)
+    harness.click(ui.acceptButton)
+    assert landmarks.GetNthControlPointLabel(0) == "nasion [A]"
+
+
+def test_the_module_self_test_runs_its_fast_parts(harness):
+    """The self-test Slicer's CMake registers (CMBDetectorTest), on the harness's scene: the review on
+    synthetic findings and Cancel. (Its sample-scan part simulates a scan: test_module_ui covers that.)"""
+    self_test = harness.module.CMBDetectorTest()
+    for name in ("test_review_on_synthetic_findings", "test_detection_process_cancel"):
+        self_test.setUp()
+        getattr(self_test, name)()
+    assert {"Review test passed", "Cancel test passed"} <= set(standins.DISPLAYED)
+
+
+def test_the_self_test_skips_what_lacks_its_packages_and_says_so(harness, monkeypatch):
+    """On a fresh Slicer (the extension build machine) the sample's packages are absent."""
+    from CMBDetectorLib import dependencies
+
+    monkeypatch.setitem(dependencies.PINS, "cmbdetector-absent-package", "1.0")
+    monkeypatch.setitem(dependencies.GROUPS, "sample", ("cmbdetector-absent-package",))
+    harness.module.CMBDetectorTest().test_sample_scan_review()  # returns at once instead of simulating
+    assert any(line.startswith("Skipped (needs cmbdetector-absent-package==1.0)") for line in standins.DISPLAYED)
+
+
+def test_load_sample_runs_in_the_background_and_cancel_stops_it(harness):
+    ui = harness.ui
+    harness.click(ui.loadSampleButton)
+    process = harness.widget._process
+    assert process is not None and process.command[3:5] == ["synth", "--out"]
+    assert not ui.loadSampleButton.isEnabled() and ui.cancelButton.isEnabled()
+    assert len(cmbdetector_temp_folders(harness)) == 1  # made by slicer.util.tempDirectory
+    # the click returned while the simulation (tens of seconds) runs: the GUI is not blocked
+    assert process.running
+    QtTest.QTest.qWait(500)  # the event loop, with the widget's poll timer, keeps running meanwhile
+    harness.click(ui.cancelButton)
+    wait_until(lambda: harness.widget._process is None, 60, "the cancelled simulation to end")
+    assert process.cancelled and cmbdetector_temp_folders(harness) == []
+    assert harness.mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert ui.loadSampleButton.isEnabled() and not ui.cancelButton.isEnabled()
