@@ -105,138 +105,188 @@ def apparent_diameter_mm(prepared: Prepared, ijk) -> float:
     return float(2 * np.sqrt(area / np.pi))
 
 
+class Detector:
+    """The detection models, loaded and verified (SHA-256) once, for many volumes.
+
+    The `detect` command, `batch` workers, the benchmark and the Slicer module's process all hold one;
+    building it costs the imports and the weights (seconds), each `detect` call only the scan's own work.
+
+    use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights ship
+    (yolo_path, default Resources/Models/cmb_yolo.pt); False runs the 3D CNN alone.
+    """
+
+    def __init__(self, model_path=DEFAULT_MODEL, device: str = "cpu", use_yolo: bool = True, yolo_path=None):
+        started = time.perf_counter()
+        self.model_path = Path(model_path)
+        self.model = load_model(model_path, device)
+        self.yolo = None
+        self.warnings = []
+        if use_yolo:
+            from . import yolo
+
+            yolo_path = Path(yolo_path or yolo.DEFAULT_YOLO)
+            if yolo_path.is_file():
+                self.yolo = yolo.load_yolo(yolo_path, device)
+            else:
+                self.warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
+        fusion_threshold = self.yolo.fusion.get("threshold") if self.yolo is not None else None
+        # the operating point tuned for the configuration that runs (model cards; never benchmarked scans)
+        self.operating_threshold = float(fusion_threshold if fusion_threshold is not None
+                                         else self.model.card.get("operating_threshold", 0.5))
+        self.load_seconds = time.perf_counter() - started
+
+    @property
+    def model_hashes(self) -> dict:
+        """SHA-256 of every model that runs: what a result depends on besides the scan and the code."""
+        hashes = {"cnn": self.model.sha256}
+        if self.yolo is not None:
+            hashes["yolo"] = self.yolo.sha256
+        return hashes
+
+    def detect(self, volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
+               threshold: float | None = None, crop: bool = False, locate: bool = True,
+               keep_outside: bool = False, cnn_phase: bool = True, progress=None) -> Detection:
+        """Find microbleeds in one volume: findings (RAS mm, labelled CMB-1.. by score) and a summary.
+
+        threshold: None takes the operating point. cnn_phase: give the CNN the phase channel when a phase
+        is given (default). On the 12 seed-3 tuning scans (tools/compare_on_tuning_scans.py) the first
+        ensemble member at threshold 0.5 has half the false positives with the phase (0.42 against 0.83
+        FP/scan) at the same sensitivity (model card).
+        """
+        check_fits_in_memory(volume.shape)
+        threshold = self.operating_threshold if threshold is None else float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise InputError(f"threshold must be between 0 and 1, got {threshold}")
+        timings, warnings = {}, list(self.warnings)
+        started = time.perf_counter()
+
+        _progress(progress, 10, "preprocessing")
+        tick = time.perf_counter()
+        prepared = prepare(volume, phase, mask, crop=crop)
+        warnings += prepared.warnings
+        timings["preprocess"] = time.perf_counter() - tick
+
+        _progress(progress, 30, "stage 1: candidate screening")
+        tick = time.perf_counter()
+        screening = screen(prepared)
+        candidates = screening.candidates
+        warnings += _screening_warnings(screening.report)
+        timings["candidates"] = time.perf_counter() - tick
+
+        _progress(progress, 50, f"stage 2: CNN on {len(candidates)} candidates")
+        tick = time.perf_counter()
+        centres = centres_ras(prepared, candidates)
+        cnn_scores = score_patches(self.model, extract_patches(prepared, centres, use_phase=cnn_phase))
+        timings["cnn"] = time.perf_counter() - tick
+        scores, yolo_scores, yolo_info = cnn_scores, np.full(len(cnn_scores), np.nan), {"used": False}
+        if self.yolo is not None:
+            _progress(progress, 65, "stage 3: YOLO on the uncertain candidates")
+            tick = time.perf_counter()
+            scores, yolo_scores, yolo_info = self._consult_yolo(prepared, centres, cnn_scores)
+            timings["yolo"] = time.perf_counter() - tick
+
+        passing = np.nonzero(scores >= threshold)[0]
+        kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing
+        findings = [Finding(label="", position_ras=tuple(float(v) for v in centres[index]),
+                            score=float(scores[index]),
+                            diameter_mm=apparent_diameter_mm(prepared, candidates[index].ijk),
+                            stage_scores=_stage_scores(candidates[index], cnn_scores[index], yolo_scores[index]))
+                    for index in kept]
+
+        registration_info, dropped = {"done": False}, []
+        if locate and not crop:
+            _progress(progress, 75, "locating findings (registration to MNI152)")
+            tick = time.perf_counter()
+            findings, dropped, registration_info, located_warnings = _place(prepared, findings, mask, keep_outside)
+            warnings += located_warnings
+            timings["locate"] = time.perf_counter() - tick
+        elif crop:
+            warnings.append("partial-brain crop: locations not computed")
+
+        findings = label_findings(findings)
+        timings["total"] = time.perf_counter() - started
+        _progress(progress, 95, "writing results")
+        summary = {
+            "cmbdetector_version": __version__,
+            "input": volume.meta.get("source", ""),
+            "shape": list(volume.shape),
+            "spacing_mm": [round(float(s), 4) for s in volume.spacing],
+            "phase_given": phase is not None,
+            "phase_used_by_cnn": bool(cnn_phase and phase is not None),
+            "mask": {"method": prepared.mask_method,
+                     "volume_ml": round(float(prepared.mask.sum() * np.prod(volume.spacing) / 1000.0), 1)},
+            "threshold": threshold,
+            "operating_threshold": self.operating_threshold,  # the tuned one; differs when the caller chose its own
+            "counts": _counts(findings),
+            "scan_level": {"any_microbleed": bool(findings), "max_score": float(scores.max()) if len(scores) else 0.0},
+            "candidates": len(candidates),
+            "screening": screening.report,
+            "dropped_outside_brain": len(dropped),
+            "registration": registration_info,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "model": {"file": self.model_path.name, "sha256": self.model.sha256, "device": self.model.device},
+            "yolo": yolo_info,
+            "versions": _versions(),
+            "warnings": warnings,
+            "findings": [f.to_dict() for f in findings],
+        }
+        return Detection(findings, summary, prepared, warnings)
+
+    def _consult_yolo(self, prepared, centres, cnn_scores) -> tuple:
+        """Fused scores, YOLO's own score (NaN where not consulted) and what the summary says of the stage."""
+        from . import yolo
+
+        fusion = self.yolo.fusion
+        band = yolo.consulted(cnn_scores, fusion)
+        yolo_scores = np.full(len(cnn_scores), np.nan)
+        yolo_scores[band] = yolo.score_candidates(self.yolo, prepared, centres[band])
+        scores = yolo.fuse(cnn_scores, np.nan_to_num(yolo_scores), fusion)
+        info = {"used": True, "consulted": int(band.sum()), "sha256": self.yolo.sha256, "fusion": fusion}
+        return scores, yolo_scores, info
+
+
+def _screening_warnings(report: dict) -> list:
+    if report["strong_dropped"]:
+        return [f"stage 1 found {report['peaks']} dark blobs and could keep only the strongest "
+                f"{report['kept']}: {report['strong_dropped']} lesion-strength blobs were dropped "
+                "(an unusually noisy or vein-rich scan); microbleeds may be missed"]
+    if report["widened"]:
+        return [f"stage 1 kept {report['kept']} lesion-strength dark blobs (more than the usual "
+                f"{MAX_CANDIDATES}); detection takes longer"]
+    return []
+
+
+def _place(prepared: Prepared, findings: list, mask, keep_outside: bool) -> tuple:
+    """Atlas locations through the registration to MNI152 (the one the brain mask was made with, if any);
+    findings outside the brain are dropped unless keep_outside. Returns findings, dropped, info, warnings."""
+    from . import locate as locate_module
+
+    volume = prepared.volume
+    registration = prepared.registration or locate_module.register_to_mni(volume, mask)
+    info = {"done": True, "ok": registration.ok, "message": registration.message,
+            "seconds": round(registration.seconds, 2)}
+    dropped = []
+    if not keep_outside and registration.ok:
+        findings, dropped = locate_module.drop_outside_brain(findings, registration)
+    warnings = locate_module.locate_findings(volume, findings, registration=registration)
+    return findings, dropped, info, warnings
+
+
 def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
            threshold: float | None = None, crop: bool = False, model_path=DEFAULT_MODEL,
            device: str = "cpu", locate: bool = True, keep_outside: bool = False, use_yolo: bool = True,
            yolo_path=None, cnn_phase: bool = True, progress=None) -> Detection:
-    """Find microbleeds in one volume. Returns findings (RAS mm, labelled CMB-1.. by score) and a summary.
-
-    use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights ship
-    (yolo_path, default Resources/Models/cmb_yolo.pt); False runs the 3D CNN alone.
-    threshold: None takes the operating point tuned for the configuration that runs: the YOLO card's
-    fusion threshold with YOLO, the CNN card's threshold without (both tuned on scans never benchmarked).
-    cnn_phase: give the CNN the phase channel when a phase is given (default). On the 12 seed-3 tuning
-    scans (tools/compare_on_tuning_scans.py) the first ensemble member at threshold 0.5 has half the false
-    positives with the phase (0.42 against 0.83 FP/scan) at the same sensitivity (model card).
-    """
-    timings = {}
-    warnings = []
-    started = time.perf_counter()
-
-    check_fits_in_memory(volume.shape)
+    """One volume with freshly loaded models (see Detector; a cohort keeps one Detector instead)."""
+    check_fits_in_memory(volume.shape)  # before the models load: a refusal costs no time
     _progress(progress, 5, "loading model")
-    model = load_model(model_path, device)
-    yolo_model = None
-    if use_yolo:
-        from . import yolo
-
-        yolo_path = Path(yolo_path or yolo.DEFAULT_YOLO)
-        if yolo_path.is_file():
-            yolo_model = yolo.load_yolo(yolo_path, device)
-        else:
-            warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
-    fusion_threshold = yolo_model.fusion.get("threshold") if yolo_model is not None else None
-    operating_threshold = float(fusion_threshold if fusion_threshold is not None
-                                else model.card.get("operating_threshold", 0.5))
-    threshold = operating_threshold if threshold is None else float(threshold)
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be between 0 and 1, got {threshold}")
-    timings["load_model"] = time.perf_counter() - started
-
-    _progress(progress, 10, "preprocessing")
-    tick = time.perf_counter()
-    prepared = prepare(volume, phase, mask, crop=crop)
-    warnings += prepared.warnings
-    timings["preprocess"] = time.perf_counter() - tick
-
-    _progress(progress, 30, "stage 1: candidate screening")
-    tick = time.perf_counter()
-    screening = screen(prepared)
-    candidates = screening.candidates
-    report = screening.report
-    if report["strong_dropped"]:
-        warnings.append(f"stage 1 found {report['peaks']} dark blobs and could keep only the strongest "
-                        f"{report['kept']}: {report['strong_dropped']} lesion-strength blobs were dropped "
-                        "(an unusually noisy or vein-rich scan); microbleeds may be missed")
-    elif report["widened"]:
-        warnings.append(f"stage 1 kept {report['kept']} lesion-strength dark blobs (more than the usual "
-                        f"{MAX_CANDIDATES}); detection takes longer")
-    timings["candidates"] = time.perf_counter() - tick
-
-    _progress(progress, 50, f"stage 2: CNN on {len(candidates)} candidates")
-    tick = time.perf_counter()
-    centres = centres_ras(prepared, candidates)
-    scores = score_patches(model, extract_patches(prepared, centres, use_phase=cnn_phase))
-    cnn_scores = scores.copy()
-    timings["cnn"] = time.perf_counter() - tick
-
-    yolo_info = {"used": False}
-    yolo_scores = np.full(len(scores), np.nan)
-    if yolo_model is not None:
-        _progress(progress, 65, "stage 3: YOLO on the uncertain candidates")
-        tick = time.perf_counter()
-        band = yolo.consulted(scores, yolo_model.fusion)
-        yolo_scores[band] = yolo.score_candidates(yolo_model, prepared, centres[band])
-        scores = yolo.fuse(scores, np.nan_to_num(yolo_scores), yolo_model.fusion)
-        timings["yolo"] = time.perf_counter() - tick
-        yolo_info = {"used": True, "consulted": int(band.sum()), "sha256": yolo_model.sha256,
-                     "fusion": yolo_model.fusion}
-
-    passing = np.nonzero(scores >= threshold)[0]
-    kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing
-    findings = []
-    for index in kept:
-        findings.append(Finding(label="", position_ras=tuple(float(v) for v in centres[index]),
-                                score=float(scores[index]),
-                                diameter_mm=apparent_diameter_mm(prepared, candidates[index].ijk),
-                                stage_scores=_stage_scores(candidates[index], cnn_scores[index], yolo_scores[index])))
-
-    registration_info = {"done": False}
-    dropped = []
-    if locate and not crop:
-        _progress(progress, 75, "locating findings (registration to MNI152)")
-        tick = time.perf_counter()
-        from . import locate as locate_module
-
-        registration = prepared.registration or locate_module.register_to_mni(volume, mask)
-        registration_info = {"done": True, "ok": registration.ok, "message": registration.message,
-                             "seconds": round(registration.seconds, 2)}
-        if not keep_outside and registration.ok:
-            findings, dropped = locate_module.drop_outside_brain(findings, registration)
-        warnings += locate_module.locate_findings(volume, findings, registration=registration)
-        timings["locate"] = time.perf_counter() - tick
-    elif crop:
-        warnings.append("partial-brain crop: locations not computed")
-
-    findings = label_findings(findings)
-    timings["total"] = time.perf_counter() - started
-    _progress(progress, 95, "writing results")
-    summary = {
-        "cmbdetector_version": __version__,
-        "input": volume.meta.get("source", ""),
-        "shape": list(volume.shape),
-        "spacing_mm": [round(float(s), 4) for s in volume.spacing],
-        "phase_given": phase is not None,
-        "phase_used_by_cnn": bool(cnn_phase and phase is not None),
-        "mask": {"method": prepared.mask_method,
-                 "volume_ml": round(float(prepared.mask.sum() * np.prod(volume.spacing) / 1000.0), 1)},
-        "threshold": threshold,
-        "operating_threshold": operating_threshold,  # the tuned one; differs when the caller chose its own
-        "counts": _counts(findings),
-        "scan_level": {"any_microbleed": bool(findings), "max_score": float(scores.max()) if len(scores) else 0.0},
-        "candidates": len(candidates),
-        "screening": report,
-        "dropped_outside_brain": len(dropped),
-        "registration": registration_info,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "model": {"file": Path(model_path).name, "sha256": model.sha256, "device": model.device},
-        "yolo": yolo_info,
-        "versions": _versions(),
-        "warnings": warnings,
-        "findings": [f.to_dict() for f in findings],
-    }
-    return Detection(findings, summary, prepared, warnings)
+    detector = Detector(model_path, device, use_yolo=use_yolo, yolo_path=yolo_path)
+    detection = detector.detect(volume, phase, mask, threshold=threshold, crop=crop, locate=locate,
+                                keep_outside=keep_outside, cnn_phase=cnn_phase, progress=progress)
+    timings = detection.summary["timings_s"]
+    timings["total"] = round(timings["total"] + detector.load_seconds, 3)
+    detection.summary["timings_s"] = {"load_model": round(detector.load_seconds, 3), **timings}
+    return detection
 
 
 def _stage_scores(candidate, cnn_score, yolo_score) -> dict:

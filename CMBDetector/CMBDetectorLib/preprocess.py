@@ -18,7 +18,7 @@ from .errors import InputError
 from .grids import block_mean, coarse_factors, sigma_voxels, upsample_slabs
 from .image import Volume
 from .io import validate_brain_volume
-from .simulate.physics import homodyne_phase
+from .phase import homodyne_phase
 
 logger = logging.getLogger(__name__)
 
@@ -114,5 +114,5 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
             radians = (radians - radians.min()) / max(np.ptp(radians), 1e-6) * 2 * np.pi - np.pi
             warnings.append("phase rescaled from integer units to radians")
         complex_signal = volume.array * np.exp(1j * radians)
-        phase_hp = homodyne_phase(complex_signal, spacing) * brain
+        phase_hp = homodyne_phase(complex_signal, spacing, slice_axis=volume.slice_axis) * brain
     return Prepared(volume, image, brain, phase_hp, crop, warnings, context, mask_method, registration)

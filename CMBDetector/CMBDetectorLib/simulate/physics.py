@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.fft
-from scipy import ndimage
 
 GAMMA_HZ_PER_T = 42.577478e6  # proton gyromagnetic ratio / 2 pi
 
@@ -75,13 +74,6 @@ def gre_signal(relaxed_magnitude: np.ndarray, field_ppm: np.ndarray, b0_tesla: f
         gradient = np.gradient(phase, width, axis=axis)
         dephasing *= np.abs(np.sinc(gradient * width / (2.0 * np.pi)))
     return (relaxed_magnitude * dephasing * np.exp(1j * phase)).astype(np.complex64)
-
-
-def homodyne_phase(signal: np.ndarray, spacing_mm, sigma_mm: float = 4.0) -> np.ndarray:
-    """High-pass filtered phase: angle of S * conj(lowpass(S)), low-pass Gaussian in-plane per slice."""
-    sigma = [sigma_mm / spacing_mm[0], sigma_mm / spacing_mm[1], 0.0]
-    lowpass = ndimage.gaussian_filter(signal.real, sigma) + 1j * ndimage.gaussian_filter(signal.imag, sigma)
-    return np.angle(signal * np.conj(lowpass)).astype(np.float32)
 
 
 def swi_magnitude(magnitude: np.ndarray, hp_phase: np.ndarray, power: int = 4) -> np.ndarray:

@@ -27,7 +27,8 @@ from .acquisition import PROTOCOLS, sample_acquisition, tissue_properties
 from .domain import (HELD_OUT_PROTOCOLS, RANDOMISED_PROTOCOL, TISSUES, Variation, is_domain_protocol,
                      sample_domain_acquisition, sample_variation)
 from .deform import random_deformation
-from .physics import field_from_susceptibility, gre_signal, homodyne_phase, swi_magnitude
+from ..phase import homodyne_phase
+from .physics import field_from_susceptibility, gre_signal, swi_magnitude
 from .structures import (CALCIFICATION_SITES, Sphere, apparent_diameter, rasterise_veins,
                          sphere_voxel_factors, vein_network)
 
