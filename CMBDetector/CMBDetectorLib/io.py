@@ -254,6 +254,8 @@ def _itk_reason(error: Exception) -> str:
     text = " ".join(lines)
     if "determinant is 0" in text:
         return "singular direction matrix (determinant 0): the file's geometry is broken"
+    if "Unable to determine ImageIO reader" in text:
+        return "not an image in a format SimpleITK reads (unknown or corrupt header)"
     for index, line in enumerate(lines):
         if "ITK ERROR" in line:
             reason = line.split("ITK ERROR", 1)[1].lstrip(": ")
