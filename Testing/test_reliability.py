@@ -220,6 +220,12 @@ def _folder_without_dicom(tmp_path):
     return folder
 
 
+def _mhd_without_its_raw(tmp_path):
+    header = write_image(tmp_path / "scan.mhd")
+    (tmp_path / "scan.raw").unlink()
+    return header
+
+
 def _empty(tmp_path):
     image = sitk.GetImageFromArray(np.zeros((32, 32, 32), np.float32))
     image.SetSpacing((2.5, 2.5, 2.5))
@@ -240,6 +246,7 @@ BAD_INPUTS = {
     "garbage scan.dcm beside a DICOM series in a subfolder": (_garbage_dcm_beside_a_series, "not a readable DICOM image"),
     "DICOM series missing one slice": (_dicom_missing_a_slice, "a slice is missing"),
     "folder without DICOM": (_folder_without_dicom, "no DICOM series found"),
+    ".mhd whose .raw is missing": (_mhd_without_its_raw, "cannot read image file"),
     "empty (all-zero) volume": (_empty, "empty"),
 }
 

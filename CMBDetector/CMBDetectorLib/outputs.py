@@ -96,9 +96,14 @@ def write_all(writers: dict, out_dir, summary_key: str = "summary") -> dict:
     order = [key for key in staged if key != summary_key] + [key for key in staged if key == summary_key]
     if summary_key in staged:
         _remove_quietly(staged[summary_key][0])  # the old run's summary must not vouch for the new files
-    for key in order:
-        final, temporary = staged[key]
-        os.replace(temporary, final)
+    try:
+        for index, key in enumerate(order):
+            final, temporary = staged[key]
+            os.replace(temporary, final)
+    except OSError as error:  # the summary comes last, so what was renamed in does not look finished
+        for key in order[index:]:
+            _remove_quietly(staged[key][1])
+        raise OutputError(f"cannot write the results to {out_dir}: {error.strerror or error}") from None
     _fsync_folder(out_dir)
     return {key: final for key, (final, _) in staged.items()}
 

@@ -321,6 +321,8 @@ def run(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     detection.warnings[:0] = early_warnings  # the same list as the summary's
     detection.summary["echo"] = {"requested": echo, "used": used_echo, "n_echoes": volume.meta.get("n_echoes", 1)}
+    if not args.force:  # a review may have been saved there while we worked
+        check_output_stem(args.out, stem)
     paths = write_outputs(detection, args.out, stem, png=not args.no_png)
     counts = detection.summary["counts"]
     regions = ", ".join(f"{k} {v}" for k, v in sorted(counts["by_region"].items())) or "none"
