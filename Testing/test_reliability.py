@@ -380,6 +380,19 @@ def test_a_markups_file_still_all_pending_may_be_replaced(tmp_path, no_model):
     assert result.returncode == 2 and MODEL_NOT_REACHED in result.stderr
 
 
+def test_results_of_another_input_with_the_same_name_are_not_replaced(tmp_path, no_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    scan = write_image(tmp_path / "scan.nii.gz")
+    (out / "scan.json").write_text(json.dumps({"input": str(tmp_path / "other" / "scan.nii.gz")}))
+    line = refused("another input of the same file name already has results in --out",
+                   cli("detect", scan, "--out", out, "--model", no_model))
+    assert "holds the results of another input" in line and "--force" in line
+    (out / "scan.json").write_text(json.dumps({"input": str(scan)}))  # its own earlier results: replaced
+    result = cli("detect", scan, "--out", out, "--model", no_model)
+    assert result.returncode == 2 and MODEL_NOT_REACHED in result.stderr
+
+
 def test_a_point_placed_by_the_reader_counts_as_a_review(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -10,6 +10,7 @@ removed before the new files are renamed in, so a half-replaced set never looks 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -46,13 +47,16 @@ def prepare_output_folder(out_dir) -> Path:
     return out_dir
 
 
-def check_output_stem(out_dir, stem: str, force: bool = False) -> list:
-    """Refuse (OutputError) when STEM.mrk.json in `out_dir` holds a review, unless `force`.
+def check_output_stem(out_dir, stem: str, force: bool = False, input_path=None) -> list:
+    """Refuse (OutputError) when STEM.mrk.json in `out_dir` holds a review, or STEM.json the results of
+    another input than `input_path` (two scans of one file name), unless `force`.
     Returns warnings (low free space)."""
     out_dir = Path(out_dir)
     markups = out_dir / f"{stem}.mrk.json"
     if markups.exists() and not force:
         _refuse_reviewed(markups)
+    if input_path is not None and not force:
+        _refuse_other_input(out_dir / f"{stem}.json", Path(input_path))
     free_mb = shutil.disk_usage(out_dir).free / 2 ** 20
     if free_mb < MIN_FREE_MB:
         return [f"only {free_mb:.0f} MB free in {out_dir}; the results may not fit"]
@@ -70,6 +74,16 @@ def _refuse_reviewed(markups: Path) -> None:
     if reviewed:
         raise OutputError(f"{markups} holds a review (states: {', '.join(reviewed)}); "
                           "re-running would replace it: move it away or use --force")
+
+
+def _refuse_other_input(summary: Path, input_path: Path) -> None:
+    try:
+        previous = json.loads(summary.read_text(encoding="utf-8")).get("input")
+    except (OSError, ValueError, AttributeError):
+        return  # no summary, or a broken one: nothing complete to protect
+    if isinstance(previous, str) and previous and Path(previous).resolve() != input_path.resolve():
+        raise OutputError(f"{summary} holds the results of another input ({previous}); "
+                          "use another --out, or --force to replace them")
 
 
 def write_all(writers: dict, out_dir, summary_key: str = "summary") -> dict:

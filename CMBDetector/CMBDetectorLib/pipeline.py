@@ -304,7 +304,7 @@ def run(args) -> int:
     mask = _read(args.mask)
     used_echo = volume.meta.get("echo")
     stem = output_stem(args.input, used_echo)
-    early_warnings = check_output_stem(args.out, stem, force=args.force)
+    early_warnings = check_output_stem(args.out, stem, force=args.force, input_path=args.input)
     early_warnings += volume.meta.get("warnings", []) + (phase.meta.get("warnings", []) if phase else [])
     device, device_warning = choose_device(args.device)
     early_warnings += [device_warning] if device_warning else []
@@ -321,8 +321,8 @@ def run(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     detection.warnings[:0] = early_warnings  # the same list as the summary's
     detection.summary["echo"] = {"requested": echo, "used": used_echo, "n_echoes": volume.meta.get("n_echoes", 1)}
-    if not args.force:  # a review may have been saved there while we worked
-        check_output_stem(args.out, stem)
+    if not args.force:  # a review, or another run's results, may have been saved there while we worked
+        check_output_stem(args.out, stem, input_path=args.input)
     paths = write_outputs(detection, args.out, stem, png=not args.no_png)
     counts = detection.summary["counts"]
     regions = ", ".join(f"{k} {v}" for k, v in sorted(counts["by_region"].items())) or "none"
