@@ -368,9 +368,9 @@ def _refuse_missing_slices(files: list, what: str) -> None:
     if len(positions) < 3:
         return
     steps = np.diff(positions)
-    usual = float(np.median(steps))
-    if usual <= 0:
-        return  # no usable positions (instance numbers only): nothing to check against
+    if not np.any(steps > 0):
+        return  # no usable positions: nothing to check against
+    usual = float(np.median(steps[steps > 0]))  # duplicates (step 0) must not hide the usual spacing
     odd = np.nonzero(np.abs(steps - usual) > 0.5 * usual)[0]
     if len(odd):
         first = int(odd[0])
