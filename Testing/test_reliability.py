@@ -40,11 +40,12 @@ PHILIPS = REAL_GRE / "philips-3t-dual-echo"
 FINISHED_SUFFIXES = (".mrk.json", ".csv", ".json", ".png")
 MODEL_NOT_REACHED = "model ensemble card not found"
 
-# Imported by CMBDetectorLib itself, these fail as they would on Windows. Third-party packages keep their
-# own POSIX branches (monai calls getpass, which imports pwd on Linux): on Windows they take others.
+# POSIX-only modules fail to import, as on Windows. Blocked for every importer, the process needs USER set
+# (getpass, called by monai, falls back to pwd without it; Windows has USERNAME) and HOME set (expanduser
+# falls back to pwd; Windows has USERPROFILE). With HOME unset, only CMBDetectorLib's own imports are blocked.
 BLOCK_POSIX_MODULES = textwrap.dedent('''
     import sys
-    BLOCKED = {"resource", "fcntl", "pwd", "grp", "termios"}
+    BLOCKED = {{"resource", "fcntl", "pwd", "grp", "termios"}}
     class BlockPosixModules:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] not in BLOCKED:
@@ -53,10 +54,14 @@ BLOCK_POSIX_MODULES = textwrap.dedent('''
             while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
                 frame = frame.f_back
             importer = frame.f_globals.get("__name__", "") if frame is not None else ""
-            if importer.split(".")[0] == "CMBDetectorLib":
-                raise ImportError(f"{importer} imports {name}, which Windows does not have")
+            if {every_importer} or importer.split(".")[0] == "CMBDetectorLib":
+                raise ImportError(f"{{importer}} imports {{name}}, which Windows does not have")
+    for name in BLOCKED:
+        sys.modules.pop(name, None)
     sys.meta_path.insert(0, BlockPosixModules())
 ''')
+BLOCK_FOR_EVERY_IMPORTER = BLOCK_POSIX_MODULES.format(every_importer=True)
+BLOCK_FOR_OUR_IMPORTS = BLOCK_POSIX_MODULES.format(every_importer=False)
 RUN_CLI = "import sys\nfrom CMBDetectorLib.cli import main\nsys.argv[0] = 'cmbdetector'\nsys.exit(main())\n"
 
 # (case, exit code, message) of every command-line case, for docs/reliability.md
@@ -66,7 +71,7 @@ BASE_TEMP = []  # pytest's temporary root, written as TMP in the report
 
 def cli(*arguments, env=None, blocked=False, timeout=300):
     """`cmbdetector ARGUMENTS` in a fresh interpreter (optionally with the POSIX-only modules blocked)."""
-    code = (BLOCK_POSIX_MODULES if blocked else "") + RUN_CLI
+    code = (BLOCK_FOR_EVERY_IMPORTER if blocked else "") + RUN_CLI
     return subprocess.run([sys.executable, "-c", code, *map(str, arguments)], capture_output=True, encoding="utf-8",
                           env=env, timeout=timeout)
 
@@ -533,22 +538,23 @@ def real_runs(tmp_path_factory):
     blocked_home = root / "home-is-a-file"  # like a read-only HOME: nothing can be created under it
     blocked_home.write_text("")
     env_no_home = {k: v for k, v in os.environ.items() if k not in ("HOME", "YOLO_CONFIG_DIR", "MPLCONFIGDIR")}
-    env_bad_home = {**env_no_home, "HOME": str(blocked_home / "home")}
-    code = BLOCK_POSIX_MODULES + RUN_CLI
+    env_bad_home = {**env_no_home, "HOME": str(blocked_home / "home"), "USER": "reader"}
     common = ["--out", out, "--no-locate"]
     processes = {
-        "echo": subprocess.Popen([sys.executable, "-c", code, "detect", four_d, "--echo", "1", *common],
+        "echo": subprocess.Popen([sys.executable, "-c", BLOCK_FOR_OUR_IMPORTS + RUN_CLI, "detect", four_d,
+                                  "--echo", "1", *common],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", env=env_no_home),
-        "plain": subprocess.Popen([sys.executable, "-c", code, "detect", three_d, *common],
+        "plain": subprocess.Popen([sys.executable, "-c", BLOCK_FOR_EVERY_IMPORTER + RUN_CLI, "detect", three_d, *common],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", env=env_bad_home),
     }
     results = {}
     for key, process in processes.items():
         stdout, stderr = process.communicate(timeout=600)
         results[key] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    record("4D two-echo input, --echo 1 (HOME unset; POSIX modules blocked; run at once with the next)",
+    record("4D two-echo input, --echo 1 (HOME unset; POSIX modules blocked for our imports; at once with the next)",
            results["echo"])
-    record("3D input into the same folder (HOME not creatable; POSIX modules blocked)", results["plain"])
+    record("3D input into the same folder (HOME not creatable; POSIX modules blocked for every import)",
+           results["plain"])
     return out, four_d, three_d, results
 
 
@@ -582,10 +588,20 @@ def test_the_device_used_is_recorded(real_runs):
 
 
 def test_version_and_import_work_without_posix_only_modules():
-    result = cli("--version", blocked=True)
+    result = cli("--version", blocked=True, env={**os.environ, "USER": "reader"})
     assert result.returncode == 0 and result.stdout.startswith("cmbdetector "), result.stderr
+    every_module = subprocess.run([sys.executable, "-c", BLOCK_FOR_EVERY_IMPORTER + textwrap.dedent('''
+        import importlib, pkgutil
+        import CMBDetectorLib
+        names = [m.name for m in pkgutil.walk_packages(CMBDetectorLib.__path__, "CMBDetectorLib.")]
+        for name in names:
+            importlib.import_module(name)
+        print(len(names))
+    ''')], capture_output=True, encoding="utf-8", env={**os.environ, "USER": "reader"})
+    assert every_module.returncode == 0 and int(every_module.stdout) > 20, every_module.stderr
     # the blocker does block: our own import of `resource` fails, and the peak-memory helper copes
-    probe = subprocess.run([sys.executable, "-c", BLOCK_POSIX_MODULES + textwrap.dedent('''
+    # psutil's Linux code needs POSIX modules itself (not on Windows): block only ours here
+    probe = subprocess.run([sys.executable, "-c", BLOCK_FOR_OUR_IMPORTS + textwrap.dedent('''
         import CMBDetectorLib.sysinfo as sysinfo
         try:
             exec("import resource", vars(sysinfo))
