@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from .errors import WeightsError
+from .errors import InputError, WeightsError
 from .preprocess import Prepared
 
 PATCH_SIZE = 20
@@ -173,13 +174,30 @@ def _load_ensemble(card_file: Path, device: str) -> LoadedModel:
     return LoadedModel(networks, card, card["sha256"], resolve_device(device))
 
 
-def resolve_device(device: str) -> str:
-    """'cuda' when asked for and present, else 'cpu' (the CPU fallback the Slicer panel promises)."""
+def choose_device(requested: str | None = "auto"):
+    """(device to run on, warning or None) for a requested device name.
+
+    auto: the CUDA GPU when torch sees one, else the CPU. cuda / cuda:N without that GPU: the CPU, with a
+    warning that names it (the fallback the Slicer panel promises). Any other name: InputError.
+    """
     import torch
 
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return device
-    return "cpu"
+    name = str(requested or "auto").strip().lower()
+    if name == "auto":
+        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+    if name == "cpu":
+        return "cpu", None
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        index = int(name.partition(":")[2] or 0)
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            return name, None
+        return "cpu", f"device {name} is not available (no such CUDA GPU); running on the CPU"
+    raise InputError(f"unknown device {requested!r}: use auto, cpu or cuda")
+
+
+def resolve_device(device: str) -> str:
+    """The device a model is loaded onto (choose_device, without its warning)."""
+    return choose_device(device)[0]
 
 
 VIEWS = 8  # test-time augmentation: mean over the in-plane turns and flips (B0 stays along z)

@@ -12,6 +12,7 @@ import sys
 
 from . import __version__
 from .errors import CMBError
+from .sysinfo import use_private_config_dirs_if_home_unusable
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS = {
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     if getattr(args, "unavailable", False):
         print(f"cmbdetector {args.command}: not available in this build", file=sys.stderr)
         return 2
+    use_private_config_dirs_if_home_unusable()
     try:
         return int(importlib.import_module(args.module_name).run(args) or 0)
     except CMBError as error:

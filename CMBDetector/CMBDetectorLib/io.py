@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -140,10 +142,12 @@ def sitk_to_volume(image: sitk.Image, echo="combine", source: str = "image") -> 
 
 def _reduce_echoes(echoes: np.ndarray, echo, source: str, kind: str = "echoes"):
     """(I, J, K, E) echoes (or vector components) -> (I, J, K) float32 array and the meta entries that record the choice."""
+    meta = {"messages": [], "warnings": []}
     if np.iscomplexobj(echoes):
         echoes = np.abs(echoes)
+        meta["warnings"].append(f"{source}: complex-valued voxels; using their magnitude")
     count = echoes.shape[-1]
-    meta = {"n_echoes": int(count), "messages": []}
+    meta["n_echoes"] = int(count)
     if count == 1:
         if echo not in ("combine", None, 0):
             raise InputError(f"{source} has a single echo; cannot select echo {echo}")
@@ -177,43 +181,105 @@ def read_volume(path, echo="combine", series_uid: str | None = None) -> Volume:
     """Read a NIfTI / NRRD / MHA / MHD file or a DICOM folder into a Volume (float32, voxel->RAS).
 
     path: a file, or a folder holding DICOM files (the series with most files is read unless
-        `series_uid` names one). A single .dcm file reads the whole series it belongs to.
+        `series_uid` names one). A single .dcm file reads the series it belongs to from its own folder,
+        or refuses; never another series.
     echo: "combine" (root sum of squares over echoes) or an int (0-based echo) for multi-echo data.
+    Every failure to read is an InputError with one line; ITK's own warnings are not printed.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}")
-    if path.is_dir():
-        image, dicom_meta = _read_dicom_series(path, series_uid)
-        volume = _combine_dicom_echoes(image, echo, str(path)) if isinstance(image, list) \
-            else sitk_to_volume(image, echo, source=str(path))
-        messages = dicom_meta.pop("messages", []) + volume.meta.get("messages", [])
-        volume.meta.update(dicom_meta, messages=messages, format="dicom")
-        return volume
-    if path.suffix.lower() == ".dcm":
-        uid = series_uid or _dicom_tags(path).get("series_uid")
-        volume = read_volume(path.parent, echo=echo, series_uid=uid)
-        volume.meta["source"] = str(path)
-        return volume
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
-        raise InputError(f"cannot read image file {path}: {reason}") from None
-    volume = sitk_to_volume(image, echo, source=str(path))
+    if not (path.is_dir() or path.is_file()):  # a FIFO or device would block or never end
+        raise InputError(f"{path} is not a regular file or a folder")
+    with _quiet_itk():
+        if path.is_dir():
+            return _read_dicom_folder(path, echo, series_uid)
+        if path.suffix.lower() == ".dcm":
+            return _read_dicom_file(path, echo)
+        try:
+            image = sitk.ReadImage(str(path))
+            volume = sitk_to_volume(image, echo, source=str(path))
+        except RuntimeError as error:
+            raise InputError(f"cannot read image file {path}: {_itk_reason(error)}") from None
     volume.meta["format"] = _format_name(path)
     if volume.meta["format"] == "nifti":
-        _refuse_hidden_nan(path)
+        _check_nifti_payload(path)
     return volume
 
 
-def _refuse_hidden_nan(path: Path) -> None:
-    """ITK's NIfTI reader turns NaN into 0 without a word; look at the stored floats ourselves."""
+def _read_dicom_folder(folder: Path, echo, series_uid: str | None, subfolders: bool = True) -> Volume:
+    image, dicom_meta = _read_dicom_series(folder, series_uid, subfolders)
+    try:
+        volume = _combine_dicom_echoes(image, echo, str(folder)) if isinstance(image, list) \
+            else sitk_to_volume(image, echo, source=str(folder))
+    except RuntimeError as error:
+        raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(error)}") from None
+    messages = dicom_meta.pop("messages", []) + volume.meta.get("messages", [])
+    volume.meta.update(dicom_meta, messages=messages, format="dicom")
+    return volume
+
+
+def _read_dicom_file(path: Path, echo) -> Volume:
+    """The series that the DICOM file `path` belongs to, read from its own folder only."""
+    uid = _dicom_tags(path).get("series_uid")
+    if not uid:
+        raise InputError(f"{path} is not a readable DICOM image (no series UID)")
+    volume = _read_dicom_folder(path.parent, echo, uid, subfolders=False)
+    volume.meta["source"] = str(path)
+    return volume
+
+
+@contextmanager
+def _quiet_itk():
+    """ITK prints warning blocks, and MetaIO and GDCM print lines, straight to stderr (GDCM scans, missing
+    files, short reads); our one-line message says what matters, so both are silenced while we read."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    sys.stderr.flush()
+    saved = os.dup(2)  # C++ code writes to file descriptor 2 itself, past sys.stderr
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _itk_reason(error: Exception) -> str:
+    """The readable sentence of an ITK exception: not its source location, a matrix dumped after it, or
+    a stale errno ("No such file or directory" about a file that exists)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(lines)
+    if "determinant is 0" in text:
+        return "singular direction matrix (determinant 0): the file's geometry is broken"
+    if "Unable to determine ImageIO reader" in text:
+        return "not an image in a format SimpleITK reads (unknown or corrupt header)"
+    for index, line in enumerate(lines):
+        if "ITK ERROR" in line:
+            reason = line.split("ITK ERROR", 1)[1].lstrip(": ")
+            if "): " in reason:  # drop the "NrrdImageIO(0x55...)" object prefix
+                reason = reason.split("): ", 1)[1]
+            if reason.endswith(":") and index + 1 < len(lines):  # the detail is on the last line (NRRD)
+                reason = lines[-1].split(": ", 1)[-1]
+            return "truncated, corrupt or not an image" + ("" if not reason else f" ({reason.rstrip('.')})")
+    return lines[-1] if lines else "unknown reason"
+
+
+def _check_nifti_payload(path: Path) -> None:
+    """ITK's NIfTI reader pads a truncated file with zeros and turns NaN into 0, without a word: read the
+    stored voxels once more with nibabel, which refuses a short file, and count non-finite floats."""
     import nibabel as nib
 
-    image = nib.load(str(path))
-    if np.issubdtype(image.get_data_dtype(), np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(np.asarray(image.dataobj))))
+    try:
+        image = nib.load(str(path))
+        stored = np.asarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types (EOFError, OSError, zlib.error, HeaderDataError)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot read image file {path}: truncated or corrupt ({reason})") from None
+    if np.issubdtype(stored.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(stored)))
         if bad:
             raise InputError(f"{path}: contains {bad} NaN or infinite voxel values")
 
@@ -239,10 +305,12 @@ def _dicom_tags(path: Path) -> dict:
             if reader.HasMetaDataKey(tag)}
 
 
-def _find_dicom_series(folder: Path) -> dict:
-    """{series_uid: [file names]} for every DICOM series in `folder` or, if none, its subfolders."""
+def _find_dicom_series(folder: Path, subfolders: bool = True) -> dict:
+    """{series_uid: [file names]} for every DICOM series in `folder` or, if none (and `subfolders`), its
+    subfolders."""
     series = {}
-    folders = [folder] + sorted(Path(root) for root, _, _ in os.walk(folder) if Path(root) != folder)
+    folders = [folder] + (sorted(Path(root) for root, _, _ in os.walk(folder) if Path(root) != folder)
+                          if subfolders else [])
     for index, current in enumerate(folders):
         for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(current)) or ():
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(current), uid)
@@ -252,9 +320,9 @@ def _find_dicom_series(folder: Path) -> dict:
     return series
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None):
+def _read_dicom_series(folder: Path, series_uid: str | None, subfolders: bool = True):
     """A 3D SimpleITK image, or a list of them (one per echo), and meta about the chosen series."""
-    series = _find_dicom_series(folder)
+    series = _find_dicom_series(folder, subfolders)
     if not series:
         raise InputError(f"no DICOM series found in folder {folder}")
     if series_uid is not None:
@@ -270,11 +338,12 @@ def _read_dicom_series(folder: Path, series_uid: str | None):
         meta["messages"] = [message]
         logger.info(message)
     groups = _group_by_echo(series[chosen])
+    for files in groups:
+        _refuse_missing_slices(files, f"DICOM series {chosen} in {folder}")
     try:
         images = [_read_series_files(files) for files in groups]
     except RuntimeError as error:
-        raise InputError(f"cannot read DICOM series {chosen} in {folder}: "
-                         f"{str(error).strip().splitlines()[-1]}") from None
+        raise InputError(f"cannot read DICOM series {chosen} in {folder}: {_itk_reason(error)}") from None
     return (images if len(images) > 1 else images[0]), meta
 
 
@@ -290,6 +359,23 @@ def _group_by_echo(files: list) -> list:
     for key in sorted(groups, key=_numeric_key):
         ordered.append([name for name, _ in sorted(groups[key], key=_slice_position)])
     return ordered
+
+
+def _refuse_missing_slices(files: list, what: str) -> None:
+    """InputError when the slices of one echo are not evenly spaced along their normal: a missing slice
+    (ITK would read the series anyway, with every slice after the gap at the wrong place)."""
+    positions = [_slice_position((name, _dicom_tags(Path(name)))) for name in files]
+    if len(positions) < 3:
+        return
+    steps = np.diff(positions)
+    if not np.any(steps > 0):
+        return  # no usable positions: nothing to check against
+    usual = float(np.median(steps[steps > 0]))  # duplicates (step 0) must not hide the usual spacing
+    odd = np.nonzero(np.abs(steps - usual) > 0.5 * usual)[0]
+    if len(odd):
+        first = int(odd[0])
+        raise InputError(f"{what}: slice spacing is not uniform (a gap of {steps[first]:.3g} mm after "
+                         f"{Path(files[first]).name}, usually {usual:.3g} mm); a slice is missing or duplicated")
 
 
 def _numeric_key(text: str):

@@ -8,7 +8,6 @@ Each stage is timed; the summary JSON records the timings, versions and the weig
 from __future__ import annotations
 
 import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,13 +18,15 @@ from scipy import ndimage
 
 from . import __version__
 from .candidates import MAX_CANDIDATES, centres_ras, screen
-from .classify import DEFAULT_MODEL, extract_patches, load_model, score_patches
+from .classify import DEFAULT_MODEL, choose_device, extract_patches, load_model, score_patches
 from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
 from .image import Volume
-from .io import read_volume
+from .io import read_volume, validate_brain_volume
+from .outputs import check_output_stem, prepare_output_folder, write_all
 from .preprocess import Prepared, prepare
-from .vocabulary import stem_of
+from .sysinfo import peak_rss_mb
+from .vocabulary import run_stem
 
 MERGE_MM = 3.0  # detections closer than this are one lesion
 # Peak memory of a whole detect run, linear in the voxels (every full-size step works in slabs, see
@@ -115,7 +116,7 @@ class Detector:
     (yolo_path, default Resources/Models/cmb_yolo.pt); False runs the 3D CNN alone.
     """
 
-    def __init__(self, model_path=DEFAULT_MODEL, device: str = "cpu", use_yolo: bool = True, yolo_path=None):
+    def __init__(self, model_path=DEFAULT_MODEL, device: str = "auto", use_yolo: bool = True, yolo_path=None):
         started = time.perf_counter()
         self.model_path = Path(model_path)
         self.model = load_model(model_path, device)
@@ -224,7 +225,7 @@ class Detector:
             "dropped_outside_brain": len(dropped),
             "registration": registration_info,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": peak_rss_mb(),
             "model": {"file": self.model_path.name, "sha256": self.model.sha256, "device": self.model.device},
             "yolo": yolo_info,
             "versions": _versions(),
@@ -275,7 +276,7 @@ def _place(prepared: Prepared, findings: list, mask, keep_outside: bool) -> tupl
 
 def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
            threshold: float | None = None, crop: bool = False, model_path=DEFAULT_MODEL,
-           device: str = "cpu", locate: bool = True, keep_outside: bool = False, use_yolo: bool = True,
+           device: str = "auto", locate: bool = True, keep_outside: bool = False, use_yolo: bool = True,
            yolo_path=None, cnn_phase: bool = True, progress=None) -> Detection:
     """One volume with freshly loaded models (see Detector; a cohort keeps one Detector instead)."""
     check_fits_in_memory(volume.shape)  # before the models load: a refusal costs no time
@@ -313,16 +314,19 @@ def _versions() -> dict:
 
 
 def write_outputs(detection: Detection, out_dir, stem: str, png: bool = True) -> dict:
+    """Write STEM.mrk.json, STEM.csv, STEM.png and, last, STEM.json (the summary that marks a complete
+    result); each appears whole or not at all (outputs.write_all)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"markups": write_markups_json(detection.findings, out_dir / f"{stem}.mrk.json"),
-             "csv": write_csv(detection.findings, out_dir / f"{stem}.csv"),
-             "summary": write_json(detection.summary, out_dir / f"{stem}.json")}
+    writers = {"markups": (out_dir / f"{stem}.mrk.json", lambda path: write_markups_json(detection.findings, path)),
+               "csv": (out_dir / f"{stem}.csv", lambda path: write_csv(detection.findings, path))}
     if png and detection.prepared is not None:
         from .overview import write_overview
 
-        paths["png"] = write_overview(detection.prepared, detection.findings, out_dir / f"{stem}.png")
-    return paths
+        writers["png"] = (out_dir / f"{stem}.png",
+                          lambda path: write_overview(detection.prepared, detection.findings, path))
+    writers["summary"] = (out_dir / f"{stem}.json", lambda path: write_json(detection.summary, path))
+    return write_all(writers, out_dir, summary_key="summary")
 
 
 def add_arguments(parser) -> None:
@@ -334,7 +338,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=".", help="output folder (default: current)")
     parser.add_argument("--echo", default="combine", help="4D multi-echo input: 'combine' (RSS, default) or an echo index")
     parser.add_argument("--crop", action="store_true", help="the input is a partial-brain crop (no head-size check, no atlas)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; falls back to cpu")
+    parser.add_argument("--device", default="auto", help="auto (default: the CUDA GPU when there is one), cpu or "
+                        "cuda (falls back to the CPU with a warning)")
+    parser.add_argument("--force", action="store_true", help="replace a reviewed STEM.mrk.json in --out")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="stage-2 model: an ensemble card (.json) or one network's weights (.pt with its .json card)")
     parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
     parser.add_argument("--keep-outside", action="store_true", help="keep findings that fall outside the brain")
@@ -352,20 +358,36 @@ def run(args) -> int:
     echo = int(args.echo) if str(args.echo).isdigit() else args.echo
     if echo != "combine" and not isinstance(echo, int):
         raise InputError(f"--echo must be 'combine' or an echo index, got {args.echo}")
+    # Everything that can refuse does so here, before any model loads: output folder, inputs, device.
+    prepare_output_folder(args.out)
     volume = _read(args.input, echo)
+    validate_brain_volume(volume, "input", allow_crop=args.crop)
     phase = _read(args.phase, echo)
+    if phase is not None:
+        validate_brain_volume(phase, "phase", allow_crop=True)
     mask = _read(args.mask)
+    used_echo = volume.meta.get("echo")
+    stem = run_stem(args.input, used_echo)
+    early_warnings = check_output_stem(args.out, stem, force=args.force, input_path=args.input)
+    early_warnings += volume.meta.get("warnings", []) + (phase.meta.get("warnings", []) if phase else [])
+    device, device_warning = choose_device(args.device)
+    early_warnings += [device_warning] if device_warning else []
+    for warning in early_warnings:  # said now, not after minutes of work; kept in the summary too
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     def report(percent, message):
         print(f"PROGRESS {percent}% {message}", flush=True)
 
     detection = detect(volume, phase, mask, threshold=args.threshold, crop=args.crop, model_path=args.model,
-                       device=args.device, locate=not args.no_locate, keep_outside=args.keep_outside,
+                       device=device, locate=not args.no_locate, keep_outside=args.keep_outside,
                        use_yolo=not args.no_yolo, cnn_phase=not args.no_cnn_phase, progress=report)
-    stem = stem_of(Path(args.input))
-    paths = write_outputs(detection, args.out, stem, png=not args.no_png)
     for warning in detection.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    detection.warnings[:0] = early_warnings  # the same list as the summary's
+    detection.summary["echo"] = {"requested": echo, "used": used_echo, "n_echoes": volume.meta.get("n_echoes", 1)}
+    if not args.force:  # a review, or another run's results, may have been saved there while we worked
+        check_output_stem(args.out, stem, input_path=args.input)
+    paths = write_outputs(detection, args.out, stem, png=not args.no_png)
     counts = detection.summary["counts"]
     regions = ", ".join(f"{k} {v}" for k, v in sorted(counts["by_region"].items())) or "none"
     print("PROGRESS 100% done")

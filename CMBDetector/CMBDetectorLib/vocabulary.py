@@ -73,6 +73,13 @@ def stem_of(path) -> str:
     return _without_suffix(path, INPUT_SUFFIXES)
 
 
+def run_stem(input_path, echo=None) -> str:
+    """The stem a detect run names its outputs after: stem_of(input), plus _echoN when one echo of a
+    multi-echo input was chosen (runs on different echoes of one scan must not replace each other)."""
+    stem = stem_of(input_path)
+    return f"{stem}_echo{echo}" if isinstance(echo, int) else stem
+
+
 def output_stem(path) -> str:
     """A findings file's name without its suffix ("sub 1.mrk.json" -> "sub 1")."""
     return _without_suffix(path, (MARKUPS_SUFFIX, SUMMARY_SUFFIX, FINDINGS_CSV_SUFFIX))

@@ -22,8 +22,9 @@ network touch points it closes (ultralytics 8.4):
 - model names such as "yolov8n.pt" download weights: we build from the packaged yaml, pretrained=False,
   and load our own weights as a plain state_dict into a DetectionModel built from that yaml.
 - the platform/hub callbacks need an API key: none is set.
-USER_CONFIG_DIR (settings.json, font) goes to YOLO_CONFIG_DIR, a writable per-user temp folder unless
-the caller already set one.
+USER_CONFIG_DIR (settings.json, font) goes to YOLO_CONFIG_DIR, a fresh temp folder of this process
+(removed at exit) unless the caller already set one: ultralytics rewrites settings.json in place, so runs at
+once must not share it, and HOME may be unset or read-only.
 
 Weights: a plain state_dict (float16) loaded with torch.load(weights_only=True) after its SHA-256 matches
 the model card beside it; no pickle from the file is executed.
@@ -31,6 +32,7 @@ the model card beside it; no pickle from the file is executed.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -83,8 +85,9 @@ def configure_offline(config_dir=None) -> Path:
     if config_dir is not None:
         os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     elif not os.environ.get("YOLO_CONFIG_DIR"):
-        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")  # no getuid on Windows
-        os.environ["YOLO_CONFIG_DIR"] = str(Path(tempfile.gettempdir()) / f"cmbdetector-ultralytics-{user}")
+        private = tempfile.mkdtemp(prefix="cmbdetector-ultralytics-")
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        os.environ["YOLO_CONFIG_DIR"] = private
     user_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"  # ultralytics appends this sub-folder
     user_dir.mkdir(parents=True, exist_ok=True)
     _write_offline_settings(user_dir / "settings.json")
