@@ -91,11 +91,16 @@ def _plain(path: Path) -> Scan:
 
 
 def _subject_scan(magnitude, phase=None, mask=None, subject="", session="", echo="combine") -> Scan:
-    subject, session = safe_stem(subject, ""), safe_stem(session, "")  # folder names: no "..", no "/"
+    subject, session = _folder_name(subject), _folder_name(session)
     stem = run_stem(magnitude)
     folder = "/".join(part for part in (subject, session) if part) or stem
     return Scan(str(magnitude), str(phase) if phase else None, str(mask) if mask else None,
                 subject, session, stem, folder, echo)
+
+
+def _folder_name(text: str) -> str:
+    """A subject or session as one folder name below OUT: no separators, never "." or ".."."""
+    return safe_stem(text.strip(), "").lstrip(".")
 
 
 def _from_manifest(manifest: Path) -> list:
