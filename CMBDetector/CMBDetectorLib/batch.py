@@ -21,6 +21,7 @@ Exit status: 0 every scan ok; 3 (EXIT_SOME_FAILED) one or more failed rows; 2 a 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -362,9 +363,15 @@ def dask_client(scheduler: str | None, workers: int | None):
                                               "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
     # a task that kills its worker (memory) is tried on one other worker, not three, before it is a failed row
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
-        with LocalCluster(n_workers=count, threads_per_worker=1, processes=True, env=thread_env,
-                          dashboard_address=":0" if _has_bokeh() else None) as cluster, Client(cluster) as client:
-            yield client
+        cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, env=thread_env,
+                               dashboard_address=":0" if _has_bokeh() else None)
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            # a worker inside torch may take longer than the nanny's 4 s to stop; killing it is what we want
+            logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+            cluster.close()
 
 
 def _has_bokeh() -> bool:
@@ -472,7 +479,7 @@ def run(args) -> int:
         import polars  # noqa: F401
     except ImportError as error:
         raise CMBError(f"cmbdetector batch needs dask, distributed and polars ({error.name} is missing): "
-                       "pip install dask distributed polars") from None
+                       "pip install 'cmbdetector[batch]'") from None
     # Everything that can refuse does so before any worker starts: output folder, inputs, weights.
     out_root = str(prepare_output_folder(args.out))
     scans = find_scans(args.input, echoes=args.echoes)

@@ -24,6 +24,7 @@ COMMANDS = {
     "train-yolo": ("CMBDetectorLib.train.train_yolo", "train the stage-3 YOLO on simulated scans, tune its fusion"),
     "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
     "bench": ("CMBDetectorLib.bench", "simulate the validation set, detect, evaluate, time"),
+    "bench-cohort": ("CMBDetectorLib.bench_cohort", "time a cohort: a detect loop against batch, and a dense U-Net"),
 }
 
 
