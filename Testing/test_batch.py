@@ -7,6 +7,7 @@ seconds. The embedded LocalCluster (2 worker processes) runs the main cohort; th
 """
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def test_the_cohort_tables_hold_what_the_per_scan_summaries_say(cohort):
         assert mine["x_ras"].to_list() == [f["position_ras"][0] for f in expected]
         workers.add(row["worker"])
     assert len(set(r["input_sha256"] for r in rows)) == len(rows)  # every scan has its own bytes
+    for row in rows[1:]:  # one input file: its hash is the file's own SHA-256
+        assert row["input_sha256"] == hashlib.sha256(Path(row["input"]).read_bytes()).hexdigest()
     assert len(workers) == 2  # both workers of the embedded cluster detected
 
 

@@ -69,17 +69,20 @@ class Settings:
 # ----------------------------------------------------------------------------------------------------
 
 def input_content_hash(scan: Scan) -> str:
-    """SHA-256 over the bytes of every input file of a scan (magnitude, phase, mask; each file of a DICOM
-    folder; the data file beside a detached .mhd/.nhdr header), with their roles."""
+    """The SHA-256 of a scan's one input file (what `sha256sum` prints); for several files (a phase, a mask,
+    a DICOM folder, the data file beside a detached .mhd/.nhdr header) the SHA-256 of the lines
+    "role:name:sha256" of each, in order."""
     import hashlib
 
-    digest = hashlib.sha256()
+    lines = []
     for role, path in scan.files.items():
         path = Path(path)
         for file in _content_files(path):
             name = file.relative_to(path).as_posix() if path.is_dir() else file.name
-            digest.update(f"{role}:{name}:{sha256_of(file)}\n".encode())
-    return digest.hexdigest()
+            lines.append((role, name, sha256_of(file)))
+    if len(lines) == 1:
+        return lines[0][2]
+    return hashlib.sha256("".join(f"{role}:{name}:{sha}\n" for role, name, sha in lines).encode()).hexdigest()
 
 
 def _content_files(path: Path) -> list:
@@ -146,7 +149,7 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
 
     out_dir = Path(out_root) / scan.folder
     result = {"status": "failed", "failure": "input", "reason": "", "summary": None, "input_sha256": ""}
-    stage = "input"
+    stage, volume = "input", None
     try:
         started = time.perf_counter()
         result["input_sha256"] = input_content_hash(scan)
@@ -184,8 +187,21 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
     except MemoryError:
         result.update(failure="resources", reason="out of memory while detecting")
     except Exception as error:  # noqa: BLE001 - one scan's failure must not stop the cohort
-        result.update(failure=stage if isinstance(error, CMBError) else "error", reason=one_line(error))
+        failure = stage if isinstance(error, CMBError) else "error"
+        if failure == "input" and volume is not None and _short_of_memory(volume.shape):
+            failure = "resources"  # the detector's own memory check refused it: not a property of the scan
+        result.update(failure=failure, reason=one_line(error))
     return result
+
+
+def _short_of_memory(shape) -> bool:
+    from .pipeline import check_fits_in_memory
+
+    try:
+        check_fits_in_memory(shape)
+    except InputError:
+        return True
+    return False
 
 
 def _worker_name() -> str:
@@ -426,9 +442,9 @@ def _run_on_cluster(client, scans: list, settings: Settings, out_root: str, forc
         scan = futures[future]
         try:
             result = future.result()
-        except Exception as error:  # noqa: BLE001 - the worker died (killed, out of memory) with it
+        except Exception as error:  # noqa: BLE001 - its worker died (killed, out of memory) or cannot run it
             result = {"status": "failed", "failure": "worker", "summary": None, "input_sha256": "",
-                      "reason": f"the worker running it died ({one_line(error)})"}
+                      "reason": f"the task failed on its worker ({one_line(error)})"}
         future.release()
         results[scan] = result
         progress.update(result["status"] == "ok")

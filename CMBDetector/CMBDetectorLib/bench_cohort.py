@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .batch import COHORT_PARQUET
 from .bench import TIMING_SCAN, _commit, _machine
+from .errors import CMBError
 from .vocabulary import SUMMARY_SUFFIX, run_stem
 
 UNET_ROI = (96, 96, 64)
@@ -113,6 +114,9 @@ def time_dense_unet(shape) -> float:
 
 
 def run(args) -> int:
+    if args.n <= args.workers:
+        raise CMBError(f"--n ({args.n}) must be larger than --workers ({args.workers}): the warm time needs "
+                       "scans after each worker's first")
     out = Path(args.out)
     load_before = _load_average()
     scans = simulate_cohort(out / "scans", args.n, args.jobs)
@@ -152,8 +156,10 @@ def read_volume_shape(path) -> tuple:
 def format_table(report: dict, args) -> str:
     n, loop, cohort = report["n"], report["loop"], report["batch"]
     loop_rate, batch_rate = n / loop["wall_s"] * 3600, n / cohort["wall_s"] * 3600
-    warm = statistics.median(cohort["warm_detect_s"]) if cohort["warm_detect_s"] else float("nan")
-    warm_scan = statistics.median(cohort["warm_scan_s"]) if cohort["warm_scan_s"] else float("nan")
+    if not cohort["warm_detect_s"]:  # every scan was its worker's first: raise --n above --workers
+        raise CMBError(f"no warm scan to time: --n ({n}) must be larger than --workers ({report['workers']})")
+    warm = statistics.median(cohort["warm_detect_s"])
+    warm_scan = statistics.median(cohort["warm_scan_s"])
     cores = os.cpu_count() or 1
     before, after = report["load_before"], report["load_after"]
     # only the load before the run is others' alone: during it this benchmark keeps every core busy itself
@@ -163,8 +169,8 @@ def format_table(report: dict, args) -> str:
     lines = [
         "# CMBDetector cohort benchmark",
         "",
-        f"Command: `cmbdetector bench-cohort --out {args.out} --n {args.n} --workers {args.workers} --table {args.table}`"
-        " (`make bench-cohort`).",
+        f"Command: `cmbdetector bench-cohort --out {args.out} --n {args.n} --workers {args.workers} --table {args.table}"
+        f"{' --no-unet' if args.no_unet else ''}` (`make bench-cohort` runs it with --n 8 --workers 2).",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}, commit {_commit()}. "
         + (f"**Taken under load: {load}; other programs shared the cores, so every time is slower than on a "
