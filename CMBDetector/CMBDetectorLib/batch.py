@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +43,10 @@ COHORT_CSV, COHORT_PARQUET, FINDINGS_PARQUET = "cohort.csv", "cohort.parquet", "
 # Memory a worker is given room for: pipeline.estimated_peak_bytes of a 512 x 512 x 160 SWI (2.5 GB),
 # rounded up for the worker's own overhead.
 WORKER_MEMORY_BYTES = 3.0e9
-RETRIED_FAILURES = ("resources", "model", "output", "error", "worker")  # "input" failures are kept
+# A failed row's `failure`: the stage that failed. Only KEPT_FAILURE (the input refused: unreadable, not a
+# brain) depends on the input's bytes alone, so only it is kept by a rerun; resources, model, output, error
+# and worker failures run again.
+KEPT_FAILURE = "input"
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,7 @@ def _previous_input_failures(out_root) -> dict:
 
     try:
         table = pl.read_parquet(path)
-        failed = table.filter((pl.col("status") == "failed") & (pl.col("failure") == "input")
+        failed = table.filter((pl.col("status") == "failed") & (pl.col("failure") == KEPT_FAILURE)
                               & (pl.col("input_sha256") != ""))
         return {(r["input"], r["phase"], r["mask"]): r for r in failed.iter_rows(named=True)}
     except Exception:  # noqa: BLE001 - an unreadable old table only means those scans run again
@@ -553,6 +556,6 @@ def _earlier_outcome(scan: Scan, out_root, model_hashes: dict, settings: Setting
         if summary is not None:
             return cohort_row(scan, out_root, "ok", summary, skipped=True), summary
     if failure is not None and failure["input_sha256"] == input_sha256:
-        return cohort_row(scan, out_root, "failed", reason=failure["reason"], failure="input", skipped=True,
+        return cohort_row(scan, out_root, "failed", reason=failure["reason"], failure=KEPT_FAILURE, skipped=True,
                           input_sha256=input_sha256), None
     return None
