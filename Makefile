@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-cohort clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/cmbdetector bench --out bench-output --table docs/benchmark.md
+
+# a detect loop against `batch` on 2 workers, and a dense U-Net, over 8 simulated SWI scans (docs/benchmark-cohort.md)
+bench-cohort: $(STAMP)
+	$(VENV)/bin/cmbdetector bench-cohort --out bench-output/cohort --n 8 --workers 2 --table docs/benchmark-cohort.md
 
 clean:
 	rm -rf $(VENV) demo-output bench-output

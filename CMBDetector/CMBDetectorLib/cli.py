@@ -18,11 +18,13 @@ from .sysinfo import use_private_config_dirs_if_home_unusable
 COMMANDS = {
     "synth": ("CMBDetectorLib.simulate.synth", "simulate GRE/SWI scans with microbleeds and mimics"),
     "detect": ("CMBDetectorLib.pipeline", "find microbleeds in one GRE/SWI volume"),
+    "batch": ("CMBDetectorLib.batch", "find microbleeds in a cohort (folder, glob, CSV manifest, BIDS) on Dask"),
     "evaluate": ("CMBDetectorLib.evaluate", "score detections against ground truth"),
     "train": ("CMBDetectorLib.train.train_cnn", "train the stage-2 3D CNN on simulated scans"),
     "train-yolo": ("CMBDetectorLib.train.train_yolo", "train the stage-3 YOLO on simulated scans, tune its fusion"),
     "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
     "bench": ("CMBDetectorLib.bench", "simulate the validation set, detect, evaluate, time"),
+    "bench-cohort": ("CMBDetectorLib.bench_cohort", "time a cohort: a detect loop against batch, and a dense U-Net"),
 }
 
 

@@ -350,6 +350,11 @@ def add_arguments(parser) -> None:
                         help="do not feed a given phase to the CNN (magnitude alone)")
 
 
+def echo_record(requested, volume: Volume) -> dict:
+    """The summary's record of the echo asked for and the one read (io.read_volume's choice)."""
+    return {"requested": requested, "used": volume.meta.get("echo"), "n_echoes": volume.meta.get("n_echoes", 1)}
+
+
 def _read(path, echo="combine"):
     return None if path is None else read_volume(path, echo=echo)
 
@@ -384,7 +389,7 @@ def run(args) -> int:
     for warning in detection.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     detection.warnings[:0] = early_warnings  # the same list as the summary's
-    detection.summary["echo"] = {"requested": echo, "used": used_echo, "n_echoes": volume.meta.get("n_echoes", 1)}
+    detection.summary["echo"] = echo_record(echo, volume)
     if not args.force:  # a review, or another run's results, may have been saved there while we worked
         check_output_stem(args.out, stem, input_path=args.input)
     paths = write_outputs(detection, args.out, stem, png=not args.no_png)
