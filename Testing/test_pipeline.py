@@ -189,3 +189,14 @@ def test_corrupt_weights_through_the_command_line(tmp_path, detected):
     shutil.copy(classify.card_path(classify.DEFAULT_WEIGHTS), classify.card_path(weights))
     result = cli("detect", files["magnitude"], "--model", weights, "--out", tmp_path, "--no-png")
     assert result.returncode == 2 and "do not match their model card" in result.stderr
+
+
+def test_a_multi_echo_phase_needs_one_echo_chosen(tmp_path):
+    rng = np.random.default_rng(1)
+    magnitude = _write(tmp_path, "mag.nii.gz", (rng.random((48, 48, 32, 3)) + 0.5).astype(np.float32))
+    phase = _write(tmp_path, "phase.nii.gz", (rng.random((48, 48, 32, 3)) - 0.5).astype(np.float32))
+    result = cli("detect", magnitude, "--phase", phase, "--crop", "--out", tmp_path / "out", "--no-png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "3 echoes of phase cannot be combined" in result.stderr and "--echo N" in result.stderr
+    assert not (tmp_path / "out" / "mag.json").exists()

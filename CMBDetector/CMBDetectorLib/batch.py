@@ -148,7 +148,7 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
     """Read, check, detect and write one scan (runs on a worker). Never raises: a failure is returned as
     {"status": "failed", "failure": stage, "reason": one line}; success carries the summary written."""
     from .io import read_volume, validate_brain_volume
-    from .pipeline import check_fits_in_memory, echo_record, write_outputs
+    from .pipeline import check_fits_in_memory, echo_record, read_phase, write_outputs
 
     out_dir = Path(out_root) / scan.folder
     result = {"status": "failed", "failure": "input", "reason": "", "summary": None, "input_sha256": ""}
@@ -158,9 +158,7 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
         result["input_sha256"] = input_content_hash(scan)
         volume = read_volume(scan.magnitude, echo=scan.echo)
         validate_brain_volume(volume, "input")
-        phase = read_volume(scan.phase, echo=scan.echo) if scan.phase else None
-        if phase is not None:
-            validate_brain_volume(phase, "phase", allow_crop=True)
+        phase = read_phase(scan.phase, echo=scan.echo) if scan.phase else None
         mask = read_volume(scan.mask) if scan.mask else None
         read_seconds = time.perf_counter() - started
         stage = "resources"

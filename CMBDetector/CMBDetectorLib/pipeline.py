@@ -355,6 +355,19 @@ def echo_record(requested, volume: Volume) -> dict:
     return {"requested": requested, "used": volume.meta.get("echo"), "n_echoes": volume.meta.get("n_echoes", 1)}
 
 
+def read_phase(path, echo="combine") -> Volume | None:
+    """The phase image of the chosen echo, checked (None without a path). A multi-echo phase is refused
+    under echo="combine": a root sum of squares of phases means nothing."""
+    if path is None:
+        return None
+    phase = read_volume(path, echo=echo)
+    if phase.meta.get("echo") == "combine":
+        raise InputError(f"phase: {phase.meta.get('n_echoes')} echoes of phase cannot be combined like the "
+                         "magnitude: choose one echo (--echo N: the magnitude and phase of that echo)")
+    validate_brain_volume(phase, "phase", allow_crop=True)
+    return phase
+
+
 def _read(path, echo="combine"):
     return None if path is None else read_volume(path, echo=echo)
 
@@ -367,9 +380,7 @@ def run(args) -> int:
     prepare_output_folder(args.out)
     volume = _read(args.input, echo)
     validate_brain_volume(volume, "input", allow_crop=args.crop)
-    phase = _read(args.phase, echo)
-    if phase is not None:
-        validate_brain_volume(phase, "phase", allow_crop=True)
+    phase = read_phase(args.phase, echo)
     mask = _read(args.mask)
     used_echo = volume.meta.get("echo")
     stem = run_stem(args.input, used_echo)
