@@ -934,7 +934,12 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._offerRestore(found[0] if found else None)
 
     def onInputChanged(self, node) -> None:
-        """The reader selected (or loaded again) a scan: offer its unfinished review, if one was autosaved."""
+        """The reader selected (or loaded again) a scan: offer its unfinished review, if one was autosaved.
+        Later, not now: a selector picks a node as it is added, before the volume's voxels are read in."""
+        qt.QTimer.singleShot(0, self._offerRestoreForInput)
+
+    def _offerRestoreForInput(self) -> None:
+        node = self.ui.inputVolumeSelector.currentNode()
         if node is not None and self._process is None and self._parameterNode is not None:
             self._offerRestore(self.logic.restorable_review_for(node))
 
