@@ -551,8 +551,8 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
     def autosave(node) -> Optional[Path]:
         """Write the review node's autosave (see load_results); None for nodes without one."""
         path = node.GetAttribute(autosave.AUTOSAVE_ATTRIBUTE) if node is not None else None
-        if not path or not review.is_review_node(node):
-            return None
+        if not path or not review.is_review_node(node) or not Path(path).parent.is_dir():
+            return None  # not a loaded run's node, or its folder is gone (a temporary run folder, removed)
         return autosave.write_autosave(node, path)
 
     def restorable_reviews(self) -> list:

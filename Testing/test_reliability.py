@@ -105,7 +105,30 @@ def write_report(path: Path) -> None:
                     "and every non-empty line it wrote on stderr (temporary paths shortened to `TMP`). "
                     "Refusals are one line, exit 2, before any model loads, and leave no output that looks "
                     "finished; a `STEM.json` summary marks a complete result.\n\n"
-                    "| case | exit | stderr |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+                    "| case | exit | stderr |\n|---|---|---|\n" + "\n".join(rows) + "\n" + _image_type_measurement())
+
+
+IMAGE_TYPE_MEASUREMENT = Path(__file__).resolve().parents[1] / "docs" / "image-type-check.txt"
+
+
+def _image_type_measurement() -> str:
+    """The image-type warnings measured on every scan we have, quoted from tools/check_image_types.py's
+    output (too long for a test), which is kept in docs/image-type-check.txt."""
+    if not IMAGE_TYPE_MEASUREMENT.is_file():
+        return ""
+    summary, quoting = [], False
+    for line in IMAGE_TYPE_MEASUREMENT.read_text(encoding="utf-8").splitlines():
+        quoting = quoting or line.startswith(("#", "summary"))  # each run's header and summary, not its scans
+        if quoting and line.strip():
+            summary.append(line)
+        quoting = quoting and not line.startswith(("false warnings", "#"))
+    return ("\n## Image-type warnings: false warnings measured on every scan we have\n\n"
+            "The T1-like and not-a-head warnings (warnings, never refusals) over every simulated scan of "
+            "`/work/data/{train,tune}_{nom,rand}`, a few out-of-distribution scans, the real scans of "
+            "`shared/data/real-gre` (crops take `--crop`, which skips the check), simulated scans inverted "
+            "inside the head (T1-like), the MNI152 T1 template and a sphere phantom. Output of "
+            "`tools/check_image_types.py` (every scan's line in `docs/image-type-check.txt`):\n\n"
+            + "\n".join("    " + line for line in summary) + "\n")
 
 
 def refused(case: str, result, out_dir=None) -> str:

@@ -24,7 +24,7 @@ from .image import Volume
 
 # CSF/WM median ratio below which the contrast is called T1-like. T2*-weighted and short-TE GRE lie at
 # 0.8 and above on every scan measured, T1-weighted images near 0.3 (tools/check_image_types.py).
-T1_RATIO = 0.6
+T1_RATIO = 0.55
 CORE_MM = 2.0        # sample only voxels this far inside their structure (registration error, partial volume)
 VENTRICLE_DEPTH_MM = 12.0  # CSF this deep inside the brain hull is ventricular, not sulcal
 MIN_SAMPLES = 50     # fewer sampled voxels in the scan's field of view: no contrast verdict
