@@ -72,7 +72,8 @@ def _median_in_scan(volume: Volume, registration, mni_mask: np.ndarray) -> tuple
     inside = np.all((scan_ijk >= 0) & (scan_ijk <= np.array(volume.shape) - 1), axis=1)
     if inside.sum() < MIN_SAMPLES:
         return float("nan"), int(inside.sum())
-    values = ndimage.map_coordinates(np.asarray(volume.array, dtype=np.float32), scan_ijk[inside].T, order=1)
+    # on the array as it is (no float copy of a large volume); float output keeps interpolated integers
+    values = ndimage.map_coordinates(volume.array, scan_ijk[inside].T, order=1, output=np.float64)
     return float(np.median(values)), int(inside.sum())
 
 
