@@ -84,7 +84,7 @@ MODULE_DIR = Path(__file__).resolve().parent
 if str(MODULE_DIR) not in sys.path:  # CMBDetectorLib sits beside this file in the installed extension
     sys.path.insert(0, str(MODULE_DIR))
 
-from CMBDetectorLib import __version__, dependencies, review, vocabulary  # noqa: E402
+from CMBDetectorLib import __version__, autosave, dependencies, outputs, review, vocabulary  # noqa: E402
 from CMBDetectorLib.errors import CMBError, InputError  # noqa: E402
 
 TORCH_REQUIREMENT = dependencies.PROTECTED_REQUIREMENTS["torch"]  # what the PyTorch extension must provide
@@ -310,11 +310,12 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
     explicitly when running on slicer-core.
     """
 
-    def __init__(self, scene=None, markups_logic=None, volumes_logic=None):
+    def __init__(self, scene=None, markups_logic=None, volumes_logic=None, reviews_root=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
         self._markups_logic = markups_logic
         self._volumes_logic = volumes_logic
+        self._reviews_root = Path(reviews_root) if reviews_root else None
 
     def getParameterNode(self):
         return CMBDetectorParameterNode(super().getParameterNode())
@@ -468,23 +469,111 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         self.remove_work_directory(request)
         return node
 
-    def load_results(self, out_dir, stem: Optional[str] = None, name: Optional[str] = None):
+    def load_results(self, out_dir, stem: Optional[str] = None, name: Optional[str] = None, ask=None,
+                     autosave_dir=None):
         """Load OUT_DIR/STEM.mrk.json (regions from STEM.csv when needed) as a styled review node, with the
         run's provenance and review start threshold (from STEM.json) kept on the node, so that nothing
-        needs the run's folder afterwards."""
-        import json
+        needs the run's folder afterwards.
 
+        Only a finished run is loaded: one whose STEM.json summary (written last) exists.
+        Review autosave (autosave.py): the node autosaves to STEM.autosave.mrk.json in `autosave_dir`
+        (default: OUT_DIR; another folder gets a copy of the findings and summary first). When a
+        restorable autosave is there, ask(question) -> True loads it instead of the detector's findings.
+        """
         out_dir = Path(out_dir)
         candidates = [out_dir / (stem + vocabulary.MARKUPS_SUFFIX)] if stem else []
-        candidates += sorted(out_dir.glob("*" + vocabulary.MARKUPS_SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates += outputs.findings_files(out_dir)
         existing = [path for path in candidates if path.is_file()]
         if not existing:
             raise CMBError(f"detection wrote no .mrk.json file in {out_dir}")
         run_stem = vocabulary.output_stem(existing[0])
-        node = review.load_findings_markups(self.markups_logic, self.scene, existing[0], name=name or f"CMB {run_stem}")
+        if not outputs.result_is_complete(out_dir, run_stem):
+            raise CMBError(f"{existing[0]} is not a finished run: its summary {run_stem}{vocabulary.SUMMARY_SUFFIX} "
+                           "(written last) is missing, so the run was stopped or is still writing; not loaded")
+        summary = self.run_summary(out_dir, run_stem)
+        findings = existing[0]
+        if autosave_dir is not None and Path(autosave_dir).resolve() != out_dir.resolve():
+            findings = self._keep_findings(out_dir, run_stem, Path(autosave_dir))
+        saved = autosave.autosave_path(findings)
+        source = findings
+        if autosave.is_restorable(saved) and ask is not None:
+            if ask(self.restore_question(saved)):
+                source = saved
+            else:  # kept aside: this node's own autosave must not overwrite it
+                autosave.decline(saved)
+        node = review.load_findings_markups(self.markups_logic, self.scene, source, name=name or f"CMB {run_stem}")
         node.SetAndObserveStorageNodeID(None)  # the file lives in a temporary folder: Save must ask where to write
-        review.record_detection_run(node, self.run_summary(out_dir, run_stem))
+        review.record_detection_run(node, summary)
+        node.SetAttribute(autosave.AUTOSAVE_ATTRIBUTE, str(saved))
         return node
+
+    # ---- review autosave (autosave.py) ------------------------------------------------------
+
+    @property
+    def reviews_root(self) -> Path:
+        """Where the module's own runs keep their findings and review autosaves, one folder per input scan:
+        beside Slicer's temporary folders (not removed when a run's temporary folder is)."""
+        if self._reviews_root is None:
+            base = getattr(getattr(slicer, "app", None), "temporaryPath", None) or tempfile.gettempdir()
+            self._reviews_root = Path(base) / "CMBDetectorReviews"
+        return self._reviews_root
+
+    def reviews_directory(self, input_node) -> Path:
+        """The folder of one input scan's findings and autosave, named by its voxels and geometry, so the
+        same scan loaded again (any node name) finds its review."""
+        volume = review.volume_from_volume_node(input_node)
+        return self.reviews_root / autosave.volume_fingerprint(volume.array, volume.affine)
+
+    @staticmethod
+    def _keep_findings(out_dir: Path, stem: str, folder: Path) -> Path:
+        """Copy a run's findings and summary (summary last) into `folder`; a restorable autosave there
+        from an earlier run on the same scan is backed up first (the new findings would hide it)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        findings = folder / (stem + vocabulary.MARKUPS_SUFFIX)
+        previous = autosave.autosave_path(findings)
+        if autosave.is_restorable(previous) and (out_dir / (stem + vocabulary.MARKUPS_SUFFIX)).read_bytes() != findings.read_bytes():
+            outputs.backup_review(previous)
+        writers = {suffix: (folder / (stem + suffix), lambda path, suffix=suffix: shutil.copyfile(out_dir / (stem + suffix), path))
+                   for suffix in (vocabulary.MARKUPS_SUFFIX, vocabulary.SUMMARY_SUFFIX)}
+        outputs.write_all(writers, folder, summary_key=vocabulary.SUMMARY_SUFFIX)
+        return findings
+
+    @staticmethod
+    def restore_question(saved) -> str:
+        saved = Path(saved)
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved.stat().st_mtime))
+        return _("An unfinished review of {name} was saved automatically at {when}. Restore it? "
+                 "(No keeps it aside and starts from the detector's findings.)").format(
+            name=vocabulary.output_stem(saved.name[: -len(vocabulary.AUTOSAVE_SUFFIX)] + vocabulary.MARKUPS_SUFFIX),
+            when=when)
+
+    @staticmethod
+    def autosave(node) -> Optional[Path]:
+        """Write the review node's autosave (see load_results); None for nodes without one."""
+        path = node.GetAttribute(autosave.AUTOSAVE_ATTRIBUTE) if node is not None else None
+        if not path or not review.is_review_node(node) or not Path(path).parent.is_dir():
+            return None  # not a loaded run's node, or its folder is gone (a temporary run folder, removed)
+        return autosave.write_autosave(node, path)
+
+    def restorable_reviews(self) -> list:
+        """Restorable autosaves of the module's own runs, newest first (offered when the module starts)."""
+        return autosave.restorable_autosaves(self.reviews_root)
+
+    def restorable_review_for(self, input_node) -> Optional[Path]:
+        """The restorable autosave of this input scan, if any."""
+        if input_node is None or input_node.GetImageData() is None:
+            return None
+        folder = self.reviews_directory(input_node)
+        found = autosave.restorable_autosaves(folder.parent) if folder.is_dir() else []
+        return next((path for path in found if path.parent == folder), None)
+
+    def restore_review(self, saved, ask):
+        """Offer a restorable autosave: ask -> True loads it (returns the node); False sets it aside."""
+        saved = Path(saved)
+        if not ask(self.restore_question(saved)):
+            autosave.decline(saved)
+            return None
+        return self.load_results(saved.parent, saved.name[: -len(vocabulary.AUTOSAVE_SUFFIX)], ask=lambda question: True)
 
     @staticmethod
     def run_summary(out_dir, stem: str) -> dict:
@@ -648,6 +737,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shortcuts = []
         self._refreshPending = False
         self._fillingTable = False
+        self._offeredAutosaves = set()  # offered once per session, whichever way the reader answered
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -675,6 +765,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSlider.valueChanged.connect(self.onThresholdChanged)
         self.ui.findingsSelector.currentNodeChanged.connect(self.onFindingsChanged)
         self.ui.inputVolumeSelector.currentNodeChanged.connect(self._refreshSoon)
+        self.ui.inputVolumeSelector.currentNodeChanged.connect(self.onInputChanged)
         self.ui.exportDirectoryButton.directory = str(Path.home())
 
         self.ui.reviewTable.setColumnCount(len(self.TABLE_COLUMNS))
@@ -685,6 +776,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewTable.setSelectionMode(qt.QAbstractItemView.SingleSelection)
         self.ui.progressBar.setValue(0)
         self.initializeParameterNode()
+        self.offerRestorableReviews()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -805,17 +897,57 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             request = self.logic.prepare_request(p.inputVolume, p.phaseVolume, p.maskVolume, device=p.device,
                                                  crop=p.partialBrain)
+            reviewsDir = self.logic.reviews_directory(p.inputVolume)
             self._startProcess(self.logic.start_detection(request), request.work_dir,
-                               lambda: self._loadFindings(request))
+                               lambda: self._loadFindings(request, reviewsDir))
 
-    def _loadFindings(self, request) -> None:
-        node = self.logic.load_results(request.out_dir, request.stem)
+    def _loadFindings(self, request, reviewsDir=None) -> None:
+        self._showLoaded(self.logic.load_results(request.out_dir, request.stem, ask=self._askRestore,
+                                                 autosave_dir=reviewsDir))
+
+    def _showLoaded(self, node) -> None:
         self._parameterNode.findings = node
         start = review.review_start_threshold(node)
         if start is not None:
             self._parameterNode.threshold = start  # the slider is bound to it
         self.onThresholdChanged(self._parameterNode.threshold)
         self.onNext()
+
+    # ---- review autosave: offered back after a crash or a closed scene ------------------------
+
+    def _askRestore(self, question: str) -> bool:
+        return bool(slicer.util.confirmYesNoDisplay(question, windowTitle=_("Restore review")))
+
+    def _offerRestore(self, saved) -> None:
+        if saved is None or str(saved) in self._offeredAutosaves:
+            return
+        self._offeredAutosaves.add(str(saved))
+        with slicer.util.tryWithErrorDisplay(_("Could not restore the review.")):
+            node = self.logic.restore_review(saved, ask=self._askRestore)
+            if node is not None:
+                self._showLoaded(node)
+                self.appendLog(_("Review restored from ") + str(saved))
+
+    def offerRestorableReviews(self) -> None:
+        """At module start: offer the newest unfinished review autosave of the module's runs."""
+        found = self.logic.restorable_reviews()
+        self._offerRestore(found[0] if found else None)
+
+    def onInputChanged(self, node) -> None:
+        """The reader selected (or loaded again) a scan: offer its unfinished review, if one was autosaved.
+        Later, not now: a selector picks a node as it is added, before the volume's voxels are read in."""
+        qt.QTimer.singleShot(0, self._offerRestoreForInput)
+
+    def _offerRestoreForInput(self) -> None:
+        node = self.ui.inputVolumeSelector.currentNode()
+        if node is not None and self._process is None and self._parameterNode is not None:
+            self._offerRestore(self.logic.restorable_review_for(node))
+
+    def _autosave(self, node) -> None:
+        try:
+            self.logic.autosave(node)
+        except (OSError, CMBError) as error:  # keep reviewing; say why the safety net is off
+            self.appendLog(_("Review autosave failed: ") + str(error))
 
     def onLoadSample(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not simulate the sample scan."), waitCursor=True):
@@ -898,6 +1030,8 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._fillingTable = False
         self.ui.countsLabel.setText(self.logic.counts_text(node) if node else "")
         self.updateButtons()
+        if node is not None:
+            self._autosave(node)  # after every change (decisions, points added or deleted), once it settles
 
     def _selectRow(self, index: int) -> None:
         self._fillingTable = True  # selecting from code must not jump the views a second time

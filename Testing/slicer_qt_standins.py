@@ -381,6 +381,12 @@ class GuiRecord:
     def __init__(self):
         self.slice_layers = []
         self.errors = []
+        self.questions = []  # yes/no questions the module asked; each is answered with `answer`
+        self.answer = True
+
+    def ask(self, text, **kwargs) -> bool:
+        self.questions.append(text)
+        return self.answer
 
 
 def install(mrml, main_window: QtWidgets.QMainWindow, temporary_path: Path) -> tuple:
@@ -406,6 +412,7 @@ def install(mrml, main_window: QtWidgets.QMainWindow, temporary_path: Path) -> t
         (slicer.util, "setSliceViewerLayers"): lambda **layers: record.slice_layers.append(layers),
         (slicer.util, "errorDisplay"): lambda text, **kwargs: record.errors.append(text),
         (slicer.util, "confirmOkCancelDisplay"): lambda text, **kwargs: True,
+        (slicer.util, "confirmYesNoDisplay"): record.ask,
     }
     saved_modules = {name: sys.modules.get(name) for name in modules}
     saved_attributes = {key: getattr(*key, None) for key in attributes}

@@ -207,6 +207,114 @@ def test_logic_writes_input_runs_detection_and_exports_provenance(module, mrml, 
     assert labels.array.max() >= 1 and labels.array.shape == volume.shape
 
 
+def finished_run(folder: Path, stem: str = "sub-01", summary: bool = True) -> Path:
+    """A detect run's files as pipeline.write_outputs leaves them (summary last; without it: a half-written run)."""
+    from CMBDetectorLib.findings import Finding, write_json, write_markups_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    findings = [Finding(f"CMB-{n}", (10.0 * n, 5.0, -3.0), 0.9 - 0.1 * n, diameter_mm=3.0, region="lobar",
+                        lobe="frontal") for n in (1, 2, 3)]
+    markups = write_markups_json(findings, folder / f"{stem}.mrk.json")
+    if summary:
+        write_json({"input": f"{stem}.nii.gz", "threshold": 0.05, "operating_threshold": 0.5}, folder / f"{stem}.json")
+    return markups
+
+
+def test_a_half_written_run_is_never_loaded(module, mrml, tmp_path):
+    """The summary-last rule: a .mrk.json without its STEM.json is a run that was stopped or is still writing."""
+    finished_run(tmp_path / "out", summary=False)
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
+    with pytest.raises(module.CMBError, match=r"not a finished run: its summary sub-01.json .* missing"):
+        logic.load_results(tmp_path / "out", "sub-01")
+    assert mrml.scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 0
+
+
+def test_the_review_autosaves_and_loading_again_offers_to_restore_it(module, mrml, tmp_path):
+    """Each decision is autosaved beside the findings (atomically, Slicer's markups JSON); after a crash or a
+    closed scene, loading the same results again asks, and Yes brings every decision back."""
+    from CMBDetectorLib import autosave, outputs, review
+    from CMBDetectorLib.findings import read_markups_json
+
+    out = tmp_path / "out"
+    finished_run(out)
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
+    questions = []
+    node = logic.load_results(out, "sub-01", ask=questions.append)
+    assert questions == []  # nothing to restore yet
+    logic.accept(node, 0)
+    logic.reject(node, 2)
+    saved = logic.autosave(node)
+    assert saved == out / "sub-01.autosave.mrk.json"
+    assert [f.status for f in read_markups_json(saved)] == ["accepted", "pending", "rejected"]
+    assert [p.name for p in out.iterdir() if outputs.is_temporary(p)] == []
+    assert autosave.is_restorable(saved)
+
+    mrml.scene.Clear(0)  # a closed scene (or a crash): only the files remain
+    restored = logic.load_results(out, "sub-01", ask=lambda question: questions.append(question) or True)
+    assert len(questions) == 1 and "Restore it?" in questions[0] and "sub-01" in questions[0]
+    assert [review.get_state(restored, i) for i in range(3)] == ["accepted", "pending", "rejected"]
+    assert [row["score"] for row in review.review_table(restored)] == pytest.approx([0.8, 0.7, 0.6])
+    assert review.review_start_threshold(restored) == 0.5  # provenance still from the run's summary
+
+    mrml.scene.Clear(0)  # No: the detector's findings, and the autosave is kept aside, never overwritten
+    fresh = logic.load_results(out, "sub-01", ask=lambda question: False)
+    assert [review.get_state(fresh, i) for i in range(3)] == ["pending"] * 3
+    kept = [p for p in out.iterdir() if ".autosave.mrk.json.declined-" in p.name]
+    assert len(kept) == 1 and [f.status for f in read_markups_json(kept[0])][0] == "accepted"
+
+
+def test_an_autosave_that_adds_nothing_or_is_older_is_not_offered(module, mrml, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    finished_run(out)
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic)
+    node = logic.load_results(out, "sub-01")
+    saved = logic.autosave(node)  # all pending: the same as the findings
+    asked = []
+    logic.load_results(out, "sub-01", ask=asked.append)
+    logic.accept(node, 1)
+    logic.autosave(node)
+    os.utime(saved, (1, 1))  # older than the findings: a new run replaced them since
+    logic.load_results(out, "sub-01", ask=asked.append)
+    assert asked == []
+
+
+def test_the_module_keeps_its_runs_review_per_scan_and_offers_it_for_that_scan(module, mrml, tmp_path):
+    """The module's own runs live in a temporary folder: their findings are copied to a folder named by the
+    scan's voxels, where the autosave goes; selecting that scan again (or starting the module) finds it."""
+    from CMBDetectorLib import review
+    from helpers import small_swi_crop
+
+    logic = module.CMBDetectorLogic(scene=mrml.scene, markups_logic=mrml.markups_logic,
+                                    reviews_root=tmp_path / "reviews")
+    scan = review.volume_node_from_volume(mrml.scene, small_swi_crop(), "sub-01 swi")
+    other = review.volume_node_from_volume(mrml.scene, small_swi_crop(seed=1), "sub-02 swi")
+    folder = logic.reviews_directory(scan)
+    assert folder.parent == tmp_path / "reviews" and folder != logic.reviews_directory(other)
+    finished_run(tmp_path / "temporary run")
+    node = logic.load_results(tmp_path / "temporary run", "sub-01", autosave_dir=folder)
+    logic.accept(node, 0)
+    logic.autosave(node)
+    assert sorted(p.name for p in folder.iterdir()) == ["sub-01.autosave.mrk.json", "sub-01.json", "sub-01.mrk.json"]
+
+    mrml.scene.Clear(0)
+    again = review.volume_node_from_volume(mrml.scene, small_swi_crop(), "renamed on reload")
+    other = review.volume_node_from_volume(mrml.scene, small_swi_crop(seed=1), "sub-02 swi")
+    assert logic.restorable_review_for(other) is None
+    saved = logic.restorable_review_for(again)
+    assert saved == folder / "sub-01.autosave.mrk.json" and logic.restorable_reviews() == [saved]
+    restored = logic.restore_review(saved, ask=lambda question: True)
+    assert review.get_state(restored, 0) == "accepted"
+
+    # a new run on the same scan: the earlier review is backed up before the new findings hide it
+    finished_run(tmp_path / "second run")
+    (tmp_path / "second run" / "sub-01.mrk.json").write_text(
+        (tmp_path / "second run" / "sub-01.mrk.json").read_text().replace('"CMB-3"', '"CMB-3 "'))
+    logic.load_results(tmp_path / "second run", "sub-01", autosave_dir=folder)
+    assert len(list(folder.glob("sub-01.autosave.mrk.json.bak-*"))) == 1
+
+
 # ---- extension description files -----------------------------------------------------------------
 
 

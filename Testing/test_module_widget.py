@@ -31,6 +31,7 @@ import slicer_qt_standins as standins  # noqa: E402
 from helpers import small_swi_crop  # noqa: E402
 
 from CMBDetectorLib import classify, review  # noqa: E402
+from CMBDetectorLib.findings import Finding, read_markups_json, write_json, write_markups_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_FILE = ROOT / "CMBDetector" / "CMBDetector.py"
@@ -106,11 +107,15 @@ class Harness:
 
 
 @pytest.fixture()
-def harness(mrml, tmp_path):
+def harness(mrml, tmp_path, request):
+    """The widget in a real Qt event loop; indirect parameter: a function given Slicer's temporary folder,
+    run before the module starts (files a previous session left behind)."""
     errors = []
     previous_hook = sys.excepthook
     sys.excepthook = lambda kind, value, trace: errors.append(value)  # exceptions raised inside Qt slots
     (tmp_path / "slicer-temp").mkdir()
+    if getattr(request, "param", None):
+        request.param(tmp_path / "slicer-temp")
     harness = Harness(mrml, tmp_path / "slicer-temp")
     harness.errors = errors
     yield harness
@@ -295,3 +300,57 @@ def test_load_sample_runs_in_the_background_and_cancel_stops_it(harness):
     assert process.cancelled and cmbdetector_temp_folders(harness) == []
     assert harness.mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
     assert ui.loadSampleButton.isEnabled() and not ui.cancelButton.isEnabled()
+
+
+# ---- review autosave: a closed scene or a crash loses at most the last decision ----------------------
+
+
+def test_a_review_survives_a_closed_scene_and_is_offered_when_the_scan_is_selected_again(harness):
+    ui, mrml = harness.ui, harness.mrml
+    volume = add_small_crop(mrml)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.deviceComboBox.setCurrentText("cpu")
+    QtTest.QTest.mouseClick(ui.partialBrainCheckBox, Qt.LeftButton)
+    QtWidgets.QApplication.processEvents()
+    harness.click(ui.detectButton)
+    wait_until(lambda: harness.widget._process is None, what="the detection run")
+    node = harness.findings()
+    assert node is not None, ui.logTextEdit.toPlainText()
+    saved = harness.widget.logic.reviews_directory(volume) / "sub-01_swi.autosave.mrk.json"
+    harness.key(Qt.Key_A)
+    wait_until(lambda: saved.is_file() and read_markups_json(saved)[0].status == "accepted", 10, "the autosave")
+    assert harness.gui.questions == []
+
+    mrml.scene.Clear(0)  # File > Close Scene without saving
+    wait_until(lambda: harness.findings() is None, 10, "the panel to forget the findings")
+    harness.gui.answer = True
+    again = add_small_crop(mrml, "sub-01 swi (loaded again)")
+    ui.inputVolumeSelector.setCurrentNode(again)
+    wait_until(lambda: harness.findings() is not None, 10, "the restored findings")
+    assert len(harness.gui.questions) == 1 and "Restore it?" in harness.gui.questions[0]
+    restored = harness.findings()
+    assert review.get_state(restored, 0) == "accepted" and harness.table_column(5)[0] == "accepted"
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.inputVolumeSelector.setCurrentNode(again)
+    QtWidgets.QApplication.processEvents()
+    assert len(harness.gui.questions) == 1  # offered once per session
+
+
+def _a_review_left_by_a_crash(slicer_temp: Path) -> None:
+    """A module run's findings and a newer autosave with one decision, as a crashed session leaves them."""
+    folder = slicer_temp / "CMBDetectorReviews" / "0123456789abcdef0123"
+    folder.mkdir(parents=True)
+    findings = [Finding(f"CMB-{n}", (5.0 * n, 0.0, 0.0), 0.9 - 0.1 * n) for n in (1, 2)]
+    write_markups_json(findings, folder / "sub-07.mrk.json")
+    write_json({"operating_threshold": 0.5, "threshold": 0.05}, folder / "sub-07.json")
+    findings[1].status = "rejected"
+    write_markups_json(findings, folder / "sub-07.autosave.mrk.json")
+    os.utime(folder / "sub-07.mrk.json", (1, 1))
+
+
+@pytest.mark.parametrize("harness", [_a_review_left_by_a_crash], indirect=True)
+def test_the_module_offers_an_unfinished_review_when_it_starts(harness):
+    assert len(harness.gui.questions) == 1 and "sub-07" in harness.gui.questions[0]
+    node = harness.findings()
+    assert [review.get_state(node, i) for i in range(2)] == ["pending", "rejected"]
+    assert harness.ui.thresholdSlider.value() == pytest.approx(0.5)

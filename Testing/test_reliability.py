@@ -105,7 +105,30 @@ def write_report(path: Path) -> None:
                     "and every non-empty line it wrote on stderr (temporary paths shortened to `TMP`). "
                     "Refusals are one line, exit 2, before any model loads, and leave no output that looks "
                     "finished; a `STEM.json` summary marks a complete result.\n\n"
-                    "| case | exit | stderr |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+                    "| case | exit | stderr |\n|---|---|---|\n" + "\n".join(rows) + "\n" + _image_type_measurement())
+
+
+IMAGE_TYPE_MEASUREMENT = Path(__file__).resolve().parents[1] / "docs" / "image-type-check.txt"
+
+
+def _image_type_measurement() -> str:
+    """The image-type warnings measured on every scan we have, quoted from tools/check_image_types.py's
+    output (too long for a test), which is kept in docs/image-type-check.txt."""
+    if not IMAGE_TYPE_MEASUREMENT.is_file():
+        return ""
+    summary, quoting = [], False
+    for line in IMAGE_TYPE_MEASUREMENT.read_text(encoding="utf-8").splitlines():
+        quoting = quoting or line.startswith(("#", "summary"))  # each run's header and summary, not its scans
+        if quoting and line.strip():
+            summary.append(line)
+        quoting = quoting and not line.startswith(("false warnings", "#"))
+    return ("\n## Image-type warnings: false warnings measured on every scan we have\n\n"
+            "The T1-like and not-a-head warnings (warnings, never refusals) over every simulated scan of "
+            "`/work/data/{train,tune}_{nom,rand}`, a few out-of-distribution scans, the real scans of "
+            "`shared/data/real-gre` (crops take `--crop`, which skips the check), simulated scans inverted "
+            "inside the head (T1-like), the MNI152 T1 template and a sphere phantom. Output of "
+            "`tools/check_image_types.py` (every scan's line in `docs/image-type-check.txt`):\n\n"
+            + "\n".join("    " + line for line in summary) + "\n")
 
 
 def refused(case: str, result, out_dir=None) -> str:
@@ -504,6 +527,135 @@ def test_a_run_killed_while_writing_leaves_no_final_file(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8")
     assert result.returncode == -signal.SIGKILL
     assert finished_files(tmp_path) == [] and len(temporary_files(tmp_path)) == 2
+
+
+def test_the_next_run_removes_the_temporary_files_of_a_killed_run(tmp_path, no_model):
+    """Temporary files whose process is gone, or that are over a day old, are removed by the next run into
+    the folder (even one refused later); a live run's are left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    live_pid = os.getpid()  # this test's own process: alive, and not the run's
+    names = {"dead": f".scan.mrk.json.tmp-{dead_pid}-0123abcd.json", "live": f".scan.csv.tmp-{live_pid}-4567cdef.csv",
+             "old": f".scan.png.tmp-{live_pid}-89ab0123.png"}
+    for name in names.values():
+        (tmp_path / name).write_text("half")
+    two_days_ago = os.stat(tmp_path / names["old"]).st_mtime - 2 * outputs.STALE_TEMPORARY_S
+    os.utime(tmp_path / names["old"], (two_days_ago, two_days_ago))
+    result = cli("detect", write_image(tmp_path / "scan.nii.gz"), "--out", tmp_path, "--model", no_model)
+    assert result.returncode == 2 and MODEL_NOT_REACHED in result.stderr
+    assert temporary_files(tmp_path) == [names["live"]]
+
+
+def _small_crop_file(folder: Path) -> Path:
+    from helpers import small_swi_crop
+
+    from CMBDetectorLib.io import write_volume
+
+    return write_volume(small_swi_crop(), folder / "scan.nii.gz")
+
+
+def test_force_backs_up_the_review_and_no_png_removes_the_old_png(tmp_path):
+    """--force replaces a reviewed STEM.mrk.json only after copying it to STEM.mrk.json.bak-TIME (said on
+    stderr and in the summary); --no-png removes the previous run's STEM.png, which would show other
+    findings beside the new summary. Real runs on a small crop."""
+    scan, out = _small_crop_file(tmp_path), tmp_path / "out"
+    first = cli("detect", scan, "--crop", "--out", out, "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    assert finished_files(out) == ["scan.csv", "scan.json", "scan.mrk.json", "scan.png"]
+    reviewed = reviewed_markups(out / "scan.mrk.json", state="rejected").read_bytes()
+    forced = cli("detect", scan, "--crop", "--out", out, "--device", "cpu", "--force", "--no-png")
+    record("--force over a reviewed STEM.mrk.json (small crop, --no-png after a run with a PNG)", forced)
+    assert forced.returncode == 0, forced.stderr
+    backups = sorted(out.glob("scan.mrk.json.bak-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == reviewed
+    lines = [line for line in forced.stderr.splitlines() if "--force" in line]
+    assert lines == [f"warning: --force: the reviewed scan.mrk.json it replaces is kept as {backups[0]}"]
+    summary = json.loads((out / "scan.json").read_text())
+    assert lines[0][len("warning: "):] in summary["warnings"]
+    assert finished_files(out) == ["scan.csv", "scan.json", "scan.mrk.json"]  # no PNG of the first run
+    assert temporary_files(out) == []
+    again = cli("detect", scan, "--crop", "--out", out, "--device", "cpu", "--force", "--no-png")
+    assert again.returncode == 0 and "kept as" not in again.stderr  # all pending: nothing of a reader's to keep
+    assert len(list(out.glob("scan.mrk.json.bak-*"))) == 1
+
+
+# ---- image types: warnings, never refusals -----------------------------------------------------------
+
+def _mni_t1_3mm():
+    """nilearn's MNI152 2009 T1 (skull-stripped) at 3 mm: a T1-weighted head, 66 x 78 x 63."""
+    from CMBDetectorLib import atlas
+    from CMBDetectorLib.image import Volume
+
+    t1 = atlas.load_mni_template()
+    affine = t1.affine.copy()
+    affine[:3, :3] *= 3
+    return Volume(np.ascontiguousarray(t1.array[::3, ::3, ::3]), affine, {"source": "MNI152 T1 at 3 mm"})
+
+
+def _t2_like_from_t1(t1):
+    """The same head with the contrast turned over inside the brain: CSF bright, white matter dark."""
+    from CMBDetectorLib import brain
+
+    inside = brain.dilate_mm(t1.array > 0.02 * t1.array.max(), t1.spacing, 3.0)
+    return t1.with_array(np.where(inside, 1.05 * t1.array.max() - t1.array, 0).astype(np.float32))
+
+
+def _sphere_phantom():
+    """A uniform 90 mm sphere with noise, 64^3 at 3 mm."""
+    from CMBDetectorLib.image import Volume
+
+    grid = (np.indices((64, 64, 64)).astype(np.float32) - 31.5) * 3
+    inside = np.sqrt((grid ** 2).sum(0)) < 45
+    array = np.where(inside, 1000.0, 5.0) + 20 * np.random.default_rng(0).standard_normal(inside.shape)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = -94.5
+    return Volume(array.astype(np.float32), affine, {"source": "sphere phantom"})
+
+
+def _image_type_warnings(volume) -> tuple:
+    from CMBDetectorLib import imagetype, preprocess
+
+    prepared = preprocess.prepare(volume)  # brain extraction and its registration, as detect does
+    return imagetype.check_image_type(volume, prepared.registration, prepared.mask), prepared.warnings
+
+
+def test_a_t1_weighted_head_is_warned_and_its_t2_like_inversion_is_not():
+    t1 = _mni_t1_3mm()
+    check, warnings = _image_type_warnings(t1)
+    assert check.csf_wm_ratio < 0.5 and [w for w in warnings if w.startswith("T1-like contrast")] == list(check.warnings)
+    assert "CMBDetector expects a T2*-weighted GRE/SWI magnitude" in check.warnings[0]
+    check, warnings = _image_type_warnings(_t2_like_from_t1(t1))
+    assert check.csf_wm_ratio > 1.0 and check.warnings == ()
+
+
+@pytest.mark.skipif(not (PHILIPS / "mag_echo1.nii.gz").is_file(), reason="the shared real scans are not here")
+def test_real_short_te_gre_heads_are_not_warned():
+    for echo in (1, 2):
+        check, _ = _image_type_warnings(read_volume(PHILIPS / f"mag_echo{echo}.nii.gz"))
+        assert check.warnings == () and check.csf_wm_ratio > 0.7
+
+
+def test_a_sphere_phantom_is_warned_as_not_a_head():
+    check, warnings = _image_type_warnings(_sphere_phantom())
+    assert len(check.warnings) == 1 and check.warnings[0].startswith("does not look like a head scan (registration")
+    assert check.warnings[0] in warnings
+
+
+def test_image_type_warnings_reach_stderr_and_the_summary(tmp_path):
+    """Real detect runs: one warning line each, the run completes (a warning, never a refusal)."""
+    from CMBDetectorLib.io import write_volume
+
+    for case, volume, start in (("T1-weighted head (MNI152 T1, 3 mm)", _mni_t1_3mm(), "T1-like contrast ("),
+                                ("sphere phantom (90 mm, 3 mm voxels)", _sphere_phantom(), "does not look like a head scan")):
+        scan = write_volume(volume, tmp_path / "scan.nii.gz")
+        out = tmp_path / case.split()[0]
+        result = cli("detect", scan, "--out", out, "--device", "cpu", "--no-png")
+        record(case, result)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        lines = [line for line in result.stderr.splitlines() if start in line]
+        assert len(lines) == 1 and lines[0].startswith("warning: "), result.stderr
+        summary = json.loads((out / "scan.json").read_text())
+        assert lines[0][len("warning: "):] in summary["warnings"]
 
 
 # ----------------------------------------------------------------------------------------------------

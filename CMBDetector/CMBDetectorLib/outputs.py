@@ -6,20 +6,27 @@ each flushed and fsynced. Only when every one was written are they renamed to th
 marks a complete result. A run that fails or is killed before that leaves temporary files at most
 (removed on failure), never a final-named file that looks finished. The previous run's summary is
 removed before the new files are renamed in, so a half-replaced set never looks complete either.
+Temporary files a killed run left behind are removed by the next run into the folder (remove_stale_temporaries).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 from .errors import CMBError, InputError
 from .findings import read_markups_json
+from .vocabulary import AUTOSAVE_SUFFIX, MARKUPS_SUFFIX, SUMMARY_SUFFIX
 
 MIN_FREE_MB = 50.0  # a run writes a few MB at most; warn below this much free space
+STALE_TEMPORARY_S = 24 * 3600  # a temporary file this old is stale even if its PID was reused by a live process
+_TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(\.[^.]*)?$")
+BACKUP_INFIX = ".bak-"  # STEM.mrk.json.bak-YYYYMMDD-HHMMSS: not *.mrk.json, so no reader takes it for a result
 
 
 class OutputError(CMBError):
@@ -44,7 +51,68 @@ def prepare_output_folder(out_dir) -> Path:
         raise OutputError(f"cannot write to the output folder {out_dir}: {error.strerror or error}") from None
     finally:
         _remove_quietly(probe)
+    remove_stale_temporaries(out_dir)
     return out_dir
+
+
+def remove_stale_temporaries(out_dir, now: float | None = None) -> list:
+    """Remove the temporary files (`.NAME.tmp-PID-RANDOM.EXT`) of runs that are no longer alive, or older
+    than STALE_TEMPORARY_S (their PID may have been reused). Returns the removed paths."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in Path(out_dir).iterdir():
+        match = _TEMPORARY_NAME.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        pid = int(match.group("pid"))
+        try:
+            old = now - path.stat().st_mtime > STALE_TEMPORARY_S
+        except OSError:
+            continue
+        if pid != os.getpid() and (old or not _process_alive(pid)):
+            _remove_quietly(path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return psutil.pid_exists(pid)
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate the process on Windows: rely on the age rule
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def backup_review(markups) -> Path | None:
+    """Copy a reviewed STEM.mrk.json (any state other than pending, or unreadable) to
+    STEM.mrk.json.bak-YYYYMMDD-HHMMSS beside it, atomically, before --force replaces it.
+    Returns the backup's path; None when there is nothing to keep."""
+    markups = Path(markups)
+    if not markups.is_file():
+        return None
+    try:
+        _refuse_reviewed(markups)
+        return None  # all pending: the detector's own output, nothing of a reader's to keep
+    except OutputError:
+        pass
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = markups.with_name(f"{markups.name}{BACKUP_INFIX}{stamp}")
+    counter = 1
+    while backup.exists():
+        counter += 1
+        backup = markups.with_name(f"{markups.name}{BACKUP_INFIX}{stamp}-{counter}")
+    write_all({"backup": (backup, lambda path: shutil.copyfile(markups, path))}, markups.parent, summary_key=None)
+    return backup
 
 
 def check_output_stem(out_dir, stem: str, force: bool = False, input_path=None) -> list:
@@ -61,6 +129,19 @@ def check_output_stem(out_dir, stem: str, force: bool = False, input_path=None) 
     if free_mb < MIN_FREE_MB:
         return [f"only {free_mb:.0f} MB free in {out_dir}; the results may not fit"]
     return []
+
+
+def result_is_complete(out_dir, stem: str) -> bool:
+    """The summary-last rule: STEM.mrk.json is a finished run's only when STEM.json (renamed in last) exists."""
+    out_dir = Path(out_dir)
+    return (out_dir / f"{stem}{MARKUPS_SUFFIX}").is_file() and (out_dir / f"{stem}{SUMMARY_SUFFIX}").is_file()
+
+
+def findings_files(out_dir) -> list:
+    """The STEM.mrk.json files of detection runs in `out_dir` (finished or not; no autosaves), newest first."""
+    found = [path for path in Path(out_dir).glob("*" + MARKUPS_SUFFIX)
+             if not path.name.endswith(AUTOSAVE_SUFFIX) and not is_temporary(path) and path.is_file()]
+    return sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)
 
 
 def _refuse_reviewed(markups: Path) -> None:
@@ -86,12 +167,14 @@ def _refuse_other_input(summary: Path, input_path: Path) -> None:
                           "use another --out, or --force to replace them")
 
 
-def write_all(writers: dict, out_dir, summary_key: str = "summary") -> dict:
+def write_all(writers: dict, out_dir, summary_key: str | None = "summary", remove=()) -> dict:
     """Write a run's files so that they appear whole or not at all (module docstring).
 
     writers: {key: (final_path, write(path))}; each write function writes the file it is given.
-    The entry `summary_key` is renamed in last. Returns {key: final_path}. OutputError (one line) when a
-    file cannot be written; then no temporary file is left and no final file was touched.
+    The entry `summary_key` is renamed in last. remove: final paths of the previous run that this one does
+    not write (e.g. its PNG after --no-png); removed with the old summary, before anything is renamed in.
+    Returns {key: final_path}. OutputError (one line) when a file cannot be written; then no temporary
+    file is left and no final file was touched.
     """
     out_dir = Path(out_dir)
     staged = {}
@@ -110,6 +193,8 @@ def write_all(writers: dict, out_dir, summary_key: str = "summary") -> dict:
     order = [key for key in staged if key != summary_key] + [key for key in staged if key == summary_key]
     if summary_key in staged:
         _remove_quietly(staged[summary_key][0])  # the old run's summary must not vouch for the new files
+    for path in remove:  # nor may an old file this run does not replace sit beside the new summary
+        _remove_quietly(Path(path))
     try:
         for index, key in enumerate(order):
             final, temporary = staged[key]

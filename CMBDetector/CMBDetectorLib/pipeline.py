@@ -23,7 +23,7 @@ from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
 from .image import Volume
 from .io import read_volume, validate_brain_volume
-from .outputs import check_output_stem, prepare_output_folder, write_all
+from .outputs import backup_review, check_output_stem, prepare_output_folder, write_all
 from .preprocess import Prepared, prepare
 from .sysinfo import peak_rss_mb
 from .vocabulary import run_stem
@@ -315,7 +315,8 @@ def _versions() -> dict:
 
 def write_outputs(detection: Detection, out_dir, stem: str, png: bool = True) -> dict:
     """Write STEM.mrk.json, STEM.csv, STEM.png and, last, STEM.json (the summary that marks a complete
-    result); each appears whole or not at all (outputs.write_all)."""
+    result); each appears whole or not at all (outputs.write_all). Without a PNG, a previous run's
+    STEM.png is removed: it would show other findings beside the new summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {"markups": (out_dir / f"{stem}.mrk.json", lambda path: write_markups_json(detection.findings, path)),
@@ -326,7 +327,8 @@ def write_outputs(detection: Detection, out_dir, stem: str, png: bool = True) ->
         writers["png"] = (out_dir / f"{stem}.png",
                           lambda path: write_overview(detection.prepared, detection.findings, path))
     writers["summary"] = (out_dir / f"{stem}.json", lambda path: write_json(detection.summary, path))
-    return write_all(writers, out_dir, summary_key="summary")
+    stale = [] if "png" in writers else [out_dir / f"{stem}.png"]
+    return write_all(writers, out_dir, summary_key="summary", remove=stale)
 
 
 def add_arguments(parser) -> None:
@@ -403,6 +405,12 @@ def run(args) -> int:
     detection.summary["echo"] = echo_record(echo, volume)
     if not args.force:  # a review, or another run's results, may have been saved there while we worked
         check_output_stem(args.out, stem, input_path=args.input)
+    else:  # --force replaces a review, but never loses it
+        backup = backup_review(Path(args.out) / f"{stem}.mrk.json")
+        if backup is not None:
+            message = f"--force: the reviewed {stem}.mrk.json it replaces is kept as {backup}"
+            print(f"warning: {message}", file=sys.stderr)
+            detection.warnings.append(message)
     paths = write_outputs(detection, args.out, stem, png=not args.no_png)
     counts = detection.summary["counts"]
     regions = ", ".join(f"{k} {v}" for k, v in sorted(counts["by_region"].items())) or "none"

@@ -17,6 +17,7 @@ from .brain import check_brain_volume, extract_brain
 from .errors import InputError
 from .grids import block_mean, coarse_factors, sigma_voxels, upsample_slabs
 from .image import Volume
+from .imagetype import check_image_type
 from .io import validate_brain_volume
 from .phase import homodyne_phase
 
@@ -83,7 +84,8 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
     """Validate, mask, normalise; high-pass the phase when one is given (same grid required).
 
     The registration the automatic brain mask was made with is kept on the result, so findings are placed
-    with the same transform.
+    with the same transform; it also serves the image-type checks (imagetype.py: T1-like contrast, not a
+    head), which therefore run on whole-head scans without --mask.
     """
     validate_brain_volume(volume, "input", allow_crop=crop)
     warnings = []
@@ -101,6 +103,8 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
         extracted = extract_brain(volume, crop=crop)
         brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
         warnings += extracted.warnings
+        if not crop:  # a whole head registered to MNI: is it a T2*-weighted head scan at all?
+            warnings += check_image_type(volume, registration, brain).warnings
     unmasked = normalise(np.asarray(volume.array, dtype=np.float32), brain, spacing)
     image = unmasked * brain
     context = np.clip(unmasked, 0.0, CONTEXT_MAX, out=unmasked)
