@@ -339,14 +339,14 @@ def test_a_dcm_file_reads_its_own_series_not_the_biggest_one(tmp_path):
     assert read_volume(folder).shape == (32, 32, 30)  # the folder itself: its biggest series, as before
 
 
-def test_a_given_mask_covering_everything_is_named_as_the_given_one(tmp_path):
+def test_a_given_mask_covering_everything_is_named_as_the_given_one(tmp_path, no_model):
     image = noise_image((64, 64, 64), spacing=3.5)
     mask = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     mask.CopyInformation(image)
     out = tmp_path / "out"
-    line = refused("--mask covering the whole field of view",
+    line = refused("--mask covering the whole field of view (refused before the model loads)",
                    cli("detect", write_image(tmp_path / "scan.nii.gz", image), "--mask",
-                       write_image(tmp_path / "mask.nii.gz", mask), "--out", out, "--no-yolo"), out)
+                       write_image(tmp_path / "mask.nii.gz", mask), "--out", out, "--model", no_model), out)
     assert "the given brain mask holds" in line and "automatic" not in line
 
 

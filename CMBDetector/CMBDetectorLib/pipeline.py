@@ -24,7 +24,7 @@ from .findings import Finding, label_findings, write_csv, write_json, write_mark
 from .image import Volume
 from .io import read_volume, validate_brain_volume
 from .outputs import backup_review, check_output_stem, prepare_output_folder, write_all
-from .preprocess import Prepared, prepare
+from .preprocess import Prepared, given_brain_mask, prepare
 from .sysinfo import peak_rss_mb
 from .vocabulary import run_stem
 
@@ -384,6 +384,8 @@ def run(args) -> int:
     validate_brain_volume(volume, "input", allow_crop=args.crop)
     phase = read_phase(args.phase, echo)
     mask = _read(args.mask)
+    if mask is not None:
+        given_brain_mask(volume, mask, crop=args.crop)
     used_echo = volume.meta.get("echo")
     stem = run_stem(args.input, used_echo)
     early_warnings = check_output_stem(args.out, stem, force=args.force, input_path=args.input)

@@ -79,6 +79,20 @@ def normalise(array: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
     return normalised
 
 
+def given_brain_mask(volume: Volume, mask: Volume, crop: bool = False) -> np.ndarray:
+    """A brain mask the user gave, as bool on the volume's grid; InputError when it cannot be one (other
+    grid, empty, or not a whole brain's volume unless a crop). The command line calls it before any model
+    loads, and prepare() for every caller."""
+    if mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
+        raise InputError("mask: its grid (shape or affine) differs from the input volume's")
+    brain = mask.array > 0.5
+    if not brain.any():
+        raise InputError("mask: the mask is empty")
+    if not crop:
+        check_brain_volume(brain, volume.spacing, "the given brain mask")
+    return brain
+
+
 def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
             crop: bool = False) -> Prepared:
     """Validate, mask, normalise; high-pass the phase when one is given (same grid required).
@@ -92,13 +106,7 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
     spacing = volume.spacing
     mask_method, registration = "provided", None
     if mask is not None:
-        if mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
-            raise InputError("mask: its grid (shape or affine) differs from the input volume's")
-        brain = mask.array > 0.5
-        if not brain.any():
-            raise InputError("mask: the mask is empty")
-        if not crop:
-            check_brain_volume(brain, spacing, "the given brain mask")
+        brain = given_brain_mask(volume, mask, crop)
     else:
         extracted = extract_brain(volume, crop=crop)
         brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
