@@ -15,7 +15,7 @@ from CMBDetectorLib.errors import WeightsError
 from CMBDetectorLib.evaluate import match
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import write_volume
-from CMBDetectorLib.pipeline import detect, merge_nearby, write_outputs
+from CMBDetectorLib.pipeline import detect, merge_nearby, read_phase, write_outputs
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from test_yolo import SPHERE_RAS, TUBE_RAS, synthetic_prepared
 
@@ -191,12 +191,10 @@ def test_corrupt_weights_through_the_command_line(tmp_path, detected):
     assert result.returncode == 2 and "do not match their model card" in result.stderr
 
 
-def test_a_multi_echo_phase_needs_one_echo_chosen(tmp_path):
-    rng = np.random.default_rng(1)
-    magnitude = _write(tmp_path, "mag.nii.gz", (rng.random((48, 48, 32, 3)) + 0.5).astype(np.float32))
-    phase = _write(tmp_path, "phase.nii.gz", (rng.random((48, 48, 32, 3)) - 0.5).astype(np.float32))
-    result = cli("detect", magnitude, "--phase", phase, "--crop", "--out", tmp_path / "out", "--no-png")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "3 echoes of phase cannot be combined" in result.stderr and "--echo N" in result.stderr
-    assert not (tmp_path / "out" / "mag.json").exists()
+def test_a_multi_echo_phase_under_combine_gives_its_last_echo_with_a_warning(tmp_path):
+    phases = (np.random.default_rng(1).random((24, 24, 16, 3)) - 0.5).astype(np.float32)
+    path = _write(tmp_path, "phase.nii.gz", phases)
+    phase = read_phase(path, "combine")
+    assert np.allclose(phase.array, phases[..., 2], atol=1e-6)  # the last echo, not a sum of squares
+    assert any("3 echoes; using the phase of the last one" in w for w in phase.meta["warnings"])
+    assert np.allclose(read_phase(path, 1).array, phases[..., 1], atol=1e-6)

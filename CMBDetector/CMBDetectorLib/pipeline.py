@@ -358,14 +358,19 @@ def echo_record(requested, volume: Volume) -> dict:
 
 
 def read_phase(path, echo="combine") -> Volume | None:
-    """The phase image of the chosen echo, checked (None without a path). A multi-echo phase is refused
-    under echo="combine": a root sum of squares of phases means nothing."""
+    """The phase image of the chosen echo, checked (None without a path).
+
+    Under echo="combine" a multi-echo phase gives its last (longest) echo's phase, with a warning: a root
+    sum of squares of phases means nothing, and the longest echo holds the most susceptibility contrast."""
     if path is None:
         return None
     phase = read_volume(path, echo=echo)
     if phase.meta.get("echo") == "combine":
-        raise InputError(f"phase: {phase.meta.get('n_echoes')} echoes of phase cannot be combined like the "
-                         "magnitude: choose one echo (--echo N: the magnitude and phase of that echo)")
+        count = int(phase.meta.get("n_echoes", 1))
+        phase = read_volume(path, echo=count - 1)
+        phase.meta.setdefault("warnings", []).append(
+            f"phase: {count} echoes; using the phase of the last one (echo {count - 1}), since phases cannot be "
+            "combined like the magnitude (--echo N takes the magnitude and phase of one echo)")
     validate_brain_volume(phase, "phase", allow_crop=True)
     return phase
 
