@@ -599,16 +599,27 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         if 0 <= index < node.GetNumberOfControlPoints():
             self.markups_logic.JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
 
-    def export(self, node, out_dir, reader: str = "", input_node=None, threshold=None) -> dict:
-        """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given)."""
+    def export(self, node, out_dir, reader: str = "", input_node=None, threshold=None, keep_scan: bool = False,
+               phase_node=None) -> dict:
+        """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given).
+
+        keep_scan: also write the scan beside its review (STEM.nii.gz, STEM_phase.nii.gz), named in the
+        review JSON, so that the folder can teach a site model (`cmbdetector finetune --reviews`)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = vocabulary.safe_stem(node.GetName(), default="findings")
         written = {"csv": out_dir / (stem + vocabulary.REVIEW_CSV_SUFFIX),
                    "json": out_dir / (stem + vocabulary.REVIEW_JSON_SUFFIX)}
+        scan_files = {}
+        if keep_scan and input_node is not None:
+            written["volume"] = self.write_volume(input_node, out_dir / f"{stem}.nii.gz")
+            scan_files["volume"] = written["volume"].name
+            if phase_node is not None:
+                written["phase"] = self.write_volume(phase_node, out_dir / f"{stem}_phase.nii.gz")
+                scan_files["phase"] = written["phase"].name
         review.export_review(node, written["csv"], written["json"], reader=reader,
                              input_name=input_node.GetName() if input_node else "",
-                             detection_run=review.detection_run(node), threshold=threshold)
+                             detection_run=review.detection_run(node), threshold=threshold, extra=scan_files)
         if input_node is not None:
             labelmap = self.export_labelmap(node, input_node)
             written["labelmap"] = self.write_volume(labelmap, out_dir / (stem + vocabulary.ACCEPTED_LABELMAP_SUFFIX))
@@ -616,6 +627,11 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 
     def export_labelmap(self, node, reference_volume_node, radius_mm: float = 1.5):
         return review.export_accepted_labelmap(self.scene, node, reference_volume_node, radius_mm)
+
+    @staticmethod
+    def set_review_complete(node, complete: bool = True) -> None:
+        """The reader read the whole scan (refused while a shown finding is pending); see review.py."""
+        review.set_review_complete(node, complete)
 
 
 # =============================================================================================
@@ -672,6 +688,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.clicked.connect(slot)
         # currentCellChanged follows clicks and arrow keys alike
         self.ui.reviewTable.currentCellChanged.connect(self.onTableCurrentCellChanged)
+        self.ui.reviewCompleteCheckBox.clicked.connect(self.onReviewComplete)  # the reader's clicks only
         self.ui.thresholdSlider.valueChanged.connect(self.onThresholdChanged)
         self.ui.findingsSelector.currentNodeChanged.connect(self.onFindingsChanged)
         self.ui.inputVolumeSelector.currentNodeChanged.connect(self._refreshSoon)
@@ -897,6 +914,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._fillingTable = False
         self.ui.countsLabel.setText(self.logic.counts_text(node) if node else "")
+        self.ui.reviewCompleteCheckBox.setChecked(bool(node) and review.is_review_complete(node))
         self.updateButtons()
 
     def _selectRow(self, index: int) -> None:
@@ -980,8 +998,19 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             written = self.logic.export(node, self.ui.exportDirectoryButton.directory, reader=p.reader,
-                                        input_node=p.inputVolume, threshold=p.threshold)
+                                        input_node=p.inputVolume, threshold=p.threshold,
+                                        keep_scan=self.ui.keepScanCheckBox.isChecked(), phase_node=p.phaseVolume)
             self.appendLog(_("Exported: ") + ", ".join(str(path) for path in written.values()))
+
+    def onReviewComplete(self, *args) -> None:
+        node = self._findings()
+        if not review.is_review_node(node):
+            return
+        try:
+            self.logic.set_review_complete(node, self.ui.reviewCompleteCheckBox.isChecked())
+        except CMBError as error:  # a refusal the reader can act on (a pending finding): said, not raised
+            slicer.util.errorDisplay(_("Could not mark the review complete.") + f"\n\n{error}")
+        self.refreshTable()  # the box shows what the node holds, a refusal included
 
     def onExportLabelmap(self) -> None:
         node, p = self._findings(), self._parameterNode
@@ -1002,7 +1031,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.adoptButton.setEnabled(hasFindings and not reviewable)
         for button in (self.ui.previousButton, self.ui.nextButton, self.ui.acceptButton, self.ui.rejectButton,
                        self.ui.pendingButton, self.ui.undoButton, self.ui.addPointButton, self.ui.exportButton,
-                       self.ui.exportLabelmapButton):
+                       self.ui.exportLabelmapButton, self.ui.reviewCompleteCheckBox):
             button.setEnabled(reviewable)
 
 

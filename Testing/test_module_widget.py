@@ -295,3 +295,46 @@ def test_load_sample_runs_in_the_background_and_cancel_stops_it(harness):
     assert process.cancelled and cmbdetector_temp_folders(harness) == []
     assert harness.mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
     assert ui.loadSampleButton.isEnabled() and not ui.cancelButton.isEnabled()
+
+
+def tick(box) -> None:
+    """Click a check box on its indicator (a click right of its text would miss it)."""
+    assert box.isEnabled(), box.objectName()
+    QtTest.QTest.mouseClick(box, Qt.LeftButton, Qt.KeyboardModifier.NoModifier, QtCore.QPoint(6, box.height() // 2))
+    QtWidgets.QApplication.processEvents()
+
+
+def test_the_reader_marks_a_review_complete_and_the_export_records_it(harness, tmp_path):
+    """Issue #16: the "Review complete" box is refused while a shown finding is pending, and the exported
+    review (with the scan kept beside it, for `cmbdetector finetune`) says whether the review is complete."""
+    from CMBDetectorLib.findings import Finding
+
+    ui, mrml = harness.ui, harness.mrml
+    volume = add_small_crop(mrml)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    findings = [Finding(f"CMB-{n + 1}", (2.0 * n, 0.0, 0.0), score, 3.0, "deep") for n, score in enumerate((0.9, 0.8))]
+    node = review.findings_to_markups_node(mrml.scene, findings, "sub-01 review")
+    ui.findingsSelector.setCurrentNode(node)
+    wait_until(lambda: ui.reviewTable.rowCount() == 2, 10, "the findings' rows")
+    assert ui.reviewCompleteCheckBox.isEnabled() and not ui.reviewCompleteCheckBox.isChecked()
+    harness.click(ui.nextButton)
+    harness.click(ui.acceptButton)
+    tick(ui.reviewCompleteCheckBox)  # CMB-2 is still pending: refused, and the box says so
+    assert not ui.reviewCompleteCheckBox.isChecked() and not review.is_review_complete(node)
+    assert any("still pending (CMB-2)" in str(error) for error in harness.gui.errors), harness.gui.errors
+    harness.click(ui.rejectButton)
+    tick(ui.reviewCompleteCheckBox)
+    assert ui.reviewCompleteCheckBox.isChecked() and review.is_review_complete(node)
+
+    ui.exportDirectoryButton.directory = str(tmp_path / "export")
+    tick(ui.keepScanCheckBox)
+    harness.click(ui.exportButton)
+    report = json.loads((tmp_path / "export" / "sub-01_review_review.json").read_text())
+    assert report["complete"] is True and report["volume"] == "sub-01_review.nii.gz"
+    assert (tmp_path / "export" / report["volume"]).is_file()
+    assert [f["status"] for f in report["findings"]] == ["accepted", "rejected"]
+
+    harness.click(ui.pendingButton)  # a decision taken back: the review is no longer complete
+    wait_until(lambda: not ui.reviewCompleteCheckBox.isChecked(), 10, "the box to follow the node")
+    harness.click(ui.exportButton)
+    assert json.loads((tmp_path / "export" / "sub-01_review_review.json").read_text())["complete"] is False
