@@ -23,6 +23,9 @@ COMMANDS = {
     "train-yolo": ("CMBDetectorLib.train.train_yolo", "train the stage-3 YOLO on simulated scans, tune its fusion"),
     "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
     "bench": ("CMBDetectorLib.bench", "simulate the validation set, detect, evaluate, time"),
+    "models": ("CMBDetectorLib.models", "list the model versions, choose the active one, roll back"),
+    "finetune": ("CMBDetectorLib.train.finetune", "improve the model from exported reviews, on this computer"),
+    "bench-adapt": ("CMBDetectorLib.train.bench_adapt", "measure fine-tuning on a simulated site"),
 }
 
 
