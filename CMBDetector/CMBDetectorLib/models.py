@@ -153,7 +153,9 @@ def rollback() -> str:
 
 def site_versions() -> list:
     folder = models_dir()
-    return sorted(p.name for p in folder.iterdir() if (p / CARD_NAME).is_file()) if folder.is_dir() else []
+    # ".NAME.partial": a fine-tune still writing (or cancelled while writing), never a version
+    return sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith(".") and (p / CARD_NAME).is_file()) if folder.is_dir() else []
 
 
 def describe(name: str) -> dict:

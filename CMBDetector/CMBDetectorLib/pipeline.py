@@ -138,6 +138,8 @@ class Detector:
             else:
                 self.warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
         fusion_threshold = self.yolo.fusion.get("threshold") if self.yolo is not None else None
+        if self.yolo is not None:  # a site model recalibrates the fused threshold for its own CNN
+            fusion_threshold = self.model.card.get("fusion_threshold", fusion_threshold)
         # the operating point tuned for the configuration that runs (model cards; never benchmarked scans)
         self.operating_threshold = float(fusion_threshold if fusion_threshold is not None
                                          else self.model.card.get("operating_threshold", 0.5))
