@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-adapt clean
 
 venv: $(STAMP)
 
@@ -23,5 +23,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/cmbdetector bench --out bench-output --table docs/benchmark.md
 
+# Fine-tuning on a simulated site's reviews, measured before and after (reuses bench-output/val when there)
+bench-adapt: $(STAMP)
+	$(VENV)/bin/cmbdetector bench-adapt --out bench-adapt-output --val bench-output/val --table docs/benchmark-adapt.md
+
 clean:
-	rm -rf $(VENV) demo-output bench-output
+	rm -rf $(VENV) demo-output bench-output bench-adapt-output
