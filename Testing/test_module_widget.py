@@ -338,3 +338,44 @@ def test_the_reader_marks_a_review_complete_and_the_export_records_it(harness, t
     wait_until(lambda: not ui.reviewCompleteCheckBox.isChecked(), 10, "the box to follow the node")
     harness.click(ui.exportButton)
     assert json.loads((tmp_path / "export" / "sub-01_review_review.json").read_text())["complete"] is False
+
+
+def test_improve_the_model_from_my_reviews_runs_in_the_background_and_one_click_goes_back(harness, tmp_path,
+                                                                                           monkeypatch):
+    """Issue #16: the Model section runs `cmbdetector finetune` through the panel's process runner (progress,
+    Cancel), shows the before/after numbers and the active model, and one click goes back to the shipped one."""
+    from helpers import write_crop_reviews
+
+    from CMBDetectorLib import models
+
+    monkeypatch.setenv(models.DATA_DIR_ENV, str(tmp_path / "data"))  # the background process inherits it
+    ui = harness.ui
+    harness.widget.refreshModelSection()
+    assert ui.activeModelLabel.text().startswith("Active model: shipped")
+    write_crop_reviews(tmp_path / "reviews")
+    ui.reviewsDirectoryButton.directory = str(tmp_path / "reviews")
+    ui.modelStepsSpinBox.setValue(2)
+    assert harness.widget._parameterNode.finetuneSteps == 2
+
+    harness.click(ui.improveModelButton)  # started, then cancelled: nothing becomes a version
+    process = harness.widget._process
+    assert process.command[3:5] == ["finetune", "--reviews"] and process.command[-2:] == ["--steps", "2"]
+    assert ui.modelCancelButton.isEnabled() and not ui.improveModelButton.isEnabled()
+    harness.click(ui.modelCancelButton)
+    wait_until(lambda: harness.widget._process is None, 60, "the cancelled fine-tune to end")
+    assert process.cancelled and models.site_versions() == [] and models.active_version() == models.SHIPPED
+
+    harness.click(ui.improveModelButton)
+    wait_until(lambda: harness.widget._process is None, 600, "the fine-tune")
+    text = ui.modelResultLabel.text()
+    assert "Held-out reviews (1 scans, 3 microbleeds): sensitivity" in text, ui.logTextEdit.toPlainText()
+    assert ui.modelProgressBar.value() == 100 and len(models.site_versions()) == 1
+    version = models.site_versions()[0]
+    if "Not activated" in text:
+        assert ui.activeModelLabel.text().startswith("Active model: shipped")
+    else:
+        assert f"Now active: {version}" in text
+        assert ui.activeModelLabel.text().startswith(f"Active model: {version}")
+    harness.click(ui.useShippedModelButton)
+    assert models.active_version() == models.SHIPPED
+    assert ui.activeModelLabel.text().startswith("Active model: shipped")
