@@ -34,7 +34,8 @@ import numpy as np
 from . import __version__
 from .errors import CMBError, InputError
 from .findings import Finding, read_csv, write_csv
-from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, PENDING, REJECTED, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
+from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, PENDING, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
+                         REJECTED,
                          MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES, code_of, name_of_code, output_stem)
 from .vocabulary import base_label as _base_label
 
@@ -500,7 +501,8 @@ def review_labels(document: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def export_review(node, csv_path, json_path, reader: str = "", input_name: str = "",
-                  detection_run: dict | None = None, threshold: float | None = None, extra: dict | None = None) -> dict:
+                  detection_run: dict | None = None, threshold: float | None = None,
+                  extra: dict | None = None) -> dict:
     """Write the reviewed findings.
 
     csv_path: findings.CSV_COLUMNS, one row per point (every state), readable by findings.read_csv.
