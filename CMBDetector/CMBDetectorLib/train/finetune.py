@@ -185,6 +185,19 @@ def not_worse(after: dict, before: dict) -> bool:
     return after["sensitivity"] >= before["sensitivity"] and after["fp_per_scan"] <= before["fp_per_scan"]
 
 
+def activation(before: dict, after: dict, base_version: str, n_scans: int) -> tuple:
+    """(allowed, reason): a new version may replace its base only when the held-out reviews can show it is not
+    worse (they hold microbleeds to measure sensitivity on) and they do show it."""
+    if before["microbleeds"] == 0:
+        return False, (f"the {n_scans} held-out reviews hold no microbleed, so its sensitivity cannot be checked "
+                       "against its base: review more scans with microbleeds")
+    if not not_worse(after, before):
+        return False, (f"worse than its base {base_version} on the {n_scans} held-out reviews: sensitivity "
+                       f"{before['sensitivity']:.3f} -> {after['sensitivity']:.3f}, FP/scan "
+                       f"{before['fp_per_scan']:.2f} -> {after['fp_per_scan']:.2f}")
+    return True, ""
+
+
 def _better(first: dict, second: dict) -> bool:
     """first beats second: more sensitive, or as sensitive with fewer false positives."""
     return (first["sensitivity"], -first["fp_per_scan"]) > (second["sensitivity"], -second["fp_per_scan"])
@@ -377,11 +390,7 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
     stage3 = evaluation["stage3"]
     chosen = evaluation["configurations"][stage3]
     before, after = evaluation["chosen"]["before"], evaluation["chosen"]["after"]
-    allowed = not_worse(after, before)
-    reason = "" if allowed else (
-        f"worse than its base {base_version} on the {len(held_scans)} held-out reviews: sensitivity "
-        f"{before['sensitivity']:.3f} -> {after['sensitivity']:.3f}, FP/scan {before['fp_per_scan']:.2f} -> "
-        f"{after['fp_per_scan']:.2f}")
+    allowed, reason = activation(before, after, base_version, len(held_scans))
     card = {
         "name": "CMBDetector stage-2 3D CNN ensemble, site fine-tune",
         "version": __version__,
