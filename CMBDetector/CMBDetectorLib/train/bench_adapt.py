@@ -240,6 +240,14 @@ def markdown(report: dict, card: dict) -> str:
         f"{held['after']['fp_per_scan']:.2f}; activation "
         + ("**refused** (worse than the base)" if report["refused"] else "allowed") + ".",
         "",
+        "The fine-tune's held-out curve (sensitivity / FP per scan at each threshold; the rule keeps the base's "
+        "sensitivity, so a single lost lesion on a small held-out set pushes the threshold down):",
+        "",
+        "| stage 3 | " + " | ".join(adaptation["held_out"]["points"]["off"]) + " |",
+        "|---|" + "---|" * len(adaptation["held_out"]["points"]["off"]),
+        *("| " + name + " | " + " | ".join(f"{p['sensitivity']:.2f} / {p['fp_per_scan']:.2f}" for p in points.values())
+          + " |" for name, points in adaptation["held_out"]["points"].items()),
+        "",
         f"Total time {report['seconds'] / 60:.0f} min on this machine. Raw numbers: "
         f"[{Path('benchmark-adapt.json')}](benchmark-adapt.json).",
         "",
