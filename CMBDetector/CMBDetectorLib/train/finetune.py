@@ -417,9 +417,10 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
                        "positive_patches": n_positive, "negative_patches": n_negative},
             "labels": "accepted and added points: microbleeds; rejected points and, in complete reviews only, "
                       "the stage-1 candidates nobody marked: mimics; pending points: never labels",
-            "stage3_choice": (f"YOLO not retrained; its fusion band kept as shipped, threshold recalibrated. On "
-                              f"the held-out reviews the fine-tuned CNN did better "
-                              f"{'with the fusion' if stage3 == 'kept' else 'alone'}, so stage 3 is {stage3}"),
+            "stage3_choice": ("YOLO not retrained; its fusion band kept as shipped, threshold recalibrated. On "
+                              "the held-out reviews the fine-tuned CNN did "
+                              + ("better with the fusion than alone, so stage 3 is kept" if stage3 == "kept" else
+                                 "no better with the fusion than alone, so stage 3 is off (the simpler model)")),
             "held_out": {"rule": "per lesion: pipeline threshold and 3 mm merge, one-to-one 5 mm matching to the "
                                  "accepted and added points of complete reviews (not the outside-brain drop)",
                          "base_configuration": evaluation["base_configuration"],
