@@ -219,6 +219,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-out-fraction", type=float, default=0.3,
                         help="share of the complete reviews held out for the before/after check")
+    parser.add_argument("--hold-out", default="", help="comma-separated review names (NAME of NAME_review.json) "
+                        "to hold out instead of a random share, e.g. a second reader's reviews")
     parser.add_argument("--no-activate", action="store_true", help="write the version, do not make it active")
     parser.add_argument("--jobs", type=int, default=1, help="processes for reading scans")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -230,6 +232,7 @@ def command_line(args) -> str:
     return (f"cmbdetector finetune --reviews {shlex.quote(str(args.reviews))}"
             + (f" --base {shlex.quote(args.base)}" if args.base else "") + f" {target} --steps {args.steps}"
             f" --lr {args.lr} --seed {args.seed} --held-out-fraction {args.held_out_fraction}"
+            + (f" --hold-out {shlex.quote(args.hold_out)}" if getattr(args, "hold_out", "") else "")
             + (" --no-activate" if args.no_activate else ""))
 
 
@@ -252,14 +255,19 @@ def _target(args) -> Path:
     return target
 
 
-def split(scans: list, rng: np.random.Generator, fraction: float) -> tuple:
-    """(train, held_out): held-out scans are drawn from the complete reviews only (their false positives
-    are known); every scan is in exactly one of the two."""
+def split(scans: list, rng: np.random.Generator, fraction: float, hold_out: str = "") -> tuple:
+    """(train, held_out): held-out scans are the complete reviews named in `hold_out`, else a random share of
+    the complete reviews (their false positives are known); every scan is in exactly one of the two."""
     complete = [i for i, scan in enumerate(scans) if scan.complete]
     if len(complete) < 2:
         raise CMBError(f"need at least 2 complete reviews (marked 'Review complete'), found {len(complete)}")
     n_held = min(max(1, int(round(len(complete) * fraction))), len(complete) - 1)
     held = set(np.asarray(complete)[rng.permutation(len(complete))[:n_held]].tolist())
+    names = {name.strip() for name in hold_out.split(",") if name.strip()}
+    if names:
+        held = {i for i in complete if scans[i].name in names}
+        if len(held) != len(names) or len(held) == len(scans):
+            raise CMBError("--hold-out must name complete reviews in the folder, and leave some to train on")
     return [s for i, s in enumerate(scans) if i not in held], [s for i, s in enumerate(scans) if i in held]
 
 
@@ -282,7 +290,7 @@ def run(args) -> int:
     scans, warnings = reviewed_scans(args.reviews)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    train_scans, held_scans = split(scans, rng, args.held_out_fraction)
+    train_scans, held_scans = split(scans, rng, args.held_out_fraction, getattr(args, "hold_out", ""))
     print(f"{len(scans)} reviewed scans ({sum(s.complete for s in scans)} complete): {len(train_scans)} to train "
           f"on, {len(held_scans)} held out; base {base_version}", flush=True)
 
