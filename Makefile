@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-cohort clean
+.PHONY: venv test demo bench bench-cohort bench-adapt clean
 
 venv: $(STAMP)
 
@@ -27,5 +27,9 @@ bench: $(STAMP)
 bench-cohort: $(STAMP)
 	$(VENV)/bin/cmbdetector bench-cohort --out bench-output/cohort --n 8 --workers 2 --table docs/benchmark-cohort.md
 
+# Fine-tuning on a simulated site's reviews, measured before and after (reuses bench-output/val when there)
+bench-adapt: $(STAMP)
+	$(VENV)/bin/cmbdetector bench-adapt --out bench-adapt-output --val bench-output/val --table docs/benchmark-adapt.md
+
 clean:
-	rm -rf $(VENV) demo-output bench-output
+	rm -rf $(VENV) demo-output bench-output bench-adapt-output

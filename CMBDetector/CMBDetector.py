@@ -12,6 +12,8 @@ also imports with the bare `slicer-core` wheel, where `qt`, `slicer.ScriptedLoad
 the tests can use the Logic on real MRML without the application.
 """
 
+import datetime
+import json
 import logging
 import os
 import queue
@@ -154,6 +156,7 @@ class CMBDetectorParameterNode:
     partialBrain: bool = False
     sampleSeed: Annotated[int, WithinRange(0, 999999)] = 7
     reader: str = ""
+    finetuneSteps: Annotated[int, WithinRange(1, 10000)] = 400  # Model section: steps per network
 
 
 # =============================================================================================
@@ -688,16 +691,27 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         if 0 <= index < node.GetNumberOfControlPoints():
             self.markups_logic.JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
 
-    def export(self, node, out_dir, reader: str = "", input_node=None, threshold=None) -> dict:
-        """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given)."""
+    def export(self, node, out_dir, reader: str = "", input_node=None, threshold=None, keep_scan: bool = False,
+               phase_node=None, crop: bool = False) -> dict:
+        """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given).
+
+        keep_scan: also write the scan beside its review (STEM.nii.gz, STEM_phase.nii.gz), named in the
+        review JSON, so that the folder can teach a site model (`cmbdetector finetune --reviews`)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = vocabulary.safe_stem(node.GetName(), default="findings")
         written = {"csv": out_dir / (stem + vocabulary.REVIEW_CSV_SUFFIX),
                    "json": out_dir / (stem + vocabulary.REVIEW_JSON_SUFFIX)}
+        scan_files = {"crop": True} if crop and keep_scan else {}
+        if keep_scan and input_node is not None:
+            written["volume"] = self.write_volume(input_node, out_dir / f"{stem}.nii.gz")
+            scan_files["volume"] = written["volume"].name
+            if phase_node is not None:
+                written["phase"] = self.write_volume(phase_node, out_dir / f"{stem}_phase.nii.gz")
+                scan_files["phase"] = written["phase"].name
         review.export_review(node, written["csv"], written["json"], reader=reader,
                              input_name=input_node.GetName() if input_node else "",
-                             detection_run=review.detection_run(node), threshold=threshold)
+                             detection_run=review.detection_run(node), threshold=threshold, extra=scan_files)
         if input_node is not None:
             labelmap = self.export_labelmap(node, input_node)
             written["labelmap"] = self.write_volume(labelmap, out_dir / (stem + vocabulary.ACCEPTED_LABELMAP_SUFFIX))
@@ -705,6 +719,71 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 
     def export_labelmap(self, node, reference_volume_node, radius_mm: float = 1.5):
         return review.export_accepted_labelmap(self.scene, node, reference_volume_node, radius_mm)
+
+    @staticmethod
+    def set_review_complete(node, complete: bool = True) -> None:
+        """The reader read the whole scan (refused while a shown finding is pending); see review.py."""
+        review.set_review_complete(node, complete)
+
+    # ---- site models (issue #16): the Model section; all bookkeeping in CMBDetectorLib/models.py --------
+
+    @staticmethod
+    def active_model_text() -> str:
+        """One line on the model detection uses now: its version, hash and, for a site model, its base."""
+        from CMBDetectorLib import models
+
+        row = models.describe(models.active_version())
+        if not row["ok"]:
+            return _("Active model: {name} (cannot be used: {problem})").format(name=row["name"],
+                                                                             problem=row["problem"])
+        text = _("Active model: {name} (SHA-256 {sha}...)").format(name=row["name"], sha=row["sha256"][:12])
+        return text + (_(", fine-tuned from {base}").format(base=row["base"]) if row.get("base") else "")
+
+    @staticmethod
+    def new_version_name() -> str:
+        return datetime.datetime.now().strftime("site-%Y%m%d-%H%M%S")
+
+    @staticmethod
+    def finetune_arguments(reviews_dir, version: str, steps: Optional[int] = None) -> list:
+        arguments = ["finetune", "--reviews", str(reviews_dir), "--out-version", version]
+        return arguments + (["--steps", str(int(steps))] if steps else [])
+
+    def start_finetune(self, reviews_dir, version: str, steps: Optional[int] = None) -> BackgroundProcess:
+        """`cmbdetector finetune` in the background, through the same runner as detection; poll it."""
+        if not Path(reviews_dir).is_dir():
+            raise InputError(f"choose the folder of exported reviews first (not found: {reviews_dir})")
+        return self.start_cli(self.finetune_arguments(reviews_dir, version, steps))
+
+    @staticmethod
+    def finetune_result(process) -> dict:
+        """The RESULT line of a finished fine-tune: version, before/after held-out numbers, refusal."""
+        for line in reversed(process.lines):
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        raise CMBError("the fine-tune reported no result:\n" + "\n".join(process.lines[-5:]))
+
+    @staticmethod
+    def finetune_summary(result: dict) -> str:
+        before, after = result["before"], result["after"]
+        text = _("Held-out reviews ({scans} scans, {lesions} microbleeds): sensitivity {sb:.2f} -> {sa:.2f}, "
+                 "false positives per scan {fb:.2f} -> {fa:.2f}.").format(
+            scans=before["scans"], lesions=before["microbleeds"], sb=before["sensitivity"], sa=after["sensitivity"],
+            fb=before["fp_per_scan"], fa=after["fp_per_scan"])
+        if result.get("refused"):
+            return text + " " + _("Not activated: {why}").format(why=result["refused"])
+        return text + " " + _("Now active: {name}").format(name=result["version"])
+
+    def run_finetune(self, reviews_dir, version: str, steps: Optional[int] = None, timeout_s: float = 3600.0) -> dict:
+        """Blocking path (tests, scripts): run the fine-tune and return its result."""
+        process = self.start_finetune(reviews_dir, version, steps)
+        _check_finished(process, process.wait(timeout_s), "fine-tuning")
+        return self.finetune_result(process)
+
+    @staticmethod
+    def use_shipped_model() -> str:
+        from CMBDetectorLib import models
+
+        return models.use(models.SHIPPED)
 
 
 # =============================================================================================
@@ -762,6 +841,8 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.clicked.connect(slot)
         # currentCellChanged follows clicks and arrow keys alike
         self.ui.reviewTable.currentCellChanged.connect(self.onTableCurrentCellChanged)
+        self.ui.reviewCompleteCheckBox.clicked.connect(self.onReviewComplete)  # the reader's clicks only
+        self.setupModelSection()
         self.ui.thresholdSlider.valueChanged.connect(self.onThresholdChanged)
         self.ui.findingsSelector.currentNodeChanged.connect(self.onFindingsChanged)
         self.ui.inputVolumeSelector.currentNodeChanged.connect(self._refreshSoon)
@@ -849,6 +930,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for line in process.poll():
             self.appendLog(line)
         self.ui.progressBar.setValue(int(round(100 * process.progress)))
+        self.ui.modelProgressBar.setValue(int(round(100 * process.progress)))
         if process.running:
             qt.QTimer.singleShot(self.POLL_MS, self._pollProcess)
             return
@@ -1029,6 +1111,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._fillingTable = False
         self.ui.countsLabel.setText(self.logic.counts_text(node) if node else "")
+        self.ui.reviewCompleteCheckBox.setChecked(bool(node) and review.is_review_complete(node))
         self.updateButtons()
         if node is not None:
             self._autosave(node)  # after every change (decisions, points added or deleted), once it settles
@@ -1114,8 +1197,20 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             written = self.logic.export(node, self.ui.exportDirectoryButton.directory, reader=p.reader,
-                                        input_node=p.inputVolume, threshold=p.threshold)
+                                        input_node=p.inputVolume, threshold=p.threshold,
+                                        keep_scan=self.ui.keepScanCheckBox.isChecked(), phase_node=p.phaseVolume,
+                                        crop=p.partialBrain)
             self.appendLog(_("Exported: ") + ", ".join(str(path) for path in written.values()))
+
+    def onReviewComplete(self, *args) -> None:
+        node = self._findings()
+        if not review.is_review_node(node):
+            return
+        try:
+            self.logic.set_review_complete(node, self.ui.reviewCompleteCheckBox.isChecked())
+        except CMBError as error:  # a refusal the reader can act on (a pending finding): said, not raised
+            slicer.util.errorDisplay(_("Could not mark the review complete.") + f"\n\n{error}")
+        self.refreshTable()  # the box shows what the node holds, a refusal included
 
     def onExportLabelmap(self) -> None:
         node, p = self._findings(), self._parameterNode
@@ -1124,6 +1219,44 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Labelmap export failed.")):
             labelmap = self.logic.export_labelmap(node, p.inputVolume)
             slicer.util.setSliceViewerLayers(label=labelmap)
+
+    # ---- Model section (issue #16): site models from the reader's reviews ------------------------
+
+    def setupModelSection(self) -> None:
+        self.ui.improveModelButton.clicked.connect(self.onImproveModel)
+        self.ui.useShippedModelButton.clicked.connect(self.onUseShippedModel)
+        self.ui.modelCancelButton.clicked.connect(self.onCancel)
+        self.ui.reviewsDirectoryButton.directory = str(Path.home())
+        self.refreshModelSection()
+
+    def refreshModelSection(self) -> None:
+        try:
+            text = self.logic.active_model_text()
+        except CMBError as error:
+            text = str(error)
+        self.ui.activeModelLabel.setText(text)
+
+    def onImproveModel(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not start improving the model."), waitCursor=True):
+            if not self._ensure(("detect", "cancel")):
+                self.appendLog(_("Fine-tuning needs the packages listed above; nothing was installed."))
+                return
+            version = self.logic.new_version_name()
+            process = self.logic.start_finetune(self.ui.reviewsDirectoryButton.directory, version,
+                                                self._parameterNode.finetuneSteps)
+            self.ui.modelResultLabel.setText(_("Improving the model from your reviews (on this computer)..."))
+            self.ui.modelProgressBar.setValue(0)
+            self._startProcess(process, None, lambda: self._finetuneDone(process))
+
+    def _finetuneDone(self, process) -> None:
+        self.ui.modelResultLabel.setText(self.logic.finetune_summary(self.logic.finetune_result(process)))
+        self.refreshModelSection()
+
+    def onUseShippedModel(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not switch to the shipped model.")):
+            self.logic.use_shipped_model()
+            self.ui.modelResultLabel.setText(_("Detection now uses the shipped model."))
+        self.refreshModelSection()
 
     def updateButtons(self, *args) -> None:
         running = self._process is not None
@@ -1136,8 +1269,10 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.adoptButton.setEnabled(hasFindings and not reviewable)
         for button in (self.ui.previousButton, self.ui.nextButton, self.ui.acceptButton, self.ui.rejectButton,
                        self.ui.pendingButton, self.ui.undoButton, self.ui.addPointButton, self.ui.exportButton,
-                       self.ui.exportLabelmapButton):
+                       self.ui.exportLabelmapButton, self.ui.reviewCompleteCheckBox):
             button.setEnabled(reviewable)
+        self.ui.improveModelButton.setEnabled(not running)
+        self.ui.modelCancelButton.setEnabled(running)
 
 
 # =============================================================================================

@@ -50,3 +50,18 @@ def mrml(_mrml_session):
     _mrml_session.scene.Clear(0)
     yield _mrml_session
     _mrml_session.scene.Clear(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_model_versions(tmp_path_factory):
+    """Tests never read or change the user's own active model version (models.py, issue #16): the session
+    gets an empty data folder, inherited by the processes tests start."""
+    import os
+
+    previous = os.environ.get("CMBDETECTOR_DATA_DIR")
+    os.environ["CMBDETECTOR_DATA_DIR"] = str(tmp_path_factory.mktemp("cmbdetector-data"))
+    yield
+    if previous is None:
+        os.environ.pop("CMBDETECTOR_DATA_DIR", None)
+    else:
+        os.environ["CMBDETECTOR_DATA_DIR"] = previous

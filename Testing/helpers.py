@@ -28,3 +28,33 @@ def small_swi_crop(seed: int = 0) -> Volume:
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-24.0, -24.0, -20.0]
     return Volume(array.astype(np.float32), affine, {"source": "small_swi_crop"})
+
+
+def write_crop_reviews(folder, seeds=(0, 1, 2)) -> list:
+    """A tiny folder of complete reviews (issue #16) for fine-tuning tests: each small_swi_crop written as
+    NIfTI beside a review JSON that accepts its two clearest spheres, rejects the third and adds the fourth
+    (as the Slicer export writes them, a partial-brain crop). Returns the review paths."""
+    import json
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from CMBDetectorLib.findings import Finding
+    from CMBDetectorLib.io import volume_to_sitk
+    from CMBDetectorLib.review import review_document
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        volume = small_swi_crop(seed)
+        name = f"crop{seed}"
+        sitk.WriteImage(volume_to_sitk(volume), str(folder / f"{name}.nii.gz"))
+        states = ("accepted", "accepted", "rejected", "added")
+        findings = [Finding(f"CMB-{n + 1}", tuple(volume.ijk_to_ras(centre)[0]), 0.5, 3.0, status=state)
+                    for n, ((centre, _, _), state) in enumerate(zip(SMALL_CROP_BLOBS, states))]
+        document = review_document(findings, complete=True, reader="test", input_name=name,
+                                   extra={"volume": f"{name}.nii.gz", "crop": True})
+        paths.append(folder / f"{name}_review.json")
+        paths[-1].write_text(json.dumps(document))
+    return paths

@@ -354,3 +354,87 @@ def test_the_module_offers_an_unfinished_review_when_it_starts(harness):
     node = harness.findings()
     assert [review.get_state(node, i) for i in range(2)] == ["pending", "rejected"]
     assert harness.ui.thresholdSlider.value() == pytest.approx(0.5)
+
+
+def tick(box) -> None:
+    """Click a check box on its indicator (a click right of its text would miss it)."""
+    assert box.isEnabled(), box.objectName()
+    QtTest.QTest.mouseClick(box, Qt.LeftButton, Qt.KeyboardModifier.NoModifier, QtCore.QPoint(6, box.height() // 2))
+    QtWidgets.QApplication.processEvents()
+
+
+def test_the_reader_marks_a_review_complete_and_the_export_records_it(harness, tmp_path):
+    """Issue #16: the "Review complete" box is refused while a shown finding is pending, and the exported
+    review (with the scan kept beside it, for `cmbdetector finetune`) says whether the review is complete."""
+    from CMBDetectorLib.findings import Finding
+
+    ui, mrml = harness.ui, harness.mrml
+    volume = add_small_crop(mrml)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    findings = [Finding(f"CMB-{n + 1}", (2.0 * n, 0.0, 0.0), score, 3.0, "deep") for n, score in enumerate((0.9, 0.8))]
+    node = review.findings_to_markups_node(mrml.scene, findings, "sub-01 review")
+    ui.findingsSelector.setCurrentNode(node)
+    wait_until(lambda: ui.reviewTable.rowCount() == 2, 10, "the findings' rows")
+    assert ui.reviewCompleteCheckBox.isEnabled() and not ui.reviewCompleteCheckBox.isChecked()
+    harness.click(ui.nextButton)
+    harness.click(ui.acceptButton)
+    tick(ui.reviewCompleteCheckBox)  # CMB-2 is still pending: refused, and the box says so
+    assert not ui.reviewCompleteCheckBox.isChecked() and not review.is_review_complete(node)
+    assert any("still pending (CMB-2)" in str(error) for error in harness.gui.errors), harness.gui.errors
+    harness.click(ui.rejectButton)
+    tick(ui.reviewCompleteCheckBox)
+    assert ui.reviewCompleteCheckBox.isChecked() and review.is_review_complete(node)
+
+    ui.exportDirectoryButton.directory = str(tmp_path / "export")
+    tick(ui.keepScanCheckBox)
+    harness.click(ui.exportButton)
+    report = json.loads((tmp_path / "export" / "sub-01_review_review.json").read_text())
+    assert report["complete"] is True and report["volume"] == "sub-01_review.nii.gz"
+    assert (tmp_path / "export" / report["volume"]).is_file()
+    assert [f["status"] for f in report["findings"]] == ["accepted", "rejected"]
+
+    harness.click(ui.pendingButton)  # a decision taken back: the review is no longer complete
+    wait_until(lambda: not ui.reviewCompleteCheckBox.isChecked(), 10, "the box to follow the node")
+    harness.click(ui.exportButton)
+    assert json.loads((tmp_path / "export" / "sub-01_review_review.json").read_text())["complete"] is False
+
+
+def test_improve_the_model_from_my_reviews_runs_in_the_background_and_one_click_goes_back(harness, tmp_path,
+                                                                                           monkeypatch):
+    """Issue #16: the Model section runs `cmbdetector finetune` through the panel's process runner (progress,
+    Cancel), shows the before/after numbers and the active model, and one click goes back to the shipped one."""
+    from helpers import write_crop_reviews
+
+    from CMBDetectorLib import models
+
+    monkeypatch.setenv(models.DATA_DIR_ENV, str(tmp_path / "data"))  # the background process inherits it
+    ui = harness.ui
+    harness.widget.refreshModelSection()
+    assert ui.activeModelLabel.text().startswith("Active model: shipped")
+    write_crop_reviews(tmp_path / "reviews")
+    ui.reviewsDirectoryButton.directory = str(tmp_path / "reviews")
+    ui.modelStepsSpinBox.setValue(2)
+    assert harness.widget._parameterNode.finetuneSteps == 2
+
+    harness.click(ui.improveModelButton)  # started, then cancelled: nothing becomes a version
+    process = harness.widget._process
+    assert process.command[3:5] == ["finetune", "--reviews"] and process.command[-2:] == ["--steps", "2"]
+    assert ui.modelCancelButton.isEnabled() and not ui.improveModelButton.isEnabled()
+    harness.click(ui.modelCancelButton)
+    wait_until(lambda: harness.widget._process is None, 60, "the cancelled fine-tune to end")
+    assert process.cancelled and models.site_versions() == [] and models.active_version() == models.SHIPPED
+
+    harness.click(ui.improveModelButton)
+    wait_until(lambda: harness.widget._process is None, 600, "the fine-tune")
+    text = ui.modelResultLabel.text()
+    assert "Held-out reviews (1 scans, 3 microbleeds): sensitivity" in text, ui.logTextEdit.toPlainText()
+    assert ui.modelProgressBar.value() == 100 and len(models.site_versions()) == 1
+    version = models.site_versions()[0]
+    if "Not activated" in text:
+        assert ui.activeModelLabel.text().startswith("Active model: shipped")
+    else:
+        assert f"Now active: {version}" in text
+        assert ui.activeModelLabel.text().startswith(f"Active model: {version}")
+    harness.click(ui.useShippedModelButton)
+    assert models.active_version() == models.SHIPPED
+    assert ui.activeModelLabel.text().startswith("Active model: shipped")

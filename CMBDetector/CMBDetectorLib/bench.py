@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .classify import DEFAULT_MODEL
 from .errors import CMBError
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
@@ -109,7 +110,8 @@ def _detect_scan(job) -> dict:
     summaries = {}
     for config in configs:
         try:
-            detection = detect(volume, phase, use_yolo=(config == "full"), threshold=FROC_FLOOR)
+            detection = detect(volume, phase, use_yolo=(config == "full"), threshold=FROC_FLOOR,
+                               model_path=DEFAULT_MODEL)  # the shipped model, whichever the user made active
         except InputError as error:
             summaries[config] = {"refused": str(error)}
             continue
@@ -159,7 +161,7 @@ def _detect_real(real_dir: Path, configs: list) -> list:
                "spacing_mm": [round(float(v), 3) for v in volume.spacing]}
         for config in configs:
             try:
-                summary = detect(volume, crop=crop, use_yolo=(config == "full")).summary
+                summary = detect(volume, crop=crop, use_yolo=(config == "full"), model_path=DEFAULT_MODEL).summary
             except InputError as error:
                 row[config] = {"refused": str(error)}
                 continue
@@ -220,7 +222,7 @@ def _detect_alone(magnitude: Path, out: Path, config: str) -> dict:
     """Run detect in a fresh process, alone on the machine: honest time and peak memory for one scan."""
     phase = magnitude.with_name(_truth_of(magnitude)["files"]["phase"])
     command = [sys.executable, "-m", "CMBDetectorLib.cli", "detect", str(magnitude), "--phase", str(phase),
-               "--out", str(out), "--no-png"]
+               "--out", str(out), "--no-png", "--model", str(DEFAULT_MODEL)]
     if config == "cnn":
         command.append("--no-yolo")
     started = time.perf_counter()

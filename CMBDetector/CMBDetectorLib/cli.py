@@ -25,6 +25,9 @@ COMMANDS = {
     "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
     "bench": ("CMBDetectorLib.bench", "simulate the validation set, detect, evaluate, time"),
     "bench-cohort": ("CMBDetectorLib.bench_cohort", "time a cohort: a detect loop against batch, and a dense U-Net"),
+    "models": ("CMBDetectorLib.models", "list the model versions, choose the active one, roll back"),
+    "finetune": ("CMBDetectorLib.train.finetune", "improve the model from exported reviews, on this computer"),
+    "bench-adapt": ("CMBDetectorLib.train.bench_adapt", "measure fine-tuning on a simulated site"),
 }
 
 

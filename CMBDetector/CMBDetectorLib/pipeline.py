@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from . import __version__
 from .candidates import MAX_CANDIDATES, centres_ras, screen
-from .classify import DEFAULT_MODEL, choose_device, extract_patches, load_model, score_patches
+from .classify import choose_device, extract_patches, load_model, score_patches
 from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
 from .image import Volume
@@ -112,16 +112,23 @@ class Detector:
     The `detect` command, `batch` workers, the benchmark and the Slicer module's process all hold one;
     building it costs the imports and the weights (seconds), each `detect` call only the scan's own work.
 
-    use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights ship
-    (yolo_path, default Resources/Models/cmb_yolo.pt); False runs the 3D CNN alone.
+    model_path: None takes the active model version (models.py: the shipped model unless the user chose a
+    site model). use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights
+    ship (yolo_path, default Resources/Models/cmb_yolo.pt) and the model's card does not turn it off (a
+    site model whose fine-tune measured the CNN alone better); False runs the 3D CNN alone.
     """
 
-    def __init__(self, model_path=DEFAULT_MODEL, device: str = "auto", use_yolo: bool = True, yolo_path=None):
+    def __init__(self, model_path=None, device: str = "auto", use_yolo: bool = True, yolo_path=None):
+        from . import models
+
         started = time.perf_counter()
-        self.model_path = Path(model_path)
-        self.model = load_model(model_path, device)
+        self.model_path = Path(model_path) if model_path is not None else models.active_model_path()
+        self.model_version = models.version_of(self.model_path)
+        self.model = load_model(self.model_path, device)
         self.yolo = None
         self.warnings = []
+        if use_yolo and self.model.card.get("stage3") == "off":
+            use_yolo = False  # the fine-tune measured this CNN alone better than with the shipped fusion
         if use_yolo:
             from . import yolo
 
@@ -131,6 +138,8 @@ class Detector:
             else:
                 self.warnings.append(f"YOLO stage skipped: no weights at {yolo_path}")
         fusion_threshold = self.yolo.fusion.get("threshold") if self.yolo is not None else None
+        if self.yolo is not None:  # a site model recalibrates the fused threshold for its own CNN
+            fusion_threshold = self.model.card.get("fusion_threshold", fusion_threshold)
         # the operating point tuned for the configuration that runs (model cards; never benchmarked scans)
         self.operating_threshold = float(fusion_threshold if fusion_threshold is not None
                                          else self.model.card.get("operating_threshold", 0.5))
@@ -226,7 +235,8 @@ class Detector:
             "registration": registration_info,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "peak_rss_mb": peak_rss_mb(),
-            "model": {"file": self.model_path.name, "sha256": self.model.sha256, "device": self.model.device},
+            "model": {"version": self.model_version, "file": self.model_path.name, "sha256": self.model.sha256,
+                      "device": self.model.device},
             "yolo": yolo_info,
             "versions": _versions(),
             "warnings": warnings,
@@ -275,7 +285,7 @@ def _place(prepared: Prepared, findings: list, mask, keep_outside: bool) -> tupl
 
 
 def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
-           threshold: float | None = None, crop: bool = False, model_path=DEFAULT_MODEL,
+           threshold: float | None = None, crop: bool = False, model_path=None,
            device: str = "auto", locate: bool = True, keep_outside: bool = False, use_yolo: bool = True,
            yolo_path=None, cnn_phase: bool = True, progress=None) -> Detection:
     """One volume with freshly loaded models (see Detector; a cohort keeps one Detector instead)."""
@@ -343,7 +353,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: the CUDA GPU when there is one), cpu or "
                         "cuda (falls back to the CPU with a warning)")
     parser.add_argument("--force", action="store_true", help="replace a reviewed STEM.mrk.json in --out")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="stage-2 model: an ensemble card (.json) or one network's weights (.pt with its .json card)")
+    parser.add_argument("--model", default=None, help="stage-2 model: an ensemble card (.json) or one network's "
+                        "weights (.pt with its .json card); default: the active version (`cmbdetector models`)")
     parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
     parser.add_argument("--keep-outside", action="store_true", help="keep findings that fall outside the brain")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")

@@ -35,6 +35,7 @@ from . import __version__
 from .errors import CMBError, InputError
 from .findings import Finding, read_csv, write_csv
 from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, PENDING, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
+                         REJECTED,
                          MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES, code_of, name_of_code, output_stem)
 from .vocabulary import base_label as _base_label
 
@@ -48,6 +49,7 @@ DETECTION_RUN_ATTRIBUTE = "CMBDetector.DetectionRun"  # JSON: the run's models, 
 DECISION_HISTORY_ATTRIBUTE = "CMBDetector.DecisionHistory"  # JSON [[control point ID, state before]], for undo
 DECISION_HISTORY_LENGTH = 200
 ACCEPTED_LABELMAP_ROLE = "CMBDetectorAcceptedLabelmap"  # node reference: the one labelmap of a review node
+REVIEW_COMPLETE_ATTRIBUTE = "CMBDetector.ReviewComplete"  # "1": the reader read the whole scan (see set_review_complete)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,33 +461,85 @@ def node_findings(node) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# A complete review: what makes the unmarked candidates of a scan usable as negatives
+# ---------------------------------------------------------------------------------------------
+
+def set_review_complete(node, complete: bool = True) -> None:
+    """The reader's statement that the whole scan was read: every shown finding decided and every missed
+    lesion added. Refused while a shown finding is still pending (it would be neither lesion nor mimic)."""
+    _require_review_node(node)
+    if complete:
+        pending = [row["label"] for row in review_table(node) if reported_state(row) == PENDING]
+        if pending:
+            raise CMBError(f"{len(pending)} shown finding(s) still pending ({', '.join(pending[:5])}): accept or "
+                           "reject them before marking the review complete")
+    node.SetAttribute(REVIEW_COMPLETE_ATTRIBUTE, "1" if complete else "0")
+
+
+def is_review_complete(node) -> bool:
+    """Marked complete and still so: a point set back to pending (or a new pending one) undoes it."""
+    return (is_review_node(node) and node.GetAttribute(REVIEW_COMPLETE_ATTRIBUTE) == "1"
+            and not any(reported_state(row) == PENDING for row in review_table(node)))
+
+
+def review_labels(document: dict) -> dict:
+    """What an exported review (export_review's JSON) may teach a model, as RAS point arrays (M, 3):
+    "positive" (accepted, added), "negative" (rejected), "complete" (bool). Pending and below-threshold
+    points are never labels; in a complete review they are unmarked candidates like any other."""
+    groups = {"positive": [], "negative": []}
+    for finding in document.get("findings", []):
+        state = finding.get("status")
+        group = "positive" if state in CONFIRMED_STATES else "negative" if state == REJECTED else None
+        if group:
+            groups[group].append([float(v) for v in finding["position_ras"]])
+    return {key: np.array(points, float).reshape(-1, 3) for key, points in groups.items()} | {
+        "complete": document.get("complete") is True}
+
+
+# ---------------------------------------------------------------------------------------------
 # Exports
 # ---------------------------------------------------------------------------------------------
 
 def export_review(node, csv_path, json_path, reader: str = "", input_name: str = "",
-                  detection_run: dict | None = None, threshold: float | None = None) -> dict:
+                  detection_run: dict | None = None, threshold: float | None = None,
+                  extra: dict | None = None) -> dict:
     """Write the reviewed findings.
 
     csv_path: findings.CSV_COLUMNS, one row per point (every state), readable by findings.read_csv.
-    json_path: {"software", "reviewed_at" (UTC ISO 8601), "reader", "input", "detection_run"
-    (provenance from the run's summary, see detection_run_provenance), "threshold", "counts"
-    (review_counts), "findings" (Finding.to_dict per point)}.
+    json_path: {"software", "reviewed_at" (UTC ISO 8601), "reader", "input", "complete" (is_review_complete),
+    "detection_run" (provenance from the run's summary, see detection_run_provenance), "threshold", "counts"
+    (review_counts), "findings" (Finding.to_dict per point)} plus `extra` (e.g. the scan's file names).
     Returns the JSON document.
     """
     findings = node_findings(node)
     write_csv(findings, csv_path)
-    document = {
+    document = review_document(findings, complete=is_review_complete(node), reader=reader, input_name=input_name,
+                               detection_run=detection_run, threshold=threshold, counts=review_counts(node),
+                               extra=extra)
+    Path(json_path).write_text(json.dumps(document, indent=2, allow_nan=False))
+    return document
+
+
+def review_document(findings: list, complete: bool, reader: str = "", input_name: str = "",
+                    detection_run: dict | None = None, threshold: float | None = None, counts: dict | None = None,
+                    extra: dict | None = None) -> dict:
+    """The exported review JSON (see export_review) of Finding records whose status is the reported state;
+    also what a simulated reader writes (no MRML needed). counts: review_counts, else a tally by status."""
+    if counts is None:
+        counts = {state: sum(f.status == state for f in findings) for state in (*REVIEW_STATES, BELOW_THRESHOLD)}
+        counts.update(total=len(findings), confirmed=counts[CONFIRMED_STATES[0]] + counts[CONFIRMED_STATES[1]])
+    return {
         "software": f"CMBDetector {__version__}",
         "reviewed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "reader": reader,
         "input": input_name,
+        "complete": bool(complete),
         "detection_run": dict(detection_run or {}),
         "threshold": threshold,
-        "counts": review_counts(node),
+        "counts": counts,
         "findings": [_json_safe(f.to_dict()) for f in findings],
+        **(extra or {}),
     }
-    Path(json_path).write_text(json.dumps(document, indent=2, allow_nan=False))
-    return document
 
 
 # What identifies the models and software of a detection run, as pipeline.detect writes them to STEM.json.

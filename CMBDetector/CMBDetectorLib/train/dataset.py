@@ -60,35 +60,62 @@ def candidate_centres(prepared) -> np.ndarray:
     return centres_ras(prepared, find_candidates(prepared))
 
 
-def scan_patches(truth_file, rng: np.random.Generator, keep_all: bool = False, top_negatives: int = 250,
-                 random_negatives: int = 100, jitter_copies: int = 4) -> ScanPatches:
-    truth, _, prepared = read_scan(truth_file)
-    centres = candidate_centres(prepared)
-    cmbs = truth_points(truth)
-    if len(cmbs) and len(centres):
-        distance = np.linalg.norm(centres[:, None] - cmbs[None], axis=-1).min(axis=1)
-        found = int((np.linalg.norm(centres[:, None] - cmbs[None], axis=-1).min(axis=0) <= POSITIVE_MM).sum())
+def label_points(centres: np.ndarray, lesions: np.ndarray, rng: np.random.Generator, keep_all: bool = False,
+                 top_negatives: int = 250, random_negatives: int = 100, jitter_copies: int = 4,
+                 mimics: np.ndarray | None = None, unmarked_are_negative: bool = True) -> tuple:
+    """(points (M, 3) RAS, labels uint8 (M,), from_candidates bool (M,), lesions found by stage 1) for
+    stage-1 candidate centres (strongest first) and known lesion centres: the one labelling rule of
+    simulated truth (`train`) and of readers' reviews (`finetune`).
+
+    A candidate within POSITIVE_MM of a lesion is positive; one beyond NEGATIVE_MM of every lesion is
+    negative when unmarked candidates are known to be negatives (simulated truth, a complete review) or
+    when it lies within POSITIVE_MM of a known mimic (a rejected point); others are left out. Known mimics
+    are negatives themselves; each lesion adds `jitter_copies` jittered positives. Without keep_all only
+    the strongest `top_negatives` and `random_negatives` more of the candidate negatives are kept."""
+    lesions = np.asarray(lesions, float).reshape(-1, 3)
+    mimics = np.zeros((0, 3)) if mimics is None else np.asarray(mimics, float).reshape(-1, 3)
+    if len(lesions) and len(centres):
+        distances = np.linalg.norm(centres[:, None] - lesions[None], axis=-1)
+        distance, found = distances.min(axis=1), int((distances.min(axis=0) <= POSITIVE_MM).sum())
     else:
-        distance = np.full(len(centres), np.inf)
-        found = 0
+        distance, found = np.full(len(centres), np.inf), 0
+    negative_ok = np.full(len(centres), unmarked_are_negative)
+    if not unmarked_are_negative and len(mimics) and len(centres):
+        negative_ok = np.linalg.norm(centres[:, None] - mimics[None], axis=-1).min(axis=1) <= POSITIVE_MM
     positive = np.nonzero(distance <= POSITIVE_MM)[0]
-    negative = np.nonzero(distance > NEGATIVE_MM)[0]  # already sorted strongest first
+    negative = np.nonzero((distance > NEGATIVE_MM) & negative_ok)[0]  # already sorted strongest first
     if not keep_all:
         rest = negative[top_negatives:]
         extra = rng.choice(rest, size=min(random_negatives, len(rest)), replace=False) if len(rest) else rest
         negative = np.concatenate([negative[:top_negatives], extra])
     chosen = np.concatenate([positive, negative]).astype(int)
-    points = [centres[chosen]]
+    points = [centres[chosen].reshape(-1, 3)]
     labels = [np.r_[np.ones(len(positive)), np.zeros(len(negative))]]
     from_candidates = [np.ones(len(chosen), bool)]
-    if jitter_copies and len(cmbs):
-        jittered = np.repeat(cmbs, jitter_copies, axis=0) + rng.normal(0, 0.7, (len(cmbs) * jitter_copies, 3))
+    if len(mimics):
+        clear = (np.linalg.norm(mimics[:, None] - lesions[None], axis=-1).min(axis=1) > NEGATIVE_MM
+                 if len(lesions) else np.ones(len(mimics), bool))
+        points.append(mimics[clear])
+        labels.append(np.zeros(int(clear.sum())))
+        from_candidates.append(np.zeros(int(clear.sum()), bool))
+    if jitter_copies and len(lesions):
+        jittered = np.repeat(lesions, jitter_copies, axis=0) + rng.normal(0, 0.7, (len(lesions) * jitter_copies, 3))
         points.append(jittered)
         labels.append(np.ones(len(jittered)))
         from_candidates.append(np.zeros(len(jittered), bool))
-    patches = extract_patches(prepared, np.concatenate(points))
+    return (np.concatenate(points), np.concatenate(labels).astype(np.uint8), np.concatenate(from_candidates),
+            found)
+
+
+def scan_patches(truth_file, rng: np.random.Generator, keep_all: bool = False, top_negatives: int = 250,
+                 random_negatives: int = 100, jitter_copies: int = 4) -> ScanPatches:
+    truth, _, prepared = read_scan(truth_file)
+    cmbs = truth_points(truth)
+    points, labels, from_candidates, found = label_points(
+        candidate_centres(prepared), cmbs, rng, keep_all, top_negatives, random_negatives, jitter_copies)
+    patches = extract_patches(prepared, points)
     return ScanPatches(truth["scan_id"], truth["acquisition"]["name"], patches.astype(np.float16),
-                       np.concatenate(labels).astype(np.uint8), np.concatenate(from_candidates), len(cmbs), found)
+                       labels, from_candidates, len(cmbs), found)
 
 
 def _worker(job):

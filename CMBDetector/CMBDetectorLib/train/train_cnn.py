@@ -97,6 +97,47 @@ def hard_weights(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return weights
 
 
+def fit(network, patches: np.ndarray, labels: np.ndarray, steps: int, lr: float, rng: np.random.Generator,
+        mine_every: int = 0, started: float | None = None, positives_per_batch: int = 24,
+        negatives_per_batch: int = 40, should_stop=None) -> None:
+    """Train `network` in place on (N, 2, P, P, P) patches with 0/1 labels: AdamW, one-cycle LR, batches of
+    positives and negatives (drawn with replacement), the augmentation above, hard-example mining every
+    `mine_every` steps. `train` and `finetune` both train through here. Leaves the network in eval mode.
+    should_stop: called each step; True ends training early (a cancelled fine-tune)."""
+    import torch
+
+    started = time.time() if started is None else started
+    positives, negatives = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
+    if len(positives) == 0 or len(negatives) == 0:
+        raise CMBError("training needs positive and negative patches")
+    optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(steps, 1))
+    loss_function = torch.nn.BCEWithLogitsLoss()
+    network.train()
+    running = 0.0
+    positive_weights = negative_weights = None  # uniform until the first mining pass
+    for step in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            break
+        if mine_every and step > 1 and (step - 1) % mine_every == 0:
+            weights = hard_weights(score_all(network, patches), labels)
+            positive_weights, negative_weights = weights[positives], weights[negatives]
+            network.train()
+        batch_index = np.concatenate([rng.choice(positives, positives_per_batch, p=positive_weights),
+                                      rng.choice(negatives, negatives_per_batch, p=negative_weights)])
+        batch = torch.from_numpy(augment(patches[batch_index], rng))
+        target = torch.from_numpy(labels[batch_index].astype(np.float32))
+        loss = loss_function(network(batch)[:, 0], target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+        if step % 100 == 0 or step == steps:
+            print(f"step {step}/{steps} loss {running:.4f} ({time.time() - started:.0f} s)", flush=True)
+    network.eval()
+
+
 def _stack(items, attribute):
     return np.concatenate([getattr(item, attribute) for item in items])
 
@@ -197,29 +238,7 @@ def run(args) -> int:
     network = build_model()
     if args.init:
         load_state_dict(network, args.init, "initial weights (--init)")
-    optimiser = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=args.steps)
-    loss_function = torch.nn.BCEWithLogitsLoss()
-    network.train()
-    running = 0.0
-    positive_weights = negative_weights = None  # uniform until the first mining pass
-    for step in range(1, args.steps + 1):
-        if args.mine_every and step > 1 and (step - 1) % args.mine_every == 0:
-            weights = hard_weights(score_all(network, patches), labels)
-            positive_weights, negative_weights = weights[positives], weights[negatives]
-            network.train()
-        batch_index = np.concatenate([rng.choice(positives, 24, p=positive_weights),
-                                      rng.choice(negatives, 40, p=negative_weights)])
-        batch = torch.from_numpy(augment(patches[batch_index], rng))
-        target = torch.from_numpy(labels[batch_index].astype(np.float32))
-        loss = loss_function(network(batch)[:, 0], target)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step}/{args.steps} loss {running:.4f} ({time.time() - started:.0f} s)", flush=True)
+    fit(network, patches, labels, args.steps, args.lr, rng, args.mine_every, started)
 
     metrics = held_out_metrics(network, val_items)
     threshold, tuning_record = _operating_threshold([network], val_files, args)

@@ -1,0 +1,449 @@
+"""`cmbdetector finetune`: a site model from the reader's own reviews, trained and checked on this computer.
+
+1. Reads DIR: each exported review (NAME_review.json, review.export_review) with its scan beside it (the
+   file the review names, else NAME.nii.gz / NAME_phase.nii.gz).
+2. Labels (review.review_labels, dataset.label_points): accepted and added points are microbleeds,
+   rejected points mimics; the stage-1 candidates nobody marked are mimics only in a *complete* review.
+   Pending points are never labels.
+3. Splits by scan: some complete reviews are held out (never trained on); the rest train.
+4. Fine-tunes every member of the base ensemble from its weights (train_cnn.fit: the same optimiser,
+   augmentation and mining as `train`), then recalibrates the operating threshold on the held-out reviews.
+5. Stage 3: the YOLO stage is not retrained (a few hundred site patches cannot retrain a detector of whole
+   slices). Its fusion band is kept as shipped and only the threshold is recalibrated; whether the fine-tuned
+   CNN runs with that fusion or alone is decided by which does better on the held-out reviews ("stage3" in
+   the card: "kept" or "off").
+6. Writes the new version (models.py: DATA_DIR/models/NAME, or --out) with its card: base hash, scans and
+   points, the exact command, the seed, the held-out metrics before and after. It is activated only if it
+   is not worse than its base on the held-out reviews: not less sensitive, no more false positives.
+
+Nothing is uploaded anywhere: the reviews, the scans and the new model stay in folders on this computer.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, models, review
+from ..classify import (ARCHITECTURE, VIEWS, card_path, ensemble_digest, extract_patches, load_model,
+                        mean_probabilities, sha256_of)
+from ..errors import CMBError
+from ..vocabulary import INPUT_SUFFIXES, REVIEW_JSON_SUFFIX, safe_stem
+from . import dataset, tuning
+from .train_cnn import fit
+
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+
+
+@dataclass
+class ReviewedScan:
+    name: str
+    review_path: Path
+    volume_path: Path
+    phase_path: Path | None
+    positive: np.ndarray  # (P, 3) RAS: accepted and added points
+    negative: np.ndarray  # (R, 3) RAS: rejected points
+    complete: bool
+    crop: bool = False  # a partial-brain crop (detected with --crop): prepared as one
+
+
+def _scan_file(folder: Path, named: str | None, stems: list) -> Path | None:
+    if named:
+        return folder / named if (folder / named).is_file() else None
+    for stem in stems:
+        for suffix in INPUT_SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    return None
+
+
+def reviewed_scans(folder) -> tuple:
+    """(ReviewedScan list, warnings) of every NAME_review.json under `folder` whose scan can be found."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CMBError(f"reviews folder not found: {folder}")
+    scans, warnings = [], []
+    for review_path in sorted(folder.rglob(f"*{REVIEW_JSON_SUFFIX}")):
+        try:
+            document = json.loads(review_path.read_text())
+        except ValueError as error:
+            warnings.append(f"{review_path.name}: not valid JSON ({error}); skipped")
+            continue
+        name = review_path.name[: -len(REVIEW_JSON_SUFFIX)]
+        stems = [name, safe_stem(str(document.get("input", "")), default=name)]
+        volume = _scan_file(review_path.parent, document.get("volume"), stems)
+        if volume is None:
+            warnings.append(f"{review_path.name}: its scan is not beside it (export with 'Keep the scan'); skipped")
+            continue
+        phase = _scan_file(review_path.parent, document.get("phase"), [f"{s}_phase" for s in stems])
+        labels = review.review_labels(document)
+        scans.append(ReviewedScan(name, review_path, volume, phase, labels["positive"], labels["negative"],
+                                  labels["complete"], document.get("crop") is True))
+    return scans, warnings
+
+
+@dataclass
+class ScanData:
+    scan: ReviewedScan
+    centres: np.ndarray  # stage-1 candidates (RAS)
+    patches: np.ndarray  # float16 training patches (train scans) or the candidates' patches (held-out)
+    labels: np.ndarray
+    prepared: object = None  # held-out scans keep theirs, for the YOLO stage
+
+
+def _prepare(scan: ReviewedScan):
+    from ..io import read_volume
+    from ..preprocess import prepare
+
+    volume = read_volume(scan.volume_path)
+    phase = read_volume(scan.phase_path) if scan.phase_path else None
+    return prepare(volume, phase, crop=scan.crop)  # the pipeline's own preprocessing: patches match detection's
+
+
+def scan_data(scan: ReviewedScan, rng: np.random.Generator, held_out: bool) -> ScanData:
+    """Patches of one reviewed scan: training patches, or every candidate's patch for held-out scoring."""
+    prepared = _prepare(scan)
+    centres = dataset.candidate_centres(prepared)
+    if held_out:
+        return ScanData(scan, centres, extract_patches(prepared, centres).astype(np.float16), np.zeros(0), prepared)
+    points, labels, _, _ = dataset.label_points(centres, scan.positive, rng, mimics=scan.negative,
+                                                unmarked_are_negative=scan.complete)
+    return ScanData(scan, centres, extract_patches(prepared, points).astype(np.float16), labels)
+
+
+def _data_worker(job):
+    scan, seed, held_out = job
+    return scan_data(scan, np.random.default_rng(seed), held_out)
+
+
+def build_data(scans: list, seed: int, held_out: bool, jobs: int = 1) -> list:
+    work = [(scan, seed + index, held_out) for index, scan in enumerate(scans)]
+    if jobs > 1 and len(work) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs) as pool:
+            return list(pool.map(_data_worker, work))
+    return [_data_worker(job) for job in work]
+
+
+# ---- held-out evaluation: the pipeline's decision (threshold, merge) and matching, per lesion ----------
+
+def yolo_scores(yolo_model, held_out: list, cnn: list) -> list:
+    """YOLO's score of each held-out candidate in the fusion band of `cnn` (NaN elsewhere)."""
+    from .. import yolo
+
+    scores = []
+    for data, cnn_scores in zip(held_out, cnn):
+        band = yolo.consulted(cnn_scores, yolo_model.fusion)
+        values = np.full(len(cnn_scores), np.nan)
+        if band.any():
+            values[band] = yolo.score_candidates(yolo_model, data.prepared, data.centres[band])
+        scores.append(values)
+    return scores
+
+
+def fused(yolo_model, cnn: list, yolo_values: list) -> list:
+    from .. import yolo
+
+    return [yolo.fuse(c, np.nan_to_num(y), yolo_model.fusion) for c, y in zip(cnn, yolo_values)]
+
+
+def operating_points(held_out: list, scores: list) -> dict:
+    scans = [tuning.HeldOutScan(d.scan.name, d.scan.positive, d.centres, s, np.zeros(len(s)))
+             for d, s in zip(held_out, scores)]
+    return {f"{t:.2f}": tuning.lesion_counts(scans, scores, t) for t in THRESHOLDS}
+
+
+def at_threshold(held_out: list, scores: list, threshold: float) -> dict:
+    scans = [tuning.HeldOutScan(d.scan.name, d.scan.positive, d.centres, s, np.zeros(len(s)))
+             for d, s in zip(held_out, scores)]
+    return {"threshold": float(threshold), **tuning.lesion_counts(scans, scores, threshold)}
+
+
+def recalibrate(points: dict, base_sensitivity: float) -> float:
+    """The operating threshold on held-out reviews: tuning.choose_threshold (the highest sensitivity at
+    <= FP_BUDGET FP/scan) among the thresholds as sensitive as the base; when none of those is within the
+    budget, the highest of them (the fewest false positives that keep the base's sensitivity)."""
+    keep = {key: point for key, point in points.items() if point["sensitivity"] >= base_sensitivity}
+    if not keep:
+        return tuning.choose_threshold(points)
+    within = {key: point for key, point in keep.items() if point["fp_per_scan"] <= tuning.FP_BUDGET}
+    return tuning.choose_threshold(within) if within else max(float(key) for key in keep)
+
+
+def not_worse(after: dict, before: dict) -> bool:
+    return after["sensitivity"] >= before["sensitivity"] and after["fp_per_scan"] <= before["fp_per_scan"]
+
+
+def activation(before: dict, after: dict, base_version: str, n_scans: int) -> tuple:
+    """(allowed, reason): a new version may replace its base only when the held-out reviews can show it is not
+    worse (they hold microbleeds to measure sensitivity on) and they do show it."""
+    if before["microbleeds"] == 0:
+        return False, (f"the {n_scans} held-out reviews hold no microbleed, so its sensitivity cannot be checked "
+                       "against its base: review more scans with microbleeds")
+    if not not_worse(after, before):
+        return False, (f"worse than its base {base_version} on the {n_scans} held-out reviews: sensitivity "
+                       f"{before['sensitivity']:.3f} -> {after['sensitivity']:.3f}, FP/scan "
+                       f"{before['fp_per_scan']:.2f} -> {after['fp_per_scan']:.2f}")
+    return True, ""
+
+
+def _better(first: dict, second: dict) -> bool:
+    """first beats second: more sensitive, or as sensitive with fewer false positives."""
+    return (first["sensitivity"], -first["fp_per_scan"]) > (second["sensitivity"], -second["fp_per_scan"])
+
+
+# ---- the command ---------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--reviews", required=True, help="folder of exported reviews (NAME_review.json) with "
+                        "their scans beside them (NAME.nii.gz, NAME_phase.nii.gz)")
+    parser.add_argument("--base", default="", help="the model to start from: 'shipped', a site model's name or "
+                        "an ensemble card (.json); default: the active version")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out-version", help="name of the new site model (kept in the user data folder, "
+                        "see `cmbdetector models where`)")
+    target.add_argument("--out", help="folder to write the new model to instead (not a managed version)")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per ensemble member")
+    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (small: a fine-tune)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-out-fraction", type=float, default=0.3,
+                        help="share of the complete reviews held out for the before/after check")
+    parser.add_argument("--hold-out", default="", help="comma-separated review names (NAME of NAME_review.json) "
+                        "to hold out instead of a random share, e.g. a second reader's reviews")
+    parser.add_argument("--no-activate", action="store_true", help="write the version, do not make it active")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for reading scans")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def command_line(args) -> str:
+    target = (f"--out-version {shlex.quote(args.out_version)}" if args.out_version
+              else f"--out {shlex.quote(str(args.out))}")
+    return (f"cmbdetector finetune --reviews {shlex.quote(str(args.reviews))}"
+            + (f" --base {shlex.quote(args.base)}" if args.base else "") + f" {target} --steps {args.steps}"
+            f" --lr {args.lr} --seed {args.seed} --held-out-fraction {args.held_out_fraction}"
+            + (f" --hold-out {shlex.quote(args.hold_out)}" if getattr(args, "hold_out", "") else "")
+            + (" --no-activate" if args.no_activate else ""))
+
+
+def _progress(percent: int, message: str) -> None:
+    print(f"PROGRESS {percent}% {message}", flush=True)
+
+
+def _base_path(base: str) -> Path:
+    if not base:
+        return models.active_model_path()
+    if base == models.SHIPPED or not base.endswith(".json"):
+        return models.model_path(base)
+    return Path(base)
+
+
+def _target(args) -> Path:
+    target = models.version_dir(args.out_version) if args.out_version else Path(args.out)
+    if target.exists():
+        raise CMBError(f"{target} already exists: choose another version name")
+    return target
+
+
+def split(scans: list, rng: np.random.Generator, fraction: float, hold_out: str = "") -> tuple:
+    """(train, held_out): held-out scans are the complete reviews named in `hold_out`, else a random share of
+    the complete reviews (their false positives are known); every scan is in exactly one of the two."""
+    complete = [i for i, scan in enumerate(scans) if scan.complete]
+    if len(complete) < 2:
+        raise CMBError(f"need at least 2 complete reviews (marked 'Review complete'), found {len(complete)}")
+    n_held = min(max(1, int(round(len(complete) * fraction))), len(complete) - 1)
+    held = set(np.asarray(complete)[rng.permutation(len(complete))[:n_held]].tolist())
+    names = {name.strip() for name in hold_out.split(",") if name.strip()}
+    if names:
+        held = {i for i in complete if scans[i].name in names}
+        if len(held) != len(names) or len(held) == len(scans):
+            raise CMBError("--hold-out must name complete reviews in the folder, and leave some to train on")
+    return [s for i, s in enumerate(scans) if i not in held], [s for i, s in enumerate(scans) if i in held]
+
+
+def run(args) -> int:
+    import torch
+
+    started = time.time()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    if args.steps < 1:
+        raise CMBError("--steps must be at least 1")
+    # everything that can refuse does so before any work
+    target = _target(args)
+    base_path = _base_path(args.base)
+    base = load_model(base_path, "cpu")  # hash-checked
+    if len(base.networks) < 1 or not base.card.get("members"):
+        raise CMBError(f"--base must be an ensemble card (.json), got {base_path}")
+    base_version = models.version_of(base_path)
+    scans, warnings = reviewed_scans(args.reviews)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    train_scans, held_scans = split(scans, rng, args.held_out_fraction, getattr(args, "hold_out", ""))
+    print(f"{len(scans)} reviewed scans ({sum(s.complete for s in scans)} complete): {len(train_scans)} to train "
+          f"on, {len(held_scans)} held out; base {base_version}", flush=True)
+
+    _progress(5, f"reading {len(scans)} scans")
+    train_data = build_data(train_scans, args.seed, held_out=False, jobs=args.jobs)
+    held_data = build_data(held_scans, args.seed + 100000, held_out=True, jobs=args.jobs)
+    patches = np.concatenate([d.patches for d in train_data])
+    labels = np.concatenate([d.labels for d in train_data])
+    n_positive, n_negative = int((labels == 1).sum()), int((labels == 0).sum())
+    print(f"{n_positive} positive and {n_negative} negative patches ({time.time() - started:.0f} s)", flush=True)
+    if n_positive == 0 or n_negative == 0:
+        raise CMBError("the training reviews gave no microbleed or no mimic: accept, add or reject some points, "
+                       "or mark reviews complete")
+
+    networks = []
+    for index, member in enumerate(base.networks):
+        _progress(30 + 50 * index // len(base.networks), f"fine-tuning member {index + 1}/{len(base.networks)}")
+        network = copy.deepcopy(member)
+        fit(network, patches, labels, args.steps, args.lr, rng, mine_every=max(args.steps // 2, 1), started=started)
+        networks.append(network)
+
+    _progress(82, f"checking on {len(held_scans)} held-out reviews")
+    evaluation = evaluate(base_path, networks, held_data)
+    _progress(95, "writing the new version")
+    card = write_version(target, args, base, base_path, base_version, networks, train_scans, held_scans,
+                         n_positive, n_negative, evaluation, started)
+    refusal = models.activation_refusal(card)
+    chosen = evaluation["chosen"]
+    print(f"held-out reviews ({len(held_scans)} scans, {chosen['before']['microbleeds']} microbleeds): "
+          f"sensitivity {chosen['before']['sensitivity']:.3f} -> {chosen['after']['sensitivity']:.3f}, "
+          f"FP/scan {chosen['before']['fp_per_scan']:.2f} -> {chosen['after']['fp_per_scan']:.2f} "
+          f"(stage 3 {evaluation['stage3']})", flush=True)
+    print("RESULT " + json.dumps({"version": args.out_version or str(target), "before": chosen["before"],
+                                  "after": chosen["after"], "refused": refusal}), flush=True)
+    if refusal:
+        # the run itself succeeded (exit 0): the refusal is its finding, in the RESULT line and the card
+        print(f"NOT ACTIVATED: {refusal}. The version is kept in {target} for inspection.", flush=True)
+        print("PROGRESS 100% done", flush=True)
+        return 0
+    if args.out_version and not args.no_activate:
+        models.use(args.out_version)
+        print(f"active model: {args.out_version} (`cmbdetector models rollback` goes back)", flush=True)
+    print("PROGRESS 100% done", flush=True)
+    return 0
+
+
+def detector_scores(detector, prepared, centres: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """The scores a Detector's configuration gives candidates (its CNN, fused with YOLO when it runs YOLO):
+    what its operating threshold applies to."""
+    from ..classify import score_patches
+
+    cnn = score_patches(detector.model, patches.astype(np.float32))
+    return detector._consult_yolo(prepared, centres, cnn)[0] if detector.yolo is not None else cnn
+
+
+def evaluate(base_path: Path, networks: list, held_data: list) -> dict:
+    """Held-out numbers of the base as the pipeline runs it (pipeline.Detector: its CNN, its YOLO fusion and
+    its threshold) and of the fine-tuned CNN alone and with the shipped fusion band, each after
+    recalibration; which configuration is kept ("stage3")."""
+    from .. import yolo
+    from ..pipeline import Detector
+
+    base = Detector(base_path, "cpu")
+    before = at_threshold(held_data, [detector_scores(base, d.prepared, d.centres, d.patches) for d in held_data],
+                          base.operating_threshold)
+    new_cnn = [mean_probabilities(networks, d.patches.astype(np.float32), "cpu", VIEWS, batch_size=512)
+               for d in held_data]
+    yolo_model = base.yolo or (yolo.load_yolo(yolo.DEFAULT_YOLO, "cpu") if yolo.DEFAULT_YOLO.is_file() else None)
+    configs = {"off": new_cnn}
+    if yolo_model is not None:
+        configs["kept"] = fused(yolo_model, new_cnn, yolo_scores(yolo_model, held_data, new_cnn))
+    results = {}
+    for name, scores in configs.items():
+        points = operating_points(held_data, scores)
+        threshold = recalibrate(points, before["sensitivity"])
+        results[name] = {"threshold": threshold, "after": at_threshold(held_data, scores, threshold),
+                         "points": points}
+    stage3 = "kept" if "kept" in results and _better(results["kept"]["after"], results["off"]["after"]) else "off"
+    return {"before": before, "base_configuration": "cnn+yolo fusion" if base.yolo is not None else "cnn alone",
+            "base_sha256": base.model.sha256, "configurations": results, "stage3": stage3,
+            "chosen": {"before": before, "after": results[stage3]["after"]}}
+
+
+def write_version(target: Path, args, base, base_path: Path, base_version: str, networks: list, train_scans: list,
+                  held_scans: list, n_positive: int, n_negative: int, evaluation: dict, started: float) -> dict:
+    """The new model folder, written whole or not at all (a temporary folder renamed at the end)."""
+    import torch
+
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a cancelled earlier run's leftovers
+    partial.mkdir(parents=True)
+    command = command_line(args)
+    hashes = []
+    for member, network in zip(base.card["members"], networks):
+        weights = partial / member["file"]
+        torch.save(network.state_dict(), weights)
+        digest = sha256_of(weights)
+        hashes.append(digest)
+        card_path(weights).write_text(json.dumps({
+            "name": "CMBDetector stage-2 3D CNN, site fine-tune", "version": __version__, "file": weights.name,
+            "sha256": digest, "architecture": ARCHITECTURE, "command": command, "seed": args.seed,
+            "steps": args.steps, "initialised_from": {"file": member["file"], "sha256": member["sha256"],
+                                                      "model_version": base_version},
+            "test_time_views": VIEWS}, indent=2))
+    stage3 = evaluation["stage3"]
+    chosen = evaluation["configurations"][stage3]
+    before, after = evaluation["chosen"]["before"], evaluation["chosen"]["after"]
+    allowed, reason = activation(before, after, base_version, len(held_scans))
+    card = {
+        "name": "CMBDetector stage-2 3D CNN ensemble, site fine-tune",
+        "version": __version__,
+        "members": [{"file": member["file"], "sha256": digest} for member, digest in zip(base.card["members"], hashes)],
+        "sha256": ensemble_digest(hashes),
+        "combine": "mean of the members' probabilities, each over the test-time views",
+        "architecture": ARCHITECTURE,
+        "test_time_views": VIEWS,
+        "operating_threshold": evaluation["configurations"]["off"]["threshold"],  # the CNN alone
+        "stage3": stage3,
+        **({"fusion_threshold": chosen["threshold"]} if stage3 == "kept" else {}),
+        "adaptation": {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "base": {"version": base_version, "file": base_path.name, "sha256": base.sha256},
+            "command": command,
+            "seed": args.seed,
+            "steps": args.steps,
+            "learning_rate": args.lr,
+            "reviews": str(Path(args.reviews).resolve()),
+            "scans": {"train": [s.name for s in train_scans], "held_out": [s.name for s in held_scans],
+                      "complete_reviews": sum(s.complete for s in train_scans + held_scans)},
+            "points": {"accepted_or_added": int(sum(len(s.positive) for s in train_scans + held_scans)),
+                       "rejected": int(sum(len(s.negative) for s in train_scans + held_scans)),
+                       "positive_patches": n_positive, "negative_patches": n_negative},
+            "labels": "accepted and added points: microbleeds; rejected points and, in complete reviews only, "
+                      "the stage-1 candidates nobody marked: mimics; pending points: never labels",
+            "stage3_choice": ("YOLO not retrained; its fusion band kept as shipped, threshold recalibrated. On "
+                              "the held-out reviews the fine-tuned CNN did "
+                              + ("better with the fusion than alone, so stage 3 is kept" if stage3 == "kept" else
+                                 "no better with the fusion than alone, so stage 3 is off (the simpler model)")),
+            "held_out": {"rule": "per lesion: pipeline threshold and 3 mm merge, one-to-one 5 mm matching to the "
+                                 "accepted and added points of complete reviews (not the outside-brain drop)",
+                         "base_configuration": evaluation["base_configuration"],
+                         "chosen": evaluation["chosen"],
+                         "configurations": {name: {"threshold": c["threshold"], "after": c["after"]}
+                                            for name, c in evaluation["configurations"].items()},
+                         "points": {name: c["points"] for name, c in evaluation["configurations"].items()}},
+            "activation": {"allowed": allowed, "rule": "not less sensitive and no more FP/scan than the base on "
+                                                       "the held-out reviews", "reason": reason},
+            "seconds": round(time.time() - started, 1),
+        },
+        "limits": ["fine-tuned on this site's reviews only; held-out numbers come from few scans",
+                   "the reader's decisions are the labels: their mistakes are learnt too"],
+    }
+    (partial / models.CARD_NAME).write_text(json.dumps(card, indent=2))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, target)
+    return card

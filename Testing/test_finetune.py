@@ -1,0 +1,141 @@
+"""`cmbdetector finetune` (issue #16): labels from reviews, a real (tiny) fine-tune of the shipped ensemble,
+its card, its activation, and the refusal of a model taught by a reader whose every decision is flipped.
+
+Reviews are written by the benchmark's simulated reader (the shipped model's findings, judged against the
+simulator's truth), as the Slicer export writes them; the data folder is a temporary one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from CMBDetectorLib import classify, models, review
+from CMBDetectorLib.cli import main
+from CMBDetectorLib.errors import CMBError
+from CMBDetectorLib.pipeline import Detector
+from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
+from CMBDetectorLib.train import bench_adapt, dataset, finetune
+
+SEEDS = (891, 892, 893)  # not training, tuning, bench, site (41xxxx/42xxxx) or test_train_cnn (88x)
+FLIP = {"accepted": "rejected", "added": "rejected", "rejected": "accepted"}
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reviews")
+    for seed in SEEDS:  # a held-out-domain protocol: the shipped model makes false positives there to reject
+        write_scan(simulate_scan(seed, "ood-gre3t-thick", n_cmb=3, mimic_level=1.5), folder)
+    shipped = Detector(classify.DEFAULT_MODEL, "cpu")
+    for truth_file in dataset.truth_files(folder):
+        bench_adapt.simulated_review(truth_file, shipped)
+    return folder
+
+
+@pytest.fixture()
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.DATA_DIR_ENV, str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_labels_follow_the_decisions_and_unmarked_candidates_count_only_in_complete_reviews():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0, 0], [20, 0, 0], [40, 0, 0], [60, 0, 0]])
+    lesions, mimics = np.array([[0.5, 0, 0]]), np.array([[20.0, 0, 0]])
+    points, labels, from_candidates, found = dataset.label_points(centres, lesions, rng, jitter_copies=0,
+                                                                  mimics=mimics, unmarked_are_negative=False)
+    # incomplete review: the lesion's candidate, the rejected one (and its point); candidates 40 and 60 unused
+    assert found == 1 and labels.tolist() == [1, 0, 0] and points[:, 0].tolist() == [0.0, 20.0, 20.0]
+    points, labels, _, _ = dataset.label_points(centres, lesions, rng, jitter_copies=0, mimics=mimics,
+                                                unmarked_are_negative=True)
+    assert labels.tolist() == [1, 0, 0, 0, 0] and sorted(points[:4, 0].tolist()) == [0.0, 20.0, 40.0, 60.0]
+
+
+def test_reviews_are_found_with_their_scans_and_incomplete_ones_never_held_out(reviews, tmp_path):
+    scans, warnings = finetune.reviewed_scans(reviews)
+    assert len(scans) == 3 and warnings == [] and all(s.complete and s.phase_path for s in scans)
+    assert sum(len(s.positive) for s in scans) == 9  # every simulated lesion: accepted or added
+    assert sum(len(s.negative) for s in scans) > 0  # the shipped model's false positives, rejected
+    lonely = tmp_path / "lonely_review.json"
+    lonely.write_text(json.dumps({"input": "lonely", "findings": []}))
+    assert "its scan is not beside it" in finetune.reviewed_scans(tmp_path)[1][0]
+    scans[0].complete = False
+    train, held = finetune.split(scans, np.random.default_rng(0), 0.5)
+    assert len(held) == 1 and held[0].complete and held[0] is not scans[0] and len(train) == 2
+    scans[1].complete = False
+    with pytest.raises(CMBError, match="at least 2 complete reviews"):
+        finetune.split(scans, np.random.default_rng(0), 0.5)
+
+
+def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(reviews, data_dir, capsys):
+    code = main(["finetune", "--reviews", str(reviews), "--base", "shipped", "--out-version", "site-1",
+                 "--steps", "8", "--seed", "3", "--threads", "1"])
+    output = capsys.readouterr().out
+    card = models.verify("site-1")  # every hash checks out
+    adaptation = card["adaptation"]
+    assert adaptation["base"] == {"version": "shipped", "file": "cmb_cnn_ensemble.json",
+                                  "sha256": classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]}
+    assert adaptation["command"].startswith(f"cmbdetector finetune --reviews {reviews} --base shipped "
+                                            "--out-version site-1 --steps 8")
+    assert adaptation["seed"] == 3 and len(adaptation["scans"]["held_out"]) == 1
+    assert len(adaptation["scans"]["train"]) == 2 and adaptation["points"]["accepted_or_added"] == 9
+    held = adaptation["held_out"]["chosen"]
+    assert set(held) == {"before", "after"} and held["before"]["microbleeds"] == 3
+    assert card["stage3"] in ("off", "kept") and "YOLO not retrained" in adaptation["stage3_choice"]
+    assert card["sha256"] != classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
+    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["before"] == held["before"] and result["after"] == held["after"]
+    # activated exactly when its held-out numbers are not worse than the base's
+    allowed = finetune.activation(held["before"], held["after"], "shipped", 1)[0]
+    assert adaptation["activation"]["allowed"] is allowed
+    assert code == 0 and models.active_version() == ("site-1" if allowed else "shipped")
+    assert Detector(device="cpu").model_version == models.active_version()
+    assert main(["finetune", "--reviews", str(reviews), "--out-version", "site-1"]) == 2  # never overwritten
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path, capsys):
+    """Every decision of the reviews it learns from flipped; held out: one review as the reader made it (a
+    check from the same flipped reader could not tell: see the README's limits)."""
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    honest = sorted(p.name for p in reviews.glob("*_review.json"))[0]
+    for path in reviews.iterdir():
+        if path.name.endswith("_review.json") and path.name != honest:
+            document = json.loads(path.read_text())
+            for finding in document["findings"]:
+                finding["status"] = FLIP.get(finding["status"], finding["status"])
+            (flipped / path.name).write_text(json.dumps(document))
+        else:
+            (flipped / path.name).symlink_to(path)
+    code = main(["finetune", "--reviews", str(flipped), "--out-version", "flipped", "--steps", "40", "--lr", "0.003",
+                 "--seed", "3", "--threads", "1", "--hold-out", honest[: -len("_review.json")]])
+    output = capsys.readouterr().out
+    assert code == 0 and "NOT ACTIVATED: worse than its base shipped" in output, output
+    assert models.active_version() == models.SHIPPED
+    with pytest.raises(CMBError, match="may not be activated"):
+        models.use("flipped")
+    card = models.verify("flipped")
+    assert not card["adaptation"]["activation"]["allowed"]
+    assert card["adaptation"]["scans"]["held_out"] == [honest[: -len("_review.json")]]
+
+
+def test_recalibration_keeps_the_base_sensitivity_when_it_can():
+    points = {"0.30": {"sensitivity": 0.9, "fp_per_scan": 2.0}, "0.50": {"sensitivity": 0.9, "fp_per_scan": 0.8},
+              "0.70": {"sensitivity": 0.8, "fp_per_scan": 0.2}}
+    assert finetune.recalibrate(points, 0.9) == 0.5  # no threshold within the FP budget keeps 0.9: fewest FP
+    assert finetune.recalibrate(points, 0.8) == 0.7  # within the budget and as sensitive as the base
+    assert finetune.recalibrate(points, 0.95) == 0.7  # none as sensitive: the ordinary rule
+    pending = {"findings": [{"status": "pending", "position_ras": [0, 0, 0]}]}
+    assert review.review_labels(pending)["positive"].shape == review.review_labels(pending)["negative"].shape == (0, 3)
+
+
+def test_activation_needs_held_out_microbleeds_and_no_loss():
+    before = {"sensitivity": 0.8, "fp_per_scan": 2.0, "microbleeds": 5}
+    assert finetune.activation(before, {"sensitivity": 0.8, "fp_per_scan": 1.0}, "shipped", 3) == (True, "")
+    allowed, reason = finetune.activation(before, {"sensitivity": 0.6, "fp_per_scan": 0.1}, "shipped", 3)
+    assert not allowed and reason.startswith("worse than its base shipped on the 3 held-out reviews")
+    allowed, reason = finetune.activation({**before, "sensitivity": 0.0, "microbleeds": 0},
+                                          {"sensitivity": 0.0, "fp_per_scan": 0.0}, "shipped", 3)
+    assert not allowed and "hold no microbleed" in reason
