@@ -107,8 +107,9 @@ def expected_model_hashes(settings: Settings) -> dict:
             verified_card(model_path.parent / member["file"])
         hashes = {"cnn": card["sha256"]}
     else:
-        hashes = {"cnn": verified_card(model_path)[1]}
-    if settings.use_yolo:
+        card, sha256 = verified_card(model_path)
+        hashes = {"cnn": sha256}
+    if settings.use_yolo and card.get("stage3") != "off":  # as Detector decides: a site model may turn it off
         from .yolo import DEFAULT_YOLO
 
         yolo_path = Path(settings.yolo_path or DEFAULT_YOLO)
@@ -380,8 +381,10 @@ def dask_client(scheduler: str | None, workers: int | None):
                                               "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
     # a task that kills its worker (memory) is tried on one other worker, not three, before it is a failed row
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        # silence_logs: Dask's own log lines (heartbeats, comm tracebacks while the cluster shuts down) are
+        # not the user's business; a scan's failure reaches its row and the progress line instead
         cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, env=thread_env,
-                               dashboard_address=":0" if _has_bokeh() else None)
+                               dashboard_address=":0" if _has_bokeh() else None, silence_logs=logging.CRITICAL)
         try:
             with Client(cluster) as client:
                 yield client
@@ -479,7 +482,8 @@ def add_arguments(parser) -> None:
                         help="BIDS echo-N files: the longest echo of each acquisition (default) or every echo")
     parser.add_argument("--threshold", type=float, help="score threshold (default: the tuned operating point)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda, on every worker")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="stage-2 model: ensemble card or weights")
+    parser.add_argument("--model", default=None, help="stage-2 model: ensemble card or weights (default: the "
+                        "active model version, `cmbdetector models`)")
     parser.add_argument("--no-yolo", action="store_true", help="skip the YOLO stage (3D CNN alone)")
     parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG overviews")
@@ -500,7 +504,11 @@ def run(args) -> int:
     # Everything that can refuse does so before any worker starts: output folder, inputs, weights.
     out_root = str(prepare_output_folder(args.out))
     scans = find_scans(args.input, echoes=args.echoes)
-    settings = Settings(model_path=str(args.model), device=args.device, use_yolo=not args.no_yolo,
+    from .models import active_model_path
+
+    # resolved here, once: every worker loads the same model even if the active version changes meanwhile
+    model_path = args.model if args.model is not None else active_model_path()
+    settings = Settings(model_path=str(model_path), device=args.device, use_yolo=not args.no_yolo,
                         threshold=args.threshold, locate=not args.no_locate, png=not args.no_png)
     model_hashes = expected_model_hashes(settings)
     started = time.perf_counter()
