@@ -132,15 +132,22 @@ def cmbdetector_temp_folders(harness) -> list:
     return sorted(harness.temp_root.glob("CMBDetector-*"))
 
 
-def test_a_reading_session_through_the_real_widget(harness, tmp_path):
-    ui, mrml = harness.ui, harness.mrml
-
-    # ---- load: the reader picks the scan, the CPU, a partial-brain crop -------------------------------
-    volume = add_small_crop(mrml)
+def choose_the_small_crop_on_the_cpu(harness):
+    """What a reader does before Detect: pick the scan (a small crop), the CPU and 'Partial-brain crop'."""
+    ui = harness.ui
+    volume = add_small_crop(harness.mrml)
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.deviceComboBox.setCurrentText("cpu")
     QtTest.QTest.mouseClick(ui.partialBrainCheckBox, Qt.LeftButton)
     QtWidgets.QApplication.processEvents()
+    return volume
+
+
+def test_a_reading_session_through_the_real_widget(harness, tmp_path):
+    ui, mrml = harness.ui, harness.mrml
+
+    # ---- load: the reader picks the scan, the CPU, a partial-brain crop -------------------------------
+    volume = choose_the_small_crop_on_the_cpu(harness)
     parameters = harness.widget._parameterNode
     assert parameters.inputVolume is volume and parameters.device == "cpu" and parameters.partialBrain
     assert not ui.acceptButton.isEnabled()  # nothing to review yet
@@ -307,11 +314,7 @@ def test_load_sample_runs_in_the_background_and_cancel_stops_it(harness):
 
 def test_a_review_survives_a_closed_scene_and_is_offered_when_the_scan_is_selected_again(harness):
     ui, mrml = harness.ui, harness.mrml
-    volume = add_small_crop(mrml)
-    ui.inputVolumeSelector.setCurrentNode(volume)
-    ui.deviceComboBox.setCurrentText("cpu")
-    QtTest.QTest.mouseClick(ui.partialBrainCheckBox, Qt.LeftButton)
-    QtWidgets.QApplication.processEvents()
+    volume = choose_the_small_crop_on_the_cpu(harness)
     harness.click(ui.detectButton)
     wait_until(lambda: harness.widget._process is None, what="the detection run")
     node = harness.findings()
