@@ -616,7 +616,7 @@ def _image_type_warnings(volume) -> tuple:
     from CMBDetectorLib import imagetype, preprocess
 
     prepared = preprocess.prepare(volume)  # brain extraction and its registration, as detect does
-    return imagetype.check_image_type(volume, prepared.registration, prepared.mask), prepared.warnings
+    return imagetype.check_image_type(volume, prepared.registration), prepared.warnings
 
 
 def test_a_t1_weighted_head_is_warned_and_its_t2_like_inversion_is_not():
@@ -636,9 +636,13 @@ def test_real_short_te_gre_heads_are_not_warned():
 
 
 def test_a_sphere_phantom_is_warned_as_not_a_head():
+    from CMBDetectorLib import imagetype
+
     check, warnings = _image_type_warnings(_sphere_phantom())
-    assert len(check.warnings) == 1 and check.warnings[0].startswith("does not look like a head scan (registration")
+    assert len(check.warnings) == 1 and check.warnings[0].startswith("does not look like a head scan (the image is one convex blob")
     assert check.warnings[0] in warnings
+    # the verdict is the image's own: no registration (or one that happens to pass) changes it
+    assert imagetype.check_image_type(_sphere_phantom(), None).warnings == check.warnings
 
 
 def test_image_type_warnings_reach_stderr_and_the_summary(tmp_path):

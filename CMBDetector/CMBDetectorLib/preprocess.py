@@ -112,7 +112,7 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
         brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
         warnings += extracted.warnings
         if not crop:  # a whole head registered to MNI: is it a T2*-weighted head scan at all?
-            warnings += check_image_type(volume, registration, brain).warnings
+            warnings += check_image_type(volume, registration, brain if mask_method == "intensity" else None).warnings
     unmasked = normalise(np.asarray(volume.array, dtype=np.float32), brain, spacing)
     image = unmasked * brain
     context = np.clip(unmasked, 0.0, CONTEXT_MAX, out=unmasked)
