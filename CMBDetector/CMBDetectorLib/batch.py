@@ -480,13 +480,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="redo scans already done; replace reviewed files")
     parser.add_argument("--echoes", default="last", choices=ECHO_CHOICES,
                         help="BIDS echo-N files: the longest echo of each acquisition (default) or every echo")
-    parser.add_argument("--threshold", type=float, help="score threshold (default: the tuned operating point)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda, on every worker")
-    parser.add_argument("--model", default=None, help="stage-2 model: ensemble card or weights (default: the "
-                        "active model version, `cmbdetector models`)")
-    parser.add_argument("--no-yolo", action="store_true", help="skip the YOLO stage (3D CNN alone)")
-    parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
-    parser.add_argument("--no-png", action="store_true", help="do not write the PNG overviews")
+    from .pipeline import add_detector_arguments  # the same options, help and defaults as `detect`
+
+    add_detector_arguments(parser)
 
 
 def run(args) -> int:

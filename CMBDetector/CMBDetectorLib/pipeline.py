@@ -342,24 +342,29 @@ def write_outputs(detection: Detection, out_dir, stem: str, png: bool = True) ->
     return write_all(writers, out_dir, summary_key="summary", remove=stale)
 
 
+def add_detector_arguments(parser) -> None:
+    """How the Detector runs and what it writes: one owner for `detect` and `batch`."""
+    parser.add_argument("--threshold", type=float, help="score threshold (default: the tuned operating point, "
+                        "with or without the YOLO stage)")
+    parser.add_argument("--device", default="auto", help="auto (default: the CUDA GPU when there is one), cpu or "
+                        "cuda (falls back to the CPU with a warning)")
+    parser.add_argument("--model", default=None, help="stage-2 model: an ensemble card (.json) or one network's "
+                        "weights (.pt with its .json card); default: the active version (`cmbdetector models`)")
+    parser.add_argument("--no-yolo", action="store_true", help="skip the YOLO stage (3D CNN alone)")
+    parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
+    parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("input", help="GRE/SWI magnitude: .nii/.nii.gz/.nrrd/.mha or a DICOM folder")
     parser.add_argument("--phase", help="phase image on the same grid (radians or vendor integers)")
     parser.add_argument("--mask", help="brain mask on the same grid (overrides the automatic mask)")
-    parser.add_argument("--threshold", type=float, help="score threshold (default: the tuned operating point, "
-                        "with or without the YOLO stage)")
     parser.add_argument("--out", default=".", help="output folder (default: current)")
     parser.add_argument("--echo", default="combine", help="4D multi-echo input: 'combine' (RSS, default) or an echo index")
     parser.add_argument("--crop", action="store_true", help="the input is a partial-brain crop (no head-size check, no atlas)")
-    parser.add_argument("--device", default="auto", help="auto (default: the CUDA GPU when there is one), cpu or "
-                        "cuda (falls back to the CPU with a warning)")
     parser.add_argument("--force", action="store_true", help="replace a reviewed STEM.mrk.json in --out")
-    parser.add_argument("--model", default=None, help="stage-2 model: an ensemble card (.json) or one network's "
-                        "weights (.pt with its .json card); default: the active version (`cmbdetector models`)")
-    parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
+    add_detector_arguments(parser)
     parser.add_argument("--keep-outside", action="store_true", help="keep findings that fall outside the brain")
-    parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")
-    parser.add_argument("--no-yolo", action="store_true", help="skip the YOLO stage (3D CNN alone)")
     parser.add_argument("--no-cnn-phase", action="store_true",
                         help="do not feed a given phase to the CNN (magnitude alone)")
 
