@@ -3,11 +3,6 @@
 Every candidate stage 1 proposes near a true microbleed is a positive (plus jittered copies of the
 true centres, so no microbleed is missing from training); everything else it proposes, which is
 mostly veins, calcifications, iron and edges, is a negative.
-
-Painted positives (`paint_lesions`): copies of negative patches with a microbleed drawn in by a second,
-deliberately simple lesion model (a dark, partial-volumed blob of random size, shape and darkness, no
-dipole physics), so that stage 2 learns "a compact dark blob, wherever it sits" and not only what our
-physics simulator draws. They sit on veins, iron and cortex as often as stage 1 proposes those.
 """
 
 from __future__ import annotations
@@ -19,57 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from ..candidates import centres_ras, find_candidates
-from ..classify import PATCH_MM, PATCH_SIZE, extract_patches
+from ..classify import extract_patches
 from ..errors import CMBError
 from ..io import read_volume
 from ..preprocess import prepare
 
 POSITIVE_MM = 2.5  # a candidate this close to a true centre is that microbleed
 NEGATIVE_MM = 4.0  # candidates between the two radii are ambiguous and left out
-
-
-# Painted lesions: apparent diameter, darkness at the core, share of extra lobes (irregular shapes).
-PAINT_DIAMETER_MM = (2.0, 9.0)
-PAINT_DARKNESS = (0.35, 1.0)
-SUPERSAMPLE = 2
-
-
-def ras_spacing(volume) -> np.ndarray:
-    """The scan's voxel size along R, A and S (the patch axes), from its nearest canonical orientation."""
-    ras_axes, _ = volume.closest_ras_axes()
-    spacing = np.empty(3)
-    for voxel_axis, ras_axis in enumerate(ras_axes):
-        spacing[ras_axis] = volume.spacing[voxel_axis]
-    return spacing
-
-
-def paint_lesions(patches: np.ndarray, voxel_mm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Copies of (N, 2, P, P, P) patches with a dark blob at the centre (within 0.7 mm): one to three
-    overlapping spheres, averaged over the scan's voxel (`voxel_mm` along R, A, S: a 5 mm slice smears it
-    through-plane as the scanner would), darkening the magnitude by a random fraction at the core. The
-    phase channel is zeroed (this lesion model has no field), as for a scan given without phase."""
-    from scipy import ndimage
-
-    fine_mm = PATCH_MM / SUPERSAMPLE
-    size = PATCH_SIZE * SUPERSAMPLE
-    axis = (np.arange(size) - (size - 1) / 2) * fine_mm
-    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"))
-    box = [max(1, int(round(mm / fine_mm))) for mm in np.maximum(voxel_mm, PATCH_MM)]
-    out = patches.astype(np.float32).copy()
-    for index in range(len(out)):
-        radius = rng.uniform(*PAINT_DIAMETER_MM) / 2
-        centre = rng.normal(0, 0.4, 3)
-        blob = np.zeros((size, size, size), np.float32)
-        for lobe in range(int(rng.integers(1, 4))):
-            offset = centre + (rng.normal(0, radius * 0.5, 3) if lobe else 0)
-            lobe_radius = radius * (rng.uniform(0.5, 0.9) if lobe else 1.0)
-            blob = np.maximum(blob, (((grid - offset[:, None, None, None]) ** 2).sum(0) <= lobe_radius ** 2))
-        blob = ndimage.uniform_filter(blob, size=box, mode="constant")
-        profile = blob.reshape(PATCH_SIZE, SUPERSAMPLE, PATCH_SIZE, SUPERSAMPLE, PATCH_SIZE, SUPERSAMPLE).mean((1, 3, 5))
-        profile /= max(float(profile.max()), 1e-6)
-        out[index, 0] *= 1.0 - rng.uniform(*PAINT_DARKNESS) * profile
-        out[index, 1] = 0.0
-    return out
 
 
 @dataclass
@@ -81,7 +32,6 @@ class ScanPatches:
     from_candidates: np.ndarray  # bool (N,): False for the jittered truth copies
     n_microbleeds: int
     n_found_by_stage1: int
-    painted: int = 0  # painted positives (paint_lesions), appended last
 
 
 def truth_files(folder) -> list:
@@ -158,34 +108,24 @@ def label_points(centres: np.ndarray, lesions: np.ndarray, rng: np.random.Genera
 
 
 def scan_patches(truth_file, rng: np.random.Generator, keep_all: bool = False, top_negatives: int = 250,
-                 random_negatives: int = 100, jitter_copies: int = 4, paint: int = 0) -> ScanPatches:
-    """Labelled patches of one simulated scan; `paint` more positives painted onto its negatives (training
-    only: never with keep_all, which is how held-out scans are measured)."""
+                 random_negatives: int = 100, jitter_copies: int = 4) -> ScanPatches:
     truth, _, prepared = read_scan(truth_file)
     cmbs = truth_points(truth)
     points, labels, from_candidates, found = label_points(
         candidate_centres(prepared), cmbs, rng, keep_all, top_negatives, random_negatives, jitter_copies)
     patches = extract_patches(prepared, points)
-    painted = 0
-    if paint and not keep_all:
-        negatives = np.nonzero((labels == 0) & from_candidates)[0]
-        chosen = rng.choice(negatives, size=min(paint, len(negatives)), replace=False)
-        patches = np.concatenate([patches, paint_lesions(patches[chosen], ras_spacing(prepared.volume), rng)])
-        labels = np.concatenate([labels, np.ones(len(chosen), np.uint8)])
-        from_candidates = np.concatenate([from_candidates, np.zeros(len(chosen), bool)])
-        painted = len(chosen)
     return ScanPatches(truth["scan_id"], truth["acquisition"]["name"], patches.astype(np.float16),
-                       labels, from_candidates, len(cmbs), found, painted)
+                       labels, from_candidates, len(cmbs), found)
 
 
 def _worker(job):
-    truth_file, seed, keep_all, paint = job
+    truth_file, seed, keep_all = job
     return scan_patches(truth_file, np.random.default_rng(seed), keep_all=keep_all,
-                        jitter_copies=0 if keep_all else 4, paint=paint)
+                        jitter_copies=0 if keep_all else 4)
 
 
-def build(truth_list, seed: int, keep_all: bool, jobs: int = 2, paint: int = 0) -> list:
-    work = [(f, seed + index, keep_all, paint) for index, f in enumerate(truth_list)]
+def build(truth_list, seed: int, keep_all: bool, jobs: int = 2) -> list:
+    work = [(f, seed + index, keep_all) for index, f in enumerate(truth_list)]
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 

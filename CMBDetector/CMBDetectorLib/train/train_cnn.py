@@ -48,9 +48,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-extra", action="append", default=[],
                         help="another folder of training scans (repeatable); --hold-out and --val-fraction "
                              "apply to --data only")
-    parser.add_argument("--paint", type=int, default=0, help="painted positives per training scan: negatives "
-                        "with a simple dark blob drawn in (dataset.paint_lesions), a second lesion model besides "
-                        "the simulator's physics")
     parser.add_argument("--jobs", type=int, default=2, help="processes for building patches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -200,7 +197,6 @@ def _command(args, card_only: bool = False) -> str:
             + "".join(f" --data-extra {shlex.quote(str(folder))}" for folder in args.data_extra)
             + (f" --init {shlex.quote(str(args.init))}" if args.init else "") + f" --lr {args.lr}"
             + (f" --hold-out {shlex.quote(args.hold_out)}" if args.hold_out else "")
-            + (f" --paint {args.paint}" if args.paint else "")
             + "".join(f" --tune-data {shlex.quote(str(folder))}" for folder in args.tune_data)
             + (f" --ensemble {shlex.quote(args.ensemble)}" if args.ensemble else "")
             + (" --card-only" if card_only else ""))
@@ -229,7 +225,7 @@ def run(args) -> int:
     for folder in args.data_extra:
         train_files += dataset.truth_files(folder)
     print(f"building patches: {len(train_files)} training scans, {len(val_files)} held-out scans", flush=True)
-    train_items = dataset.build(train_files, args.seed, keep_all=False, jobs=args.jobs, paint=args.paint)
+    train_items = dataset.build(train_files, args.seed, keep_all=False, jobs=args.jobs)
     val_items = dataset.build(val_files, args.seed + 100000, keep_all=True, jobs=args.jobs)
     patches, labels = _stack(train_items, "patches"), _stack(train_items, "labels")
     positives, negatives = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
@@ -264,7 +260,6 @@ def run(args) -> int:
             "scans": [f.name for f in train_files],
             "held_out": [f.name for f in val_files],
             "positive_patches": int(len(positives)),
-            "painted_positives": sum(item.painted for item in train_items),
             "negative_patches": int(len(negatives)),
         },
         "metrics": metrics,
