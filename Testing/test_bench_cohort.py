@@ -28,6 +28,8 @@ def test_the_table_reads_throughput_the_warm_detector_alone_and_the_dense_ratio(
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     table = format_table(report(), ARGS)
     assert "| scans per hour | 180 | 360 (x2.00) |" in table
+    # steady state: 2 workers, each 12.5 s per warm scan with reading -> 576 per hour, x3.20 the loop's 180
+    assert "| 180 | 576 (x3.20; 2 workers / the warm scan time with reading) |" in table
     assert "warm Detector: 11.5 s detect, 12.5 s with reading (median of 2 warm scans)" in table
     assert "One warm Detector alone, 2 threads" in table and "**7.0 s per scan** (median of 3" in table
     # the dense reference runs on the same threads as the Detector alone: that is the ratio to quote first
