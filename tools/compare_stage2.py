@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Compare stage-2 weights on the benchmark's scans in minutes: stage 1 runs once, its patches are cached.
+
+    python tools/compare_stage2.py cache --cache DIR [--val bench-output/val] [--ood bench-output/ood]
+    python tools/compare_stage2.py score --cache DIR WEIGHTS.pt [WEIGHTS.pt ...] [--views 8]
+
+`cache` runs the pipeline's preprocessing and stage 1 on every scan of both bench sets (the validation set
+with its phase, the out-of-distribution set from the magnitude alone, as `make bench` runs them) and keeps
+each scan's candidate centres, patches and true centres. `score` averages the given networks over the
+in-plane views, as the pipeline does, and prints per-lesion sensitivity and FP/scan at several thresholds,
+per set and per acquisition: the pipeline's threshold and merge, one-to-one matching within 5 mm
+(evaluate.match). No YOLO stage and no atlas step, so these are the CNN-alone numbers; `make bench` stays
+the judge. For experiments only: choosing weights by these numbers tunes on the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CMBDetector"))
+
+DEFAULT_VAL, DEFAULT_OOD = "bench-output/val", "bench-output/ood"
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def cache_one(job: tuple) -> str:
+    from CMBDetectorLib import candidates, classify, io, preprocess
+
+    truth_file, use_phase, out = job
+    truth = json.loads(Path(truth_file).read_text())
+    folder = Path(truth_file).parent
+    volume = io.read_volume(folder / truth["files"]["magnitude"])
+    phase = io.read_volume(folder / truth["files"]["phase"]) if use_phase else None
+    prepared = preprocess.prepare(volume, phase)
+    centres = candidates.centres_ras(prepared, candidates.find_candidates(prepared))
+    patches = classify.extract_patches(prepared, centres, use_phase=use_phase)
+    truths = np.array([m["center_ras"] for m in truth["microbleeds"]], float).reshape(-1, 3)
+    np.savez_compressed(out, patches=patches.astype(np.float16), centres=centres, truths=truths,
+                        acquisition=truth["acquisition"]["name"])
+    return out
+
+
+def cache(args) -> None:
+    folder = Path(args.cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for name, scans, use_phase in (("val", args.val, True), ("ood", args.ood, False)):
+        for truth_file in sorted(Path(scans).glob("*.truth.json")):
+            out = folder / f"{name}_{truth_file.name.replace('.truth.json', '')}.npz"
+            if not out.exists():
+                jobs.append((str(truth_file), use_phase, str(out)))
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for done in pool.map(cache_one, jobs):
+            print(done, flush=True)
+
+
+def score(args) -> None:
+    import torch
+
+    from CMBDetectorLib import classify
+    from CMBDetectorLib.evaluate import match
+    from CMBDetectorLib.pipeline import merge_nearby
+
+    torch.set_num_threads(args.threads)
+    networks = []
+    for path in args.weights:  # a plain state dict, as classify.load_state_dict reads it (no pickle)
+        network = classify.build_model()
+        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        networks.append(network.eval())
+    scans = []
+    for path in sorted(Path(args.cache).glob("*.npz")):
+        data = np.load(path)
+        patches = data["patches"]
+        scores = (classify.mean_probabilities(networks, patches, "cpu", args.views, batch_size=256)
+                  if len(patches) else np.zeros(0, np.float32))
+        scans.append((path.name.split("_")[0], str(data["acquisition"]), scores, data["centres"], data["truths"]))
+    for set_name in ("val", "ood"):
+        for threshold in THRESHOLDS:
+            totals, by_acquisition = np.zeros(4), {}
+            for name, acquisition, scores, centres, truths in scans:
+                if name != set_name:
+                    continue
+                kept = np.nonzero(scores >= threshold)[0]
+                kept = kept[merge_nearby(centres[kept], scores[kept])] if len(kept) else kept
+                found = len(match(truths, centres[kept]))
+                row = np.array([found, len(truths), len(kept) - found, 1])
+                totals += row
+                by_acquisition[acquisition] = by_acquisition.get(acquisition, 0) + row
+            detail = " ".join(f"{a}: {int(r[0])}/{int(r[1])} {r[2] / r[3]:.2f}" for a, r in sorted(by_acquisition.items()))
+            print(f"{set_name} threshold {threshold}: sensitivity {totals[0] / totals[1]:.3f} "
+                  f"({int(totals[0])}/{int(totals[1])}) FP/scan {totals[2] / totals[3]:.2f} | {detail}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("cache", help="stage 1 on both bench sets, patches kept in --cache")
+    build.add_argument("--cache", required=True)
+    build.add_argument("--val", default=DEFAULT_VAL)
+    build.add_argument("--ood", default=DEFAULT_OOD)
+    build.add_argument("--jobs", type=int, default=2)
+    scoring = commands.add_parser("score", help="per-lesion numbers of these weights on the cached patches")
+    scoring.add_argument("--cache", required=True)
+    scoring.add_argument("weights", nargs="+", help="stage-2 state dicts (.pt); several are averaged")
+    scoring.add_argument("--views", type=int, default=8)
+    scoring.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "cache":
+        cache(args)
+    else:
+        score(args)
+
+
+if __name__ == "__main__":
+    main()
