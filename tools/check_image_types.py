@@ -52,8 +52,7 @@ def measure(case: tuple) -> tuple:
     registration = locate.register_to_mni(volume, threads=1)
     mask = brain.intensity_mask(volume)
     check = imagetype.check_image_type(volume, registration, mask)  # mask: the intensity mask, as detect
-    solidity, spread = imagetype.blob_measures(volume, mask)
-    return kind, name, expect, check.csf_wm_ratio, solidity, spread, check.warnings
+    return kind, name, expect, check.csf_wm_ratio, check.solidity, check.interior_spread, check.warnings
 
 
 def inverted(volume):

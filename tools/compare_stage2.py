@@ -16,7 +16,6 @@ the judge. For experiments only: choosing weights by these numbers tunes on the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,19 +29,15 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def cache_one(job: tuple) -> str:
-    from CMBDetectorLib import candidates, classify, io, preprocess
+    from CMBDetectorLib import classify
+    from CMBDetectorLib.train import dataset
 
     truth_file, use_phase, out = job
-    truth = json.loads(Path(truth_file).read_text())
-    folder = Path(truth_file).parent
-    volume = io.read_volume(folder / truth["files"]["magnitude"])
-    phase = io.read_volume(folder / truth["files"]["phase"]) if use_phase else None
-    prepared = preprocess.prepare(volume, phase)
-    centres = candidates.centres_ras(prepared, candidates.find_candidates(prepared))
+    truth, _, prepared = dataset.read_scan(truth_file, with_phase=use_phase)  # as training and tuning read scans
+    centres = dataset.candidate_centres(prepared)
     patches = classify.extract_patches(prepared, centres, use_phase=use_phase)
-    truths = np.array([m["center_ras"] for m in truth["microbleeds"]], float).reshape(-1, 3)
-    np.savez_compressed(out, patches=patches.astype(np.float16), centres=centres, truths=truths,
-                        acquisition=truth["acquisition"]["name"])
+    np.savez_compressed(out, patches=patches.astype(np.float16), centres=centres,
+                        truths=dataset.truth_points(truth), acquisition=truth["acquisition"]["name"])
     return out
 
 
@@ -69,9 +64,10 @@ def score(args) -> None:
 
     torch.set_num_threads(args.threads)
     networks = []
-    for path in args.weights:  # a plain state dict, as classify.load_state_dict reads it (no pickle)
+    for path in args.weights:  # checked against its card, then read as tensors only (as `train --init`)
+        classify.verified_card(path, "stage-2 weights")
         network = classify.build_model()
-        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        classify.load_state_dict(network, path, "stage-2 weights")
         networks.append(network.eval())
     scans = []
     for path in sorted(Path(args.cache).glob("*.npz")):
@@ -81,6 +77,8 @@ def score(args) -> None:
                   if len(patches) else np.zeros(0, np.float32))
         scans.append((path.name.split("_")[0], str(data["acquisition"]), scores, data["centres"], data["truths"]))
     for set_name in ("val", "ood"):
+        if not any(name == set_name for name, *_ in scans):
+            continue
         for threshold in THRESHOLDS:
             totals, by_acquisition = np.zeros(4), {}
             for name, acquisition, scores, centres, truths in scans:
