@@ -97,3 +97,22 @@ def test_a_crop_keeps_the_intensity_mask_and_needs_no_registration(thick_slice_h
     crop = Volume(scan.magnitude.array[60:140, 80:160, 10:30].copy(), scan.magnitude.affine.copy())
     extracted = brain.extract_brain(crop, crop=True)
     assert extracted.method == "crop" and extracted.registration is None and extracted.mask.any()
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (1.0, 1.0, 4.0), (2.136, 2.136, 2.855)])
+def test_erode_and_dilate_by_millimetres_are_the_distance_transform_definitions(spacing):
+    """The fast ball-shaped morphology gives exactly the voxels the distance transform defines, edges included."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((40, 36, 20)), 2.0) > 0.5
+    mask[:, :, 0] |= mask[:, :, 1]  # touches the array's edge
+    for mm in (2.0, 3.0, 5.0, 6.0):
+        assert brain._ball(spacing, mm) is not None
+        np.testing.assert_array_equal(brain.erode_mm(mask, spacing, mm),
+                                      ndimage.distance_transform_edt(mask, sampling=spacing) > mm)
+        np.testing.assert_array_equal(brain.dilate_mm(mask, spacing, mm),
+                                      ndimage.distance_transform_edt(~mask, sampling=spacing) <= mm)
+    assert brain._ball((0.5, 0.5, 0.5), 10.0) is None  # too large a ball: the distance transform is used
+    np.testing.assert_array_equal(brain.dilate_mm(mask, (0.5, 0.5, 0.5), 10.0),
+                                  ndimage.distance_transform_edt(~mask, sampling=(0.5, 0.5, 0.5)) <= 10.0)

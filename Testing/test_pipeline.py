@@ -140,6 +140,8 @@ def test_the_shipped_ensemble_averages_its_members_and_refuses_a_swapped_one(tmp
     patches = classify.extract_patches(synthetic_prepared(), np.array([SPHERE_RAS, TUBE_RAS]))
     mean = np.mean([classify.score_patches(m, patches) for m in members], axis=0)
     assert np.allclose(classify.score_patches(ensemble, patches), mean, atol=1e-6)
+    # Batching is a speed choice only: one patch per pass gives the same scores.
+    assert np.allclose(classify.score_patches(ensemble, patches, batch_size=1), mean, atol=1e-6)
     # A member replaced by another valid network (its own card matches) is still refused: the ensemble's
     # threshold was tuned for the listed members.
     first, second = (tmp_path / m["file"] for m in ensemble.card["members"][:2])
@@ -198,3 +200,34 @@ def test_a_multi_echo_phase_under_combine_gives_its_last_echo_with_a_warning(tmp
     assert np.allclose(phase.array, phases[..., 2], atol=1e-6)  # the last echo, not a sum of squares
     assert any("3 echoes; using the phase of the last one" in w for w in phase.meta["warnings"])
     assert np.allclose(read_phase(path, 1).array, phases[..., 1], atol=1e-6)
+
+
+def test_patches_are_sampled_on_the_ras_grid_of_an_oblique_scan():
+    """Each patch point is the image interpolated at (centre + offset) in RAS, carried into voxels by the
+    scan's own affine (oblique here), for magnitude and phase, and zero outside the image."""
+    from scipy import ndimage
+    from scipy.spatial.transform import Rotation
+
+    from CMBDetectorLib.image import Volume
+    from CMBDetectorLib.preprocess import Prepared
+
+    rng = np.random.default_rng(3)
+    shape = (30, 28, 12)
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xyz", [12, -7, 25], degrees=True).as_matrix() @ np.diag([0.9, 0.9, 2.5])
+    affine[:3, 3] = [-12.0, -10.0, -14.0]
+    image, phase = rng.random(shape).astype(np.float32), rng.uniform(-np.pi, np.pi, shape).astype(np.float32)
+    volume = Volume(image, affine, {})
+    prepared = Prepared(volume, image, np.ones(shape, bool), phase, False, context=image)
+    centres = np.array([[0.0, 0.0, 0.0], [3.5, -2.0, 1.0], [40.0, 40.0, 40.0]])
+    patches = classify.extract_patches(prepared, centres)
+    for centre, patch in zip(centres, patches):
+        points = centre + classify.patch_offsets_mm().reshape(-1, 3)
+        ijk = volume.ras_to_ijk(points).T
+        shape3 = patch.shape[1:]
+        np.testing.assert_allclose(patch[0], ndimage.map_coordinates(image, ijk, order=1, cval=0.0).reshape(shape3),
+                                   atol=1e-5)
+        np.testing.assert_allclose(patch[1], ndimage.map_coordinates(phase, ijk, order=1, cval=0.0).reshape(shape3)
+                                   / np.pi, atol=1e-5)
+    assert not patches[2].any()  # far outside the image
+    assert not classify.extract_patches(prepared, centres, use_phase=False)[:, 1].any()

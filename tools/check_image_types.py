@@ -35,7 +35,7 @@ def magnitudes(folder: Path) -> list:
 
 def measure(case: tuple) -> tuple:
     """(kind, name, expected_warning, ratio, solidity, spread, warnings) of one image."""
-    from CMBDetectorLib import atlas, brain, imagetype, io, locate
+    from CMBDetectorLib import atlas, imagetype, io, locate
 
     kind, name, expect, source = case
     if source == "t1-template":
@@ -50,8 +50,7 @@ def measure(case: tuple) -> tuple:
     if crop:  # detect --crop: no registration, so no image-type check (reported as measured nothing)
         return kind, name, expect, None, None, None, ()
     registration = locate.register_to_mni(volume, threads=1)
-    mask = brain.intensity_mask(volume)
-    check = imagetype.check_image_type(volume, registration, mask)  # mask: the intensity mask, as detect
+    check = imagetype.check_image_type(volume, registration)  # as detect runs it
     return kind, name, expect, check.csf_wm_ratio, check.solidity, check.interior_spread, check.warnings
 
 

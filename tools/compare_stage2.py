@@ -73,7 +73,7 @@ def score(args) -> None:
     for path in sorted(Path(args.cache).glob("*.npz")):
         data = np.load(path)
         patches = data["patches"]
-        scores = (classify.mean_probabilities(networks, patches, "cpu", args.views, batch_size=256)
+        scores = (classify.mean_probabilities(networks, patches, "cpu", args.views)
                   if len(patches) else np.zeros(0, np.float32))
         scans.append((path.name.split("_")[0], str(data["acquisition"]), scores, data["centres"], data["truths"]))
     for set_name in ("val", "ood"):

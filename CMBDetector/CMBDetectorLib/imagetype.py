@@ -46,7 +46,7 @@ class ImageTypeCheck:
 
 
 def _core(mask: np.ndarray, spacing, mm: float = CORE_MM) -> np.ndarray:
-    return ndimage.distance_transform_edt(mask, sampling=spacing) > mm
+    return brain.erode_mm(mask, spacing, mm)
 
 
 @lru_cache(maxsize=1)
@@ -90,15 +90,13 @@ def csf_wm_ratio(volume: Volume, registration) -> float | None:
     return csf / wm
 
 
-def blob_measures(volume: Volume, mask: np.ndarray) -> tuple:
-    """(solidity, interior spread) of an intensity mask on a ~2 mm grid (see BLOB_SOLIDITY)."""
+def blob_measures(volume: Volume) -> tuple:
+    """(solidity, interior spread) of the image's intensity mask, on its ~2 mm grid (see BLOB_SOLIDITY)."""
     from scipy.spatial import ConvexHull, QhullError
 
-    from .grids import block_mean, coarse_factors
+    from .grids import block_mean
 
-    factors = coarse_factors(volume.spacing, 2.0)
-    spacing = volume.spacing * np.array(factors)
-    coarse = block_mean(mask.astype(np.float32), factors) > 0.5
+    coarse, factors, spacing = brain.coarse_intensity_mask(volume)
     if coarse.sum() < 10:
         return float("nan"), float("nan")
     surface = np.argwhere(coarse & ~ndimage.binary_erosion(coarse)) * spacing
@@ -115,20 +113,17 @@ def blob_measures(volume: Volume, mask: np.ndarray) -> tuple:
     return solidity, spread
 
 
-def check_image_type(volume: Volume, registration, intensity_mask: np.ndarray | None = None) -> ImageTypeCheck:
-    """The checks above for a whole-head scan, with the registration brain extraction made.
+def check_image_type(volume: Volume, registration) -> ImageTypeCheck:
+    """The checks above for a whole-head scan, with the registration brain extraction made (or None).
 
-    intensity_mask: brain.intensity_mask(volume) where the caller has it (computed here otherwise): the
-    image's own shape, whatever mask the brain extraction settled on."""
+    The not-a-head check uses the image's own intensity mask, whatever mask brain extraction settled on."""
     result = ImageTypeCheck()
     warnings = []
-    mask = brain.intensity_mask(volume) if intensity_mask is None else intensity_mask
-    if mask.any():
-        result.solidity, result.interior_spread = blob_measures(volume, mask)
-        if result.solidity > BLOB_SOLIDITY and result.interior_spread < FLAT_INTERIOR_SPREAD:
-            warnings.append(f"does not look like a head scan (the image is one convex blob (solidity "
-                            f"{result.solidity:.2f}) with a flat interior (spread {result.interior_spread:.2f})): "
-                            "CMBDetector expects a T2*-weighted GRE/SWI magnitude of a head")
+    result.solidity, result.interior_spread = blob_measures(volume)
+    if result.solidity > BLOB_SOLIDITY and result.interior_spread < FLAT_INTERIOR_SPREAD:
+        warnings.append(f"does not look like a head scan (the image is one convex blob (solidity "
+                        f"{result.solidity:.2f}) with a flat interior (spread {result.interior_spread:.2f})): "
+                        "CMBDetector expects a T2*-weighted GRE/SWI magnitude of a head")
     result.csf_wm_ratio = csf_wm_ratio(volume, registration)
     if result.csf_wm_ratio is not None and result.csf_wm_ratio < T1_RATIO:
         warnings.append(f"T1-like contrast (CSF darker than white matter, ratio {result.csf_wm_ratio:.2f}): "

@@ -356,7 +356,7 @@ def evaluate(base_path: Path, networks: list, held_data: list) -> dict:
     base = Detector(base_path, "cpu")
     before = at_threshold(held_data, [detector_scores(base, d.prepared, d.centres, d.patches) for d in held_data],
                           base.operating_threshold)
-    new_cnn = [mean_probabilities(networks, d.patches.astype(np.float32), "cpu", VIEWS, batch_size=512)
+    new_cnn = [mean_probabilities(networks, d.patches.astype(np.float32), "cpu", VIEWS)
                for d in held_data]
     yolo_model = base.yolo or (yolo.load_yolo(yolo.DEFAULT_YOLO, "cpu") if yolo.DEFAULT_YOLO.is_file() else None)
     configs = {"off": new_cnn}

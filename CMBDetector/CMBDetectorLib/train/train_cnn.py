@@ -75,7 +75,7 @@ def score_all(network, patches: np.ndarray, views: int = 1) -> np.ndarray:
     """Probabilities for float16 patches, in eval mode (leaves the network there); views > 1 averages
     the in-plane test-time views exactly as the pipeline does."""
     network.eval()
-    return probabilities(network, patches, "cpu", views, batch_size=512)
+    return probabilities(network, patches, "cpu", views)
 
 
 HARD_FLOOR = 0.2  # every patch keeps this share of the uniform sampling weight
@@ -170,7 +170,7 @@ def lesion_operating_points(networks: list, files: list) -> dict:
     one-to-one 5 mm matching, CMB-free scans included), at each threshold, on whole scans never trained on."""
     for network in networks:
         network.eval()
-    scans = tuning.score_held_out(files, lambda patches: mean_probabilities(networks, patches, "cpu", VIEWS, batch_size=512))
+    scans = tuning.score_held_out(files, lambda patches: mean_probabilities(networks, patches, "cpu", VIEWS))
     return {f"{t:.2f}": tuning.lesion_counts(scans, [s.cnn for s in scans], t) for t in THRESHOLDS}
 
 
