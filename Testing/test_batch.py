@@ -291,3 +291,22 @@ def test_usage_errors_exit_2_in_one_line_before_any_work(tmp_path, arguments, wo
     assert result.returncode == 2 and words in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / COHORT_PARQUET).exists()
+
+
+def _worker_environment():
+    import os
+
+    return {name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_embedded_workers_keep_glibcs_adaptive_allocator_and_one_thread_per_core():
+    """Dask's default MALLOC_TRIM_THRESHOLD_ doubled the CNN's time in its workers (every batch buffer
+    mapped anew); the embedded cluster unsets it. Each of 2 workers on 2 cores gets 1 thread."""
+    import os
+
+    from CMBDetectorLib.batch import dask_client
+
+    with dask_client(None, 2) as client:
+        environments = list(client.run(_worker_environment).values())
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert environments == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": threads}] * 2

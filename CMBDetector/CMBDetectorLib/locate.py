@@ -218,16 +218,19 @@ def _run_level_pair(method, fixed, moving, transform, sampling, learning_rate, i
     method.Execute(fixed, moving)
 
 
-def register_to_mni(volume: Volume, mask=None, threads: int = 2) -> Registration:
+def register_to_mni(volume: Volume, mask=None, threads: int | None = None) -> Registration:
     """Affine registration of a scan to the MNI152 2009 T1; never raises.
 
     volume: the scan (GRE / SWI magnitude, any voxel size, RAS affine); mask: optional brain mask (a Volume
     on any grid, or an (I, J, K) array on the scan's grid; nonzero = brain) restricting the metric on the
-    scan side. threads: ITK worker threads.
+    scan side. threads: ITK worker threads; by default at most 2, and no more than ITK's own default
+    (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS: a one-core batch worker gets 1, not 2 threads fighting for it).
     """
     import SimpleITK as sitk
 
     start = time.perf_counter()
+    if threads is None:
+        threads = min(2, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
     try:
         fixed, fixed_mask, brain_mask = _template_images()
         moving = _normalised_moving(volume)
