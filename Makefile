@@ -23,9 +23,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/cmbdetector bench --out bench-output --table docs/benchmark.md
 
-# a detect loop against `batch` on 2 workers, and a dense U-Net, over 8 simulated SWI scans (docs/benchmark-cohort.md)
+# a detect loop against `batch` on 2 workers, and a dense U-Net, over 16 simulated SWI scans (docs/benchmark-cohort.md)
 bench-cohort: $(STAMP)
-	$(VENV)/bin/cmbdetector bench-cohort --out bench-output/cohort --n 8 --workers 2 --table docs/benchmark-cohort.md
+	$(VENV)/bin/cmbdetector bench-cohort --out bench-output/cohort --n 16 --workers 2 --table docs/benchmark-cohort.md
 
 # Fine-tuning on a simulated site's reviews, measured before and after (reuses bench-output/val when there)
 bench-adapt: $(STAMP)

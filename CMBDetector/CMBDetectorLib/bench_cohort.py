@@ -37,7 +37,7 @@ UNET_OVERLAP = 0.25
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="bench-output/cohort", help="work folder (scans, detect and batch outputs)")
-    parser.add_argument("--n", type=int, default=8, help="scans in the cohort")
+    parser.add_argument("--n", type=int, default=16, help="scans in the cohort")
     parser.add_argument("--workers", type=int, default=2, help="workers of batch's embedded cluster")
     parser.add_argument("--jobs", type=int, default=2, help="processes simulating the scans")
     parser.add_argument("--table", default="docs/benchmark-cohort.md", help="Markdown table to write")
@@ -209,7 +209,7 @@ def format_table(report: dict, args) -> str:
         "# CMBDetector cohort benchmark",
         "",
         f"Command: `cmbdetector bench-cohort --out {args.out} --n {args.n} --workers {args.workers} --table {args.table}"
-        f"{' --no-unet' if args.no_unet else ''}` (`make bench-cohort` runs it with --n 8 --workers 2).",
+        f"{' --no-unet' if args.no_unet else ''}` (`make bench-cohort` runs it with --n 16 --workers 2).",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}, commit {_commit()}. "
         + (f"**Taken under load: {load}; other programs shared the cores, so every time is slower than on a "
