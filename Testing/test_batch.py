@@ -21,6 +21,7 @@ import pytest
 from CMBDetectorLib.batch import COHORT_CSV, COHORT_PARQUET, FINDINGS_PARQUET, Settings, expected_model_hashes
 from CMBDetectorLib.cohort_inputs import find_scans
 from CMBDetectorLib.errors import InputError
+from CMBDetectorLib.findings import Finding, write_markups_json
 from CMBDetectorLib.simulate.synth import simulate_scan
 
 SEED = 4242  # not among the training (1xxxx) or validation (2xxxx) seeds
@@ -193,10 +194,17 @@ def test_force_redoes_a_finished_scan_and_a_changed_input_is_redone(cohort, head
     subset.write_text(f"path,subject\n{cohort['scans'][2]},sub-02\n{cohort['bad']['labels']},sub-04\n")
     summary = out / "sub-02/scan2.json"
     before = summary.stat().st_ino
+    # a reader reviewed this scan meanwhile: --force replaces the review, but keeps it as a backup
+    reviewed = write_markups_json([Finding("CMB-1", (1.0, 2.0, 3.0), 0.9, status="rejected")],
+                                  out / "sub-02/scan2.mrk.json").read_bytes()
     forced = cli("batch", subset, "--out", out, "--force", "--scheduler", scheduler)
     assert forced.returncode == 3, forced.stderr
     assert "0 skipped (done before), 2 run now" in forced.stdout
     assert summary.stat().st_ino != before
+    backups = sorted((out / "sub-02").glob("scan2.mrk.json.bak-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == reviewed
+    assert f"--force: the reviewed scan2.mrk.json it replaces is kept as {backups[0]}" in \
+        json.loads(summary.read_text())["warnings"]
     assert [row["skipped"] for row in _table(out)] == [False, False]
     # new bytes under the same name: redone without --force
     magnitude, _, affine = head

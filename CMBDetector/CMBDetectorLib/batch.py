@@ -149,7 +149,7 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
     """Read, check, detect and write one scan (runs on a worker). Never raises: a failure is returned as
     {"status": "failed", "failure": stage, "reason": one line}; success carries the summary written."""
     from .io import read_volume, validate_brain_volume
-    from .pipeline import check_fits_in_memory, echo_record, read_phase, write_outputs
+    from .pipeline import check_fits_in_memory, echo_record, read_phase, write_results
 
     out_dir = Path(out_root) / scan.folder
     result = {"status": "failed", "failure": "input", "reason": "", "summary": None, "input_sha256": ""}
@@ -182,9 +182,7 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
             "session": scan.session, "read_s": round(read_seconds, 3), "detector_load_s": round(load_seconds, 3),
             "scan_s": round(time.perf_counter() - started, 3), "worker": _worker_name(),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if not force:  # a review may have been saved there while we worked
-            check_output_stem(out_dir, scan.stem, input_path=scan.magnitude)
-        write_outputs(detection, out_dir, scan.stem, png=settings.png)
+        write_results(detection, out_dir, scan.stem, scan.magnitude, force=force, png=settings.png)
         result.update(status="ok", failure="", summary=summary)
     except MemoryError:
         result.update(failure="resources", reason="out of memory while detecting")

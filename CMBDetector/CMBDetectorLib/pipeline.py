@@ -324,6 +324,20 @@ def _versions() -> dict:
             "monai": monai.__version__, "SimpleITK": SimpleITK.Version_VersionString()}
 
 
+def write_results(detection: Detection, out_dir, stem: str, input_path, force: bool = False,
+                  png: bool = True) -> dict:
+    """How `detect` and `batch` end a scan. Without force, refuse (OutputError) when a review, or another
+    input's results, was saved at STEM while the detector worked; with force, a reviewed STEM.mrk.json is
+    replaced but never lost: it is copied to a backup first, named in the warnings. Then write_outputs."""
+    if not force:
+        check_output_stem(out_dir, stem, input_path=input_path)
+    else:
+        backup = backup_review(Path(out_dir) / f"{stem}.mrk.json")
+        if backup is not None:
+            detection.warnings.append(f"--force: the reviewed {stem}.mrk.json it replaces is kept as {backup}")
+    return write_outputs(detection, out_dir, stem, png=png)
+
+
 def write_outputs(detection: Detection, out_dir, stem: str, png: bool = True) -> dict:
     """Write STEM.mrk.json, STEM.csv, STEM.png and, last, STEM.json (the summary that marks a complete
     result); each appears whole or not at all (outputs.write_all). Without a PNG, a previous run's
@@ -427,15 +441,10 @@ def run(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     detection.warnings[:0] = early_warnings  # the same list as the summary's
     detection.summary["echo"] = echo_record(echo, volume)
-    if not args.force:  # a review, or another run's results, may have been saved there while we worked
-        check_output_stem(args.out, stem, input_path=args.input)
-    else:  # --force replaces a review, but never loses it
-        backup = backup_review(Path(args.out) / f"{stem}.mrk.json")
-        if backup is not None:
-            message = f"--force: the reviewed {stem}.mrk.json it replaces is kept as {backup}"
-            print(f"warning: {message}", file=sys.stderr)
-            detection.warnings.append(message)
-    paths = write_outputs(detection, args.out, stem, png=not args.no_png)
+    said = len(detection.warnings)
+    paths = write_results(detection, args.out, stem, args.input, force=args.force, png=not args.no_png)
+    for warning in detection.warnings[said:]:
+        print(f"warning: {warning}", file=sys.stderr)
     counts = detection.summary["counts"]
     regions = ", ".join(f"{k} {v}" for k, v in sorted(counts["by_region"].items())) or "none"
     print("PROGRESS 100% done")
