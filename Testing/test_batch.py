@@ -301,20 +301,32 @@ def test_usage_errors_exit_2_in_one_line_before_any_work(tmp_path, arguments, wo
     assert not (tmp_path / "out" / COHORT_PARQUET).exists()
 
 
-def _worker_environment():
-    import os
+WORKER_ENVIRONMENT = """
+import json, os
+from CMBDetectorLib.batch import dask_client
 
+def environment():
     return {name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
 
+if __name__ == "__main__":
+    with dask_client(None, 2) as client:
+        print(json.dumps(list(client.run(environment).values())))
+"""
 
-def test_embedded_workers_keep_glibcs_adaptive_allocator_and_one_thread_per_core():
+
+def test_embedded_workers_keep_glibcs_adaptive_allocator_and_one_thread_per_core(tmp_path):
     """Dask's default MALLOC_TRIM_THRESHOLD_ doubled the CNN's time in its workers (every batch buffer
-    mapped anew); the embedded cluster unsets it. Each of 2 workers on 2 cores gets 1 thread."""
+    mapped anew); the embedded cluster unsets it. Each of 2 workers on 2 cores gets 1 thread. Run in a fresh
+    process, as `cmbdetector batch` is: a Dask nanny leaves its variables in its parent's environment, so
+    an earlier cluster in this test process would hand them on."""
     import os
 
-    from CMBDetectorLib.batch import dask_client
-
-    with dask_client(None, 2) as client:
-        environments = list(client.run(_worker_environment).values())
+    script = tmp_path / "workers.py"
+    script.write_text(WORKER_ENVIRONMENT)
+    environment = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
     threads = str(max(1, (os.cpu_count() or 1) // 2))
+    environments = json.loads(result.stdout.strip().splitlines()[-1])
     assert environments == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": threads}] * 2
