@@ -94,6 +94,11 @@ def _truth_of(magnitude: Path) -> dict:
     return json.loads(magnitude.with_name(magnitude.name.replace(".nii.gz", ".truth.json")).read_text())
 
 
+def phase_file(magnitude: Path) -> Path:
+    """The phase image of a simulated scan, as its truth file names it."""
+    return magnitude.with_name(_truth_of(magnitude)["files"]["phase"])
+
+
 def _detect_scan(job) -> dict:
     """Detect one validation scan under every configuration, in this worker process; write predictions.
 
@@ -220,7 +225,7 @@ def _brain_summary(per_scan: list) -> dict:
 
 def _detect_alone(magnitude: Path, out: Path, config: str) -> dict:
     """Run detect in a fresh process, alone on the machine: honest time and peak memory for one scan."""
-    phase = magnitude.with_name(_truth_of(magnitude)["files"]["phase"])
+    phase = phase_file(magnitude)
     command = [sys.executable, "-m", "CMBDetectorLib.cli", "detect", str(magnitude), "--phase", str(phase),
                "--out", str(out), "--no-png", "--model", str(DEFAULT_MODEL)]
     if config == "cnn":

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .batch import COHORT_PARQUET
-from .bench import TIMING_SCAN, _commit, _machine
+from .bench import TIMING_SCAN, _commit, _machine, phase_file
 from .errors import CMBError
 from .vocabulary import SUMMARY_SUFFIX, run_stem
 
@@ -100,11 +100,6 @@ def time_batch(manifest: Path, out: Path, workers: int) -> dict:
             "peak_rss_mb_per_worker": peaks["peak_rss_mb"].to_list()}
 
 
-def phase_of(scan: Path) -> Path:
-    """The phase image the simulator writes beside a magnitude (synth.write_scan: STEM_phase.nii.gz)."""
-    return scan.with_name(scan.name.replace(".nii.gz", "_phase.nii.gz"))
-
-
 def time_warm_detector(scans: list, runs: int = 3) -> dict:
     """Detect seconds of one Detector on every core, magnitude only ("magnitude") and with the phase ("phase"),
     for `runs` scans after a first one that warms it (the MNI templates and atlas are read on first use),
@@ -119,7 +114,7 @@ def time_warm_detector(scans: list, runs: int = 3) -> dict:
     seconds = {"magnitude": [], "phase": []}
     for index, scan in enumerate(scans[:runs + 1]):
         volume = read_volume(scan)
-        for kind, phase in (("magnitude", None), ("phase", read_volume(phase_of(Path(scan))))):
+        for kind, phase in (("magnitude", None), ("phase", read_volume(phase_file(Path(scan))))):
             started = time.perf_counter()
             detector.detect(volume, phase)
             if index:
