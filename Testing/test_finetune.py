@@ -79,6 +79,7 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     assert adaptation["command"].startswith(f"cmbdetector finetune --reviews {reviews} --base shipped "
                                             "--out-version site-1 --steps 8")
     assert adaptation["seed"] == 3 and len(adaptation["scans"]["held_out"]) == 1
+    assert adaptation["base_weight"] == finetune.BASE_WEIGHT and adaptation["batchnorm"].startswith("frozen")
     assert len(adaptation["scans"]["train"]) == 2 and adaptation["points"]["accepted_or_added"] == 9
     held = adaptation["held_out"]["chosen"]
     assert set(held) == {"before", "after"} and held["before"]["microbleeds"] == 3
@@ -119,6 +120,34 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
     card = models.verify("flipped")
     assert not card["adaptation"]["activation"]["allowed"]
     assert card["adaptation"]["scans"]["held_out"] == [honest[: -len("_review.json")]]
+
+
+def test_the_site_model_keeps_the_base_batchnorm_statistics_and_averages_its_weights_with_the_base():
+    import copy
+
+    import torch
+
+    from CMBDetectorLib.train.train_cnn import fit
+
+    base = classify.load_model(classify.DEFAULT_MODEL, "cpu").networks[0]
+    rng = np.random.default_rng(0)
+    patches = rng.normal(0, 1, (8, 2, classify.PATCH_SIZE, classify.PATCH_SIZE, classify.PATCH_SIZE)).astype(np.float16)
+    labels = np.array([1, 0] * 4, np.uint8)
+    base_state = {name: value.clone() for name, value in base.state_dict().items()}
+    statistics = [name for name in base_state if "running_" in name]
+    weights = [name for name, value in base_state.items() if value.is_floating_point() and name not in statistics]
+    assert statistics and weights
+    for freeze in (False, True):
+        tuned = copy.deepcopy(base)
+        fit(tuned, patches, labels, 3, 1e-2, np.random.default_rng(1), freeze_batchnorm=freeze)
+        tuned_state = tuned.state_dict()
+        kept = all(torch.equal(tuned_state[name], base_state[name]) for name in statistics)
+        assert kept is freeze and not tuned.training
+        assert any(not torch.equal(tuned_state[name], base_state[name]) for name in weights)  # it did learn
+    mixed = finetune.averaged(base, copy.deepcopy(tuned), 0.25).state_dict()
+    for name in weights:
+        assert torch.allclose(mixed[name], 0.25 * base_state[name] + 0.75 * tuned_state[name], atol=1e-6)
+    assert all(torch.equal(base.state_dict()[name], value) for name, value in base_state.items())  # base untouched
 
 
 def test_recalibration_keeps_the_base_sensitivity_when_it_can():

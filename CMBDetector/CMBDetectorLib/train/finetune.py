@@ -7,7 +7,8 @@
    Pending points are never labels.
 3. Splits by scan: some complete reviews are held out (never trained on); the rest train.
 4. Fine-tunes every member of the base ensemble from its weights (train_cnn.fit: the same optimiser,
-   augmentation and mining as `train`), then recalibrates the operating threshold on the held-out reviews.
+   augmentation and mining as `train`, BatchNorm statistics frozen), averages the result with the base's
+   weights (--base-weight), then recalibrates the operating threshold on the held-out reviews.
 5. Stage 3: the YOLO stage is not retrained (a few hundred site patches cannot retrain a detector of whole
    slices). Its fusion band is kept as shipped and only the threshold is recalibrated; whether the fine-tuned
    CNN runs with that fusion or alone is decided by which does better on the held-out reviews ("stage3" in
@@ -43,6 +44,11 @@ from . import dataset, tuning
 from .train_cnn import fit
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+# The site model's weights: this share of the base's, the rest fine-tuned (weight-space ensembling, as in
+# WiSE-FT, Wortsman et al. 2022). A few hundred site patches pull a whole network far from what it knew;
+# the average keeps it. Chosen in trial runs on bench-adapt's reviewed site scans (its test scans are
+# scored by `make bench-adapt`, docs/benchmark-adapt.md).
+BASE_WEIGHT = 0.5
 
 
 @dataclass
@@ -216,6 +222,8 @@ def add_arguments(parser) -> None:
     target.add_argument("--out", help="folder to write the new model to instead (not a managed version)")
     parser.add_argument("--steps", type=int, default=400, help="optimiser steps per ensemble member")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (small: a fine-tune)")
+    parser.add_argument("--base-weight", type=float, default=BASE_WEIGHT, help="share of the base's weights in "
+                        "the site model's (0: the fine-tuned weights alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-out-fraction", type=float, default=0.3,
                         help="share of the complete reviews held out for the before/after check")
@@ -231,7 +239,8 @@ def command_line(args) -> str:
               else f"--out {shlex.quote(str(args.out))}")
     return (f"cmbdetector finetune --reviews {shlex.quote(str(args.reviews))}"
             + (f" --base {shlex.quote(args.base)}" if args.base else "") + f" {target} --steps {args.steps}"
-            f" --lr {args.lr} --seed {args.seed} --held-out-fraction {args.held_out_fraction}"
+            f" --lr {args.lr} --base-weight {args.base_weight} --seed {args.seed}"
+            f" --held-out-fraction {args.held_out_fraction}"
             + (f" --hold-out {shlex.quote(args.hold_out)}" if getattr(args, "hold_out", "") else "")
             + (" --no-activate" if args.no_activate else ""))
 
@@ -280,6 +289,8 @@ def run(args) -> int:
     rng = np.random.default_rng(args.seed)
     if args.steps < 1:
         raise CMBError("--steps must be at least 1")
+    if not 0.0 <= args.base_weight < 1.0:
+        raise CMBError("--base-weight must be at least 0 and below 1 (1 would be the base itself)")
     # everything that can refuse does so before any work
     target = _target(args)
     base_path = _base_path(args.base)
@@ -309,8 +320,9 @@ def run(args) -> int:
     for index, member in enumerate(base.networks):
         _progress(30 + 50 * index // len(base.networks), f"fine-tuning member {index + 1}/{len(base.networks)}")
         network = copy.deepcopy(member)
-        fit(network, patches, labels, args.steps, args.lr, rng, mine_every=max(args.steps // 2, 1), started=started)
-        networks.append(network)
+        fit(network, patches, labels, args.steps, args.lr, rng, mine_every=max(args.steps // 2, 1), started=started,
+            freeze_batchnorm=True)
+        networks.append(averaged(member, network, args.base_weight))
 
     _progress(82, f"checking on {len(held_scans)} held-out reviews")
     evaluation = evaluate(base_path, networks, held_data)
@@ -335,6 +347,14 @@ def run(args) -> int:
         print(f"active model: {args.out_version} (`cmbdetector models rollback` goes back)", flush=True)
     print("PROGRESS 100% done", flush=True)
     return 0
+
+
+def averaged(base, tuned, base_weight: float):
+    """`tuned` with every floating-point weight replaced by base_weight * base + (1 - base_weight) * tuned."""
+    base_state, tuned_state = base.state_dict(), tuned.state_dict()
+    tuned.load_state_dict({name: base_state[name] * base_weight + value * (1 - base_weight)
+                           if value.is_floating_point() else value for name, value in tuned_state.items()})
+    return tuned.eval()
 
 
 def detector_scores(detector, prepared, centres: np.ndarray, patches: np.ndarray) -> np.ndarray:
@@ -417,6 +437,8 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
             "seed": args.seed,
             "steps": args.steps,
             "learning_rate": args.lr,
+            "batchnorm": "frozen (the base's running statistics)",
+            "base_weight": args.base_weight,
             "reviews": str(Path(args.reviews).resolve()),
             "scans": {"train": [s.name for s in train_scans], "held_out": [s.name for s in held_scans],
                       "complete_reviews": sum(s.complete for s in train_scans + held_scans)},

@@ -99,11 +99,13 @@ def hard_weights(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def fit(network, patches: np.ndarray, labels: np.ndarray, steps: int, lr: float, rng: np.random.Generator,
         mine_every: int = 0, started: float | None = None, positives_per_batch: int = 24,
-        negatives_per_batch: int = 40, should_stop=None) -> None:
+        negatives_per_batch: int = 40, should_stop=None, freeze_batchnorm: bool = False) -> None:
     """Train `network` in place on (N, 2, P, P, P) patches with 0/1 labels: AdamW, one-cycle LR, batches of
     positives and negatives (drawn with replacement), the augmentation above, hard-example mining every
     `mine_every` steps. `train` and `finetune` both train through here. Leaves the network in eval mode.
-    should_stop: called each step; True ends training early (a cancelled fine-tune)."""
+    should_stop: called each step; True ends training early (a cancelled fine-tune).
+    freeze_batchnorm: keep the BatchNorm running statistics as they are (a fine-tune: batches a third
+    positive from one site would otherwise replace statistics learnt on the whole training domain)."""
     import torch
 
     started = time.time() if started is None else started
@@ -113,7 +115,15 @@ def fit(network, patches: np.ndarray, labels: np.ndarray, steps: int, lr: float,
     optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(steps, 1))
     loss_function = torch.nn.BCEWithLogitsLoss()
-    network.train()
+
+    def training_mode():
+        network.train()
+        if freeze_batchnorm:
+            for module in network.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    training_mode()
     running = 0.0
     positive_weights = negative_weights = None  # uniform until the first mining pass
     for step in range(1, steps + 1):
@@ -122,7 +132,7 @@ def fit(network, patches: np.ndarray, labels: np.ndarray, steps: int, lr: float,
         if mine_every and step > 1 and (step - 1) % mine_every == 0:
             weights = hard_weights(score_all(network, patches), labels)
             positive_weights, negative_weights = weights[positives], weights[negatives]
-            network.train()
+            training_mode()
         batch_index = np.concatenate([rng.choice(positives, positives_per_batch, p=positive_weights),
                                       rng.choice(negatives, negatives_per_batch, p=negative_weights)])
         batch = torch.from_numpy(augment(patches[batch_index], rng))
