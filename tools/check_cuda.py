@@ -1,12 +1,13 @@
 """Does the pipeline give the same findings on a CUDA GPU as on the CPU, and how fast is it there?
 
-    .venv/bin/python tools/check_cuda.py [--out cuda-check] [--scans 4] [--runs 2]
+    .venv/bin/python tools/check_cuda.py [--out cuda-check] [--scans 1] [--runs 2] [--gpu cuda]
 
 `--device auto` (the default of detect, batch and the Slicer module) picks CUDA whenever PyTorch sees a GPU,
-but CI has none: this check is run by hand on a machine that has one. It simulates a few scans of every
-acquisition (seeds 90000+, used nowhere else), runs one Detector per device on each (models loaded once,
-as `batch` does), and compares per scan: the findings (matched one-to-one within 1 mm), their largest score
-and position differences, and the warm time of each device (the last of --runs runs). Writes
+but CI has none: this check is run by hand on a machine that has one. It simulates --scans scans of every
+acquisition (seeds 90000+: it compares devices, not accuracy, so any scans do), runs one Detector per device
+on each (models loaded once, as `batch` does), and compares per scan: the findings (matched one-to-one
+within 1 mm), their largest score and position differences, and the warm time of each device (the last of
+--runs runs). Writes
 OUT/cuda-check.md and OUT/cuda-check.json; exits 1 when a device's findings differ beyond the tolerance.
 """
 

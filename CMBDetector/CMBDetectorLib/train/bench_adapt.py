@@ -42,6 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-scans", type=int, default=20, help="site scans the simulated reader reviews "
                         "(the first N of the 20-scan seed-41 set)")
     parser.add_argument("--test-scans", type=int, default=20, help="other site scans, never reviewed, tested on")
+    parser.add_argument("--test-seed", type=int, default=SITE_TEST["seed"], help="seed of the site's test set "
+                        "(another seed: a second, independent test set of the same site)")
     parser.add_argument("--val-scans", type=int, default=0, help="score only the first N validation scans "
                         "(0: all 30; a smaller N is said in the table)")
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps per ensemble member")
@@ -145,7 +147,7 @@ def _set_files(folder: Path, spec: dict) -> list:
 def _command(args) -> str:
     return (f"cmbdetector bench-adapt --out {shlex.quote(str(args.out))} --table {shlex.quote(str(args.table))} "
             f"--val {shlex.quote(str(args.val))} --train-scans {args.train_scans} "
-            f"--test-scans {args.test_scans} --val-scans {args.val_scans} --steps {args.steps} "
+            f"--test-scans {args.test_scans} --test-seed {args.test_seed} --val-scans {args.val_scans} --steps {args.steps} "
             f"--seed {args.seed} --jobs {args.jobs} "
             f"--threads {args.threads}")
 
@@ -157,8 +159,9 @@ def run(args) -> int:
 
     started = time.time()
     out = Path(args.out)
-    site_train, site_test, val = out / "site-train", out / "site-test", Path(args.val)
-    site_test_spec = {**SITE_TEST, "n": args.test_scans}
+    site_test_name = "site-test" if args.test_seed == SITE_TEST["seed"] else f"site-test-{args.test_seed}"
+    site_train, site_test, val = out / "site-train", out / site_test_name, Path(args.val)
+    site_test_spec = {**SITE_TEST, "n": args.test_scans, "seed": args.test_seed}
     for folder, spec in ((site_train, SITE_TRAIN), (site_test, site_test_spec), (val, VALIDATION)):
         folder.mkdir(parents=True, exist_ok=True)
         _simulate_set(folder, spec, args.jobs)
@@ -182,6 +185,7 @@ def run(args) -> int:
     model_paths = {**shipped, "site model": model_dir / "cmb_cnn_ensemble.json"}
 
     report = {"command": _command(args), "site_scans": [args.train_scans, args.test_scans],
+              "seeds": [SITE_TRAIN["seed"], args.test_seed],
               "finetune_command": card["adaptation"]["command"],
               "refused": not card["adaptation"]["activation"]["allowed"], "stage3": card["stage3"],
               "held_out_reviews": card["adaptation"]["held_out"]["chosen"], "sets": {}}
@@ -211,7 +215,8 @@ def markdown(report: dict, card: dict) -> str:
         f"Site: {report['site_scans'][0]} + {report['site_scans'][1]} scans from the simulator's held-out domain "
         "(`--acquisition ood`: 1.5 T SWI, 3 T thick-slice "
         "2D GRE, coarse 1.5 T GRE, with vein, lesion, contrast, artefact and SWI-processing settings no training "
-        "scan used; 30 % CMB-free, mimic level 1.5; seeds 41 and 42, used nowhere else), detected with the phase. "
+        f"scan used; 30 % CMB-free, mimic level 1.5; seeds {report['seeds'][0]} and {report['seeds'][1]}, used nowhere "
+        "else), detected with the phase. "
         "A simulated reader reviewed the first set as the shipped model showed them (accept true lesions, reject "
         "the rest, add missed lesions, review complete); `cmbdetector finetune` learnt from those reviews:",
         "",
