@@ -185,7 +185,7 @@ def run(args) -> int:
     model_paths = {**shipped, "site model": model_dir / "cmb_cnn_ensemble.json"}
 
     report = {"command": _command(args), "site_scans": [args.train_scans, args.test_scans],
-              "seeds": [SITE_TRAIN["seed"], args.test_seed],
+              "seeds": [SITE_TRAIN["seed"], args.test_seed], "json": Path(args.table).with_suffix(".json").name,
               "finetune_command": card["adaptation"]["command"],
               "refused": not card["adaptation"]["activation"]["allowed"], "stage3": card["stage3"],
               "held_out_reviews": card["adaptation"]["held_out"]["chosen"], "sets": {}}
@@ -210,7 +210,7 @@ def markdown(report: dict, card: dict) -> str:
     lines = [
         "# Adaptation benchmark: fine-tuning on a site's reviews",
         "",
-        f"`{report['command']}` (`make bench-adapt`)",
+        f"`{report['command']}`" + (" (`make bench-adapt`)" if report["seeds"][1] == SITE_TEST["seed"] else ""),
         "",
         f"Site: {report['site_scans'][0]} + {report['site_scans'][1]} scans from the simulator's held-out domain "
         "(`--acquisition ood`: 1.5 T SWI, 3 T thick-slice "
@@ -254,7 +254,7 @@ def markdown(report: dict, card: dict) -> str:
           + " |" for name, points in adaptation["held_out"]["points"].items()),
         "",
         f"Total time {report['seconds'] / 60:.0f} min on this machine. Raw numbers: "
-        f"[{Path('benchmark-adapt.json')}](benchmark-adapt.json).",
+        f"[{report['json']}]({report['json']}).",
         "",
     ]
     return "\n".join(lines)
