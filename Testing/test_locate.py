@@ -209,6 +209,21 @@ def test_findings_outside_the_brain_are_flagged(thick_slice_case):
     assert inside.region == "deep"
 
 
+def test_the_same_scan_always_registers_to_the_same_transform(thick_slice_case):
+    """ITK's threaded Mattes metric sums in a varying order: on 2 threads every run moved the transform."""
+    import SimpleITK as sitk
+
+    scan, _, first = thick_slice_case
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)  # as a 2-core machine runs it
+    try:
+        again = locate.register_to_mni(scan)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # handed back as it was
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    assert np.array_equal(again.mni_to_scan, first.mni_to_scan) and again.metric == first.metric
+
+
 def test_registration_with_a_scan_brain_mask(thick_slice_case):
     scan, mni_to_scan, _ = thick_slice_case
     mask = scan.with_array((scan.array > 0.15).astype(np.uint8))

@@ -218,24 +218,27 @@ def _run_level_pair(method, fixed, moving, transform, sampling, learning_rate, i
     method.Execute(fixed, moving)
 
 
-def register_to_mni(volume: Volume, mask=None, threads: int | None = None) -> Registration:
+def register_to_mni(volume: Volume, mask=None) -> Registration:
     """Affine registration of a scan to the MNI152 2009 T1; never raises.
 
     volume: the scan (GRE / SWI magnitude, any voxel size, RAS affine); mask: optional brain mask (a Volume
     on any grid, or an (I, J, K) array on the scan's grid; nonzero = brain) restricting the metric on the
-    scan side. threads: ITK worker threads; by default at most 2, and no more than ITK's own default
-    (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS: a one-core batch worker gets 1, not 2 threads fighting for it).
+    scan side. Runs on one thread: the same scan always gives the same transform (see below).
     """
     import SimpleITK as sitk
 
     start = time.perf_counter()
-    if threads is None:
-        threads = min(2, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+    # ITK's Mattes metric adds up its threads' histograms in whichever order they finish, and it takes
+    # ITK's global thread count, not the method's: on 2 threads one scan gave a different transform in
+    # every run (entries ~5e-4 apart, brain masks ~0.1 %), so the same scan could get other findings. One
+    # thread makes it repeatable, for about 0.5 s more per scan.
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
         fixed, fixed_mask, brain_mask = _template_images()
         moving = _normalised_moving(volume)
         method = sitk.ImageRegistrationMethod()
-        method.SetNumberOfThreads(threads)
+        method.SetNumberOfThreads(1)
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         method.SetMetricSamplingStrategy(method.RANDOM)
         method.SetMetricFixedMask(fixed_mask)
@@ -273,6 +276,8 @@ def register_to_mni(volume: Volume, mask=None, threads: int | None = None) -> Re
     except Exception as error:  # noqa: BLE001 - any failure becomes "unknown" locations, not a crash
         return Registration(False, f"registration to MNI failed: {type(error).__name__}: {error}",
                             time.perf_counter() - start)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # the process's other ITK work keeps its own
     seconds = time.perf_counter() - start
     failed = [text for passed, text in checks.values() if not passed]
     if failed:
