@@ -232,7 +232,7 @@ def register_to_mni(volume: Volume, mask=None) -> Registration:
     # ITK's global thread count, not the method's: on 2 threads one scan gave a different transform in
     # every run (entries ~5e-4 apart, brain masks ~0.1 %), so the same scan could get other findings. One
     # thread makes it repeatable, for about 0.5 s more per scan.
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    process_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
         fixed, fixed_mask, brain_mask = _template_images()
@@ -277,7 +277,7 @@ def register_to_mni(volume: Volume, mask=None) -> Registration:
         return Registration(False, f"registration to MNI failed: {type(error).__name__}: {error}",
                             time.perf_counter() - start)
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # the process's other ITK work keeps its own
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(process_threads)  # other ITK work keeps its own
     seconds = time.perf_counter() - start
     failed = [text for passed, text in checks.values() if not passed]
     if failed:

@@ -147,9 +147,8 @@ def _set_files(folder: Path, spec: dict) -> list:
 def _command(args) -> str:
     return (f"cmbdetector bench-adapt --out {shlex.quote(str(args.out))} --table {shlex.quote(str(args.table))} "
             f"--val {shlex.quote(str(args.val))} --train-scans {args.train_scans} "
-            f"--test-scans {args.test_scans} --test-seed {args.test_seed} --val-scans {args.val_scans} --steps {args.steps} "
-            f"--seed {args.seed} --jobs {args.jobs} "
-            f"--threads {args.threads}")
+            f"--test-scans {args.test_scans} --test-seed {args.test_seed} --val-scans {args.val_scans} "
+            f"--steps {args.steps} --seed {args.seed} --jobs {args.jobs} --threads {args.threads}")
 
 
 def run(args) -> int:
