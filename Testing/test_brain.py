@@ -3,15 +3,17 @@ and images that are not brains."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from CMBDetectorLib import brain, locate, preprocess
+from CMBDetectorLib import brain, imagetype, locate, preprocess
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import read_volume
+from CMBDetectorLib.phase import homodyne_phase
 from CMBDetectorLib.simulate.synth import simulate_scan
 
 REAL_HEAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre" / "philips-3t-dual-echo" / "mag_echo2.nii.gz"
@@ -116,3 +118,36 @@ def test_erode_and_dilate_by_millimetres_are_the_distance_transform_definitions(
     assert brain._ball((0.5, 0.5, 0.5), 10.0) is None  # too large a ball: the distance transform is used
     np.testing.assert_array_equal(brain.dilate_mm(mask, (0.5, 0.5, 0.5), 10.0),
                                   ndimage.distance_transform_edt(~mask, sampling=(0.5, 0.5, 0.5)) <= 10.0)
+
+
+def _prepare_threads() -> list:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("cmb-prepare")]
+
+
+def test_prepare_gives_what_the_steps_give_in_sequence(thick_slice_head):
+    """prepare works on the phase and the not-a-head measures while the scan registers: the result must be
+    what the same steps give one after another, and no worker thread may outlive the call."""
+    scan = thick_slice_head
+    prepared = preprocess.prepare(scan.magnitude, scan.phase)
+    assert not _prepare_threads()
+    magnitude, radians = scan.magnitude.array.astype(np.float32), scan.phase.array.astype(np.float32)
+    signal = (magnitude * np.cos(radians) + 1j * magnitude * np.sin(radians)).astype(np.complex64)
+    sequential = homodyne_phase(signal, scan.magnitude.spacing, slice_axis=scan.magnitude.slice_axis) * prepared.mask
+    np.testing.assert_array_equal(prepared.phase, sequential)
+    check = imagetype.check_image_type(scan.magnitude, prepared.registration)
+    assert (check.solidity, check.interior_spread) == imagetype.blob_measures(scan.magnitude)
+    assert all(warning in prepared.warnings for warning in check.warnings)
+
+
+def test_a_bad_phase_is_named_before_any_brain_extraction():
+    """A phase on another grid is refused first, by name, even on an image that brain extraction would
+    refuse too; the refusal leaves no worker thread behind."""
+    noise = Volume(np.random.default_rng(2).random((160, 200, 40)).astype(np.float32), np.diag([1.2, 1.2, 4.0, 1.0]))
+    shifted_affine = noise.affine.copy()
+    shifted_affine[0, 3] += 5.0
+    shifted = Volume(noise.array.copy(), shifted_affine)
+    with pytest.raises(InputError, match="phase: its grid"):
+        preprocess.prepare(noise, shifted)
+    with pytest.raises(InputError, match="does not look like a brain"):
+        preprocess.prepare(noise)
+    assert not _prepare_threads()

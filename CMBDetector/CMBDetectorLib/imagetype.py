@@ -113,13 +113,14 @@ def blob_measures(volume: Volume) -> tuple:
     return solidity, spread
 
 
-def check_image_type(volume: Volume, registration) -> ImageTypeCheck:
+def check_image_type(volume: Volume, registration, blob: tuple | None = None) -> ImageTypeCheck:
     """The checks above for a whole-head scan, with the registration brain extraction made (or None).
 
-    The not-a-head check uses the image's own intensity mask, whatever mask brain extraction settled on."""
+    The not-a-head check uses the image's own intensity mask, whatever mask brain extraction settled on.
+    blob: `blob_measures(volume)` when already computed (prepare runs it while the scan registers)."""
     result = ImageTypeCheck()
     warnings = []
-    result.solidity, result.interior_spread = blob_measures(volume)
+    result.solidity, result.interior_spread = blob if blob is not None else blob_measures(volume)
     if result.solidity > BLOB_SOLIDITY and result.interior_spread < FLAT_INTERIOR_SPREAD:
         warnings.append(f"does not look like a head scan (the image is one convex blob (solidity "
                         f"{result.solidity:.2f}) with a flat interior (spread {result.interior_spread:.2f})): "

@@ -8,6 +8,7 @@ axis with the voxel spacing, so the same settings serve 0.5x0.5x2 mm SWI and 1x1
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,7 @@ from .brain import check_brain_volume, extract_brain
 from .errors import InputError
 from .grids import block_mean, coarse_factors, sigma_voxels, upsample_slabs
 from .image import Volume
-from .imagetype import check_image_type
+from .imagetype import blob_measures, check_image_type
 from .io import validate_brain_volume
 from .phase import homodyne_phase
 
@@ -102,33 +103,50 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
     head), which therefore run on whole-head scans without --mask.
     """
     validate_brain_volume(volume, "input", allow_crop=crop)
-    warnings = []
-    spacing = volume.spacing
-    mask_method, registration = "provided", None
-    if mask is not None:
-        brain = given_brain_mask(volume, mask, crop)
-    else:
-        extracted = extract_brain(volume, crop=crop)
-        brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
-        warnings += extracted.warnings
-        if not crop:  # a whole head registered to MNI: is it a T2*-weighted head scan at all?
-            warnings += check_image_type(volume, registration).warnings
-    unmasked = normalise(np.asarray(volume.array, dtype=np.float32), brain, spacing)
-    image = unmasked * brain
-    context = np.clip(unmasked, 0.0, CONTEXT_MAX, out=unmasked)
-    phase_hp = None
     if phase is not None:
         validate_brain_volume(phase, "phase", allow_crop=True)
         if phase.shape != volume.shape or not np.allclose(phase.affine, volume.affine, atol=1e-3):
             raise InputError("phase: its grid (shape or affine) differs from the magnitude's")
-        radians = phase.array.astype(np.float32)
-        if np.abs(radians).max() > np.pi + 0.01:  # vendor integer scaling, e.g. -4096..4095
-            radians = (radians - radians.min()) / max(np.ptp(radians), 1e-6) * 2 * np.pi - np.pi
-            warnings.append("phase rescaled from integer units to radians")
-        # magnitude * exp(i phase), built from float32 cos and sin: 4x faster than a complex exp here
-        magnitude = np.asarray(volume.array, dtype=np.float32)
-        complex_signal = np.empty(volume.shape, np.complex64)
-        complex_signal.real = magnitude * np.cos(radians)
-        complex_signal.imag = magnitude * np.sin(radians)
-        phase_hp = homodyne_phase(complex_signal, spacing, slice_axis=volume.slice_axis) * brain
+    warnings = []
+    mask_method, registration = "provided", None
+    # Registration holds one core (one ITK thread, so that it is repeatable: locate.register_to_mni); the
+    # other core meanwhile computes what needs no brain mask: the high-passed phase and the not-a-head
+    # measures. Both release the GIL (scipy.ndimage), and the results are the same as in sequence.
+    side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmb-prepare")
+    try:
+        phase_job = side.submit(high_passed_phase, volume, phase) if phase is not None else None
+        if mask is not None:
+            brain = given_brain_mask(volume, mask, crop)
+        else:
+            blob_job = None if crop else side.submit(blob_measures, volume)
+            extracted = extract_brain(volume, crop=crop)
+            brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
+            warnings += extracted.warnings
+            if not crop:  # a whole head registered to MNI: is it a T2*-weighted head scan at all?
+                warnings += check_image_type(volume, registration, blob_job.result()).warnings
+        unmasked = normalise(np.asarray(volume.array, dtype=np.float32), brain, volume.spacing)
+        image = unmasked * brain
+        context = np.clip(unmasked, 0.0, CONTEXT_MAX, out=unmasked)
+        phase_hp = None
+        if phase_job is not None:
+            phase_hp, phase_warnings = phase_job.result()
+            phase_hp *= brain
+            warnings += phase_warnings
+    finally:
+        side.shutdown(wait=True, cancel_futures=True)  # an InputError above still leaves no thread behind
     return Prepared(volume, image, brain, phase_hp, crop, warnings, context, mask_method, registration)
+
+
+def high_passed_phase(volume: Volume, phase: Volume) -> tuple:
+    """(homodyne high-passed phase on the whole grid, float32; warnings) of a magnitude and its phase."""
+    warnings = []
+    radians = phase.array.astype(np.float32)
+    if np.abs(radians).max() > np.pi + 0.01:  # vendor integer scaling, e.g. -4096..4095
+        radians = (radians - radians.min()) / max(np.ptp(radians), 1e-6) * 2 * np.pi - np.pi
+        warnings.append("phase rescaled from integer units to radians")
+    # magnitude * exp(i phase), built from float32 cos and sin: 4x faster than a complex exp here
+    magnitude = np.asarray(volume.array, dtype=np.float32)
+    complex_signal = np.empty(volume.shape, np.complex64)
+    complex_signal.real = magnitude * np.cos(radians)
+    complex_signal.imag = magnitude * np.sin(radians)
+    return homodyne_phase(complex_signal, volume.spacing, slice_axis=volume.slice_axis), warnings
