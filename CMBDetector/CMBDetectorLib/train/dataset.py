@@ -60,6 +60,16 @@ def candidate_centres(prepared) -> np.ndarray:
     return centres_ras(prepared, find_candidates(prepared))
 
 
+JITTER_MM = 0.7  # SD of the jittered copies of a known lesion's centre, per axis
+
+
+def jittered_copies(lesions: np.ndarray, rng: np.random.Generator, copies: int = 4) -> np.ndarray:
+    """(L * copies, 3) RAS: each lesion centre `copies` times, moved by a normal JITTER_MM per axis (the
+    positives a known lesion adds beside its own point, so the CNN does not learn an exact centre)."""
+    lesions = np.asarray(lesions, float).reshape(-1, 3)
+    return np.repeat(lesions, copies, axis=0) + rng.normal(0, JITTER_MM, (len(lesions) * copies, 3))
+
+
 def label_points(centres: np.ndarray, lesions: np.ndarray, rng: np.random.Generator, keep_all: bool = False,
                  top_negatives: int = 250, random_negatives: int = 100, jitter_copies: int = 4,
                  mimics: np.ndarray | None = None, unmarked_are_negative: bool = True) -> tuple:
@@ -99,7 +109,7 @@ def label_points(centres: np.ndarray, lesions: np.ndarray, rng: np.random.Genera
         labels.append(np.zeros(int(clear.sum())))
         from_candidates.append(np.zeros(int(clear.sum()), bool))
     if jitter_copies and len(lesions):
-        jittered = np.repeat(lesions, jitter_copies, axis=0) + rng.normal(0, 0.7, (len(lesions) * jitter_copies, 3))
+        jittered = jittered_copies(lesions, rng, jitter_copies)
         points.append(jittered)
         labels.append(np.ones(len(jittered)))
         from_candidates.append(np.zeros(len(jittered), bool))
