@@ -121,7 +121,7 @@ def version_of(path) -> str:
 
 
 def activation_refusal(card: dict) -> str | None:
-    """Why a site model may not be activated (its fine-tune found it worse than its base), else None."""
+    """Why a site model may not be activated (its fine-tune found it worse than its base, or no better), else None."""
     verdict = card.get("adaptation", {}).get("activation", {})
     return None if verdict.get("allowed", True) else verdict.get("reason", "its fine-tune refused it")
 

@@ -292,13 +292,20 @@ def score_candidates(model: LoadedYolo, prepared: Prepared, centres_ras: np.ndar
     tick = time.perf_counter()
     tiles = make_tiles(prepared, centres_ras, architecture["tile_px"], architecture["pixel_mm"])
     tock = time.perf_counter()
-    predictions = predict_tiles(model, tiles)
-    centre_px = (architecture["tile_px"] - 1) / 2
-    scores = point_scores(predictions, (centre_px, centre_px))
+    scores = score_tiles(model, tiles)
     if timings is not None:
         timings["yolo_tiles"] = timings.get("yolo_tiles", 0.0) + tock - tick
         timings["yolo_network"] = timings.get("yolo_network", 0.0) + time.perf_counter() - tock
-    return np.clip(scores, 0.0, 1.0)
+    return scores
+
+
+def score_tiles(model: LoadedYolo, tiles) -> np.ndarray:
+    """float32 (N,) in [0, 1]: YOLO's confidence that a microbleed box holds the centre of each of `make_tiles`'
+    tiles (made apart from the network, e.g. in a worker process that must not run torch)."""
+    if len(tiles) == 0:
+        return np.zeros(0, np.float32)
+    centre_px = (model.card["architecture"]["tile_px"] - 1) / 2
+    return np.clip(point_scores(predict_tiles(model, tiles), (centre_px, centre_px)), 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
