@@ -120,7 +120,7 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
             (flipped / path.name).symlink_to(path)
     code = main(["finetune", "--reviews", str(flipped), "--out-version", "flipped", "--steps", "40", "--lr", "0.003",
                  "--seed", "3", "--threads", "1", "--hold-out", honest[: -len("_review.json")]]
-                + (["--inject", inject] if inject else []))
+                + (["--inject", inject] if inject else ["--jobs", "2"]))  # reading workers: forked, no torch
     output = capsys.readouterr().out
     assert code == 0 and "NOT ACTIVATED: " in output and reason in output, output
     assert models.active_version() == models.SHIPPED
@@ -171,6 +171,12 @@ def test_recalibration_keeps_the_base_sensitivity_when_it_can():
     assert finetune.recalibrate(points, 0.8, injected, 0.5) == 0.7
     pending = {"findings": [{"status": "pending", "position_ras": [0, 0, 0]}]}
     assert review.review_labels(pending)["positive"].shape == review.review_labels(pending)["negative"].shape == (0, 3)
+
+
+def test_stage3_is_the_configuration_with_fewer_false_positives_at_the_base_sensitivity():
+    alone, fused = {"sensitivity": 0.9, "fp_per_scan": 2.17}, {"sensitivity": 0.8, "fp_per_scan": 0.67}
+    assert finetune._preferred(fused, alone, 0.8) and not finetune._preferred(alone, fused, 0.8)
+    assert finetune._preferred(alone, fused, 0.9)  # only the CNN alone keeps a base sensitivity of 0.9
 
 
 def test_activation_needs_held_out_microbleeds_and_no_loss():
