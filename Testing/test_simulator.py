@@ -165,6 +165,7 @@ def test_cmb_free_scan_has_no_microbleeds_but_keeps_mimics():
     (["--n", "0"], "--n must be at least 1"),
     (["--acquisition", "ct"], "unknown acquisition"),
     (["--cmb-free-fraction", "2"], "cmb-free-fraction"),
+    (["--acquisition", "ood", "--site-seed", "4"], "--site-seed needs one protocol"),
 ])
 def test_bad_synth_arguments_give_one_clear_line(tmp_path, arguments, words):
     result = subprocess.run([sys.executable, "-m", "CMBDetectorLib.cli", "synth", "--out", str(tmp_path), *arguments],
@@ -235,3 +236,16 @@ def test_a_randomised_scan_records_its_variation_and_stays_reproducible():
     assert first.truth["domain"] == "randomised" and first.truth["variation"]["domain"] == "randomised"
     assert np.array_equal(first.magnitude.array, again.magnitude.array)
     assert len(first.truth["microbleeds"]) == 3  # irregular lesions add parts, never extra truth lesions
+
+
+def test_the_scans_of_a_site_share_its_acquisition_and_settings_and_differ_in_the_rest():
+    site = dict(acquisition="ood-gre3t-thick", n_cmb=2, site_seed=4)
+    first, second = simulate_scan(5101, **site), simulate_scan(5102, **site)
+    acquisition, variation = domain.sample_site("ood-gre3t-thick", 4)
+    for scan in (first, second):
+        assert scan.truth["site_seed"] == 4
+        assert scan.truth["acquisition"] == acquisition.to_dict()
+        assert scan.truth["variation"] == variation.to_dict()
+    assert first.truth["microbleeds"][0]["center_ras"] != second.truth["microbleeds"][0]["center_ras"]
+    assert domain.sample_site("ood-gre3t-thick", 5) != (acquisition, variation)
+

@@ -61,8 +61,14 @@ def _simulate_set(folder: Path, spec: dict, jobs: int) -> list:
 
     plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])
     names = [f"sim{seed:06d}_{protocol}" for seed, protocol, _ in plan]
-    todo = [(seed, protocol, free, str(folder), spec["mimic_level"], False)
-            for (seed, protocol, free), name in zip(plan, names) if not (folder / f"{name}.truth.json").is_file()]
+    site_seed = spec.get("site_seed")
+
+    def made(name):  # already simulated, for the same site (or none)
+        truth = folder / f"{name}.truth.json"
+        return truth.is_file() and json.loads(truth.read_text()).get("site_seed") == site_seed
+
+    todo = [(seed, protocol, free, str(folder), spec["mimic_level"], False, site_seed)
+            for (seed, protocol, free), name in zip(plan, names) if not made(name)]
     magnitudes = [folder / f"{name}.nii.gz" for name in names]
     if not todo:
         return magnitudes

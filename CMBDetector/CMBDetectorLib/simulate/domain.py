@@ -9,6 +9,9 @@
 
 Every range is listed in docs/simulator.md. A scan's Variation is drawn from its own random stream
 (seeded from the scan seed), so nominal scans stay bit-identical to the ones made before domains existed.
+
+A site (sample_site) is one draw of acquisition and Variation shared by all its scans, as one scanner and
+protocol are at a real hospital; its scans still differ in anatomy, veins, lesions, bias and noise.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import CMBError
-from .acquisition import Acquisition
+from .acquisition import Acquisition, sample_acquisition
 
 DOMAINS = ("nominal", "randomised", "held-out")
 RANDOMISED_PROTOCOL = "random"
@@ -144,6 +147,14 @@ def sample_domain_acquisition(protocol: str, rng: np.random.Generator) -> Acquis
         return Acquisition(protocol, 1.5, rng.uniform(42, 50), (in_plane, in_plane, rng.uniform(4.0, 5.0)), False,
                            rng.uniform(9, 14))
     raise CMBError(f"not a domain protocol: {protocol}")
+
+
+def sample_site(protocol: str, site_seed: int) -> tuple:
+    """(Acquisition, Variation) of one site: drawn once from the site seed, the same for every scan of it."""
+    rng = np.random.default_rng([site_seed, 11])
+    if is_domain_protocol(protocol):
+        return sample_domain_acquisition(protocol, rng), sample_variation(protocol, rng)
+    return sample_acquisition(protocol, rng), Variation()
 
 
 def is_domain_protocol(protocol: str) -> bool:

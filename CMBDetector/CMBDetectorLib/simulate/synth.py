@@ -25,7 +25,7 @@ from ..image import Volume
 from . import anatomy
 from .acquisition import PROTOCOLS, sample_acquisition, tissue_properties
 from .domain import (HELD_OUT_PROTOCOLS, RANDOMISED_PROTOCOL, TISSUES, Variation, is_domain_protocol,
-                     sample_domain_acquisition, sample_variation)
+                     sample_domain_acquisition, sample_site, sample_variation)
 from .deform import random_deformation
 from ..phase import homodyne_phase
 from .physics import field_from_susceptibility, gre_signal, swi_magnitude
@@ -51,17 +51,22 @@ class SimulatedScan:
 
 
 def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False, n_cmb: int | None = None,
-                  scan_id: str | None = None, mimic_level: float = 1.0, spacing_mm=None) -> SimulatedScan:
+                  scan_id: str | None = None, mimic_level: float = 1.0, spacing_mm=None,
+                  site_seed: int | None = None) -> SimulatedScan:
     """Simulate one scan. mimic_level scales the number of veins and calcifications; spacing_mm
-    overrides the protocol's random voxel size (e.g. the benchmark's nominal 0.5 x 0.5 x 2 mm SWI)."""
+    overrides the protocol's random voxel size (e.g. the benchmark's nominal 0.5 x 0.5 x 2 mm SWI);
+    site_seed fixes acquisition and variation to that site's (domain.sample_site) instead of the scan's own."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     variation_rng = np.random.default_rng([seed, 7])  # its own stream: nominal scans stay as they were
-    if is_domain_protocol(acquisition):
-        acq = sample_domain_acquisition(acquisition, variation_rng)
+    if site_seed is not None:
+        acq, variation = sample_site(acquisition, site_seed)
     else:
-        acq = sample_acquisition(acquisition, rng)
-    variation = sample_variation(acquisition, variation_rng)
+        if is_domain_protocol(acquisition):
+            acq = sample_domain_acquisition(acquisition, variation_rng)
+        else:
+            acq = sample_acquisition(acquisition, rng)
+        variation = sample_variation(acquisition, variation_rng)
     if spacing_mm is not None:
         acq = dataclasses.replace(acq, spacing_mm=tuple(float(v) for v in spacing_mm))
     head = anatomy.head_model()
@@ -134,6 +139,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     truth = _truth(scan_id, seed, acq, spheres, veins, deformation, brain_acquired, acquired_affine,
                    time.perf_counter() - started, mimic_level)
     truth["domain"] = variation.domain
+    if site_seed is not None:
+        truth["site_seed"] = int(site_seed)
     if variation.domain != "nominal":
         truth["variation"] = variation.to_dict()
     return SimulatedScan(scan_id, magnitude_volume, phase_volume, truth, brain_acquired >= anatomy.BRAIN)
@@ -427,12 +434,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="scans simulated in parallel processes")
     parser.add_argument("--preview", action="store_true", help="also write a gallery PNG per scan")
     parser.add_argument("--limit", type=int, help="simulate only the first LIMIT scans of the N-scan plan")
+    parser.add_argument("--site-seed", type=int, help="one site: every scan shares the acquisition and settings "
+                        "drawn from this seed (one protocol, not mixed or ood)")
 
 
 def simulate_and_write(job):
-    """(seed, protocol, cmb_free, out, mimic_level, preview) -> (scan_id, microbleeds, seconds, magnitude path)."""
-    scan_seed, protocol, cmb_free, out, mimic_level, preview = job
-    scan = simulate_scan(scan_seed, protocol, cmb_free=cmb_free, mimic_level=mimic_level)
+    """(seed, protocol, cmb_free, out, mimic_level, preview, site_seed) -> (scan_id, microbleeds, seconds,
+    magnitude path)."""
+    scan_seed, protocol, cmb_free, out, mimic_level, preview, site_seed = job
+    scan = simulate_scan(scan_seed, protocol, cmb_free=cmb_free, mimic_level=mimic_level, site_seed=site_seed)
     paths = write_scan(scan, out)
     if preview:
         from .preview import write_gallery
@@ -444,7 +454,10 @@ def run(args) -> int:
     plan = scan_plan(args.n, args.seed, args.acquisition, args.cmb_free_fraction)[: args.limit]
     if args.mimic_level < 0:
         raise CMBError("--mimic-level must not be negative")
-    jobs = [(seed, protocol, free, args.out, args.mimic_level, args.preview) for seed, protocol, free in plan]
+    if args.site_seed is not None and args.acquisition in ("mixed", "ood"):
+        raise CMBError("--site-seed needs one protocol: a site scans with one acquisition, not a mix")
+    jobs = [(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed)
+            for seed, protocol, free in plan]
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 

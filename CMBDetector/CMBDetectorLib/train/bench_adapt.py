@@ -1,7 +1,10 @@
 """`cmbdetector bench-adapt` (`make bench-adapt`): does fine-tuning on a site's reviews pay, and at what cost?
 
-1. Simulates a "site" from the simulator's held-out domain (settings no training scan used): 20 scans to
-   review (seed 41) and 20 others to test on (seed 42), plus bench's in-distribution validation set (seed 2,
+1. Simulates a "site" from the simulator's held-out domain (settings no training scan used): one protocol
+   whose acquisition and settings (field, TE, voxels, SNR, veins, contrast, artefacts, SWI processing, phase
+   sign) are drawn once from the site seed and shared by all its scans, as at a real hospital
+   (simulate.domain.sample_site); anatomy, veins, lesions and noise differ per scan. 20 scans to review
+   (seed 41) and 20 others to test on (seed 42), plus bench's in-distribution validation set (seed 2,
    30 scans; reused when `bench` made it already).
 2. A simulated reader reviews each of the 20 site scans as the shipped model presents it (the pipeline's
    scores and operating threshold): accepts the findings within 5 mm of a true lesion, rejects the rest,
@@ -28,15 +31,22 @@ import numpy as np
 from .. import review
 from ..errors import CMBError
 from ..findings import Finding
+from ..simulate.domain import HELD_OUT_PROTOCOLS, sample_site
 from . import dataset, finetune, tuning
 
-SITE_TRAIN = {"n": 20, "seed": 41, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
-SITE_TEST = {"n": 20, "seed": 42, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
+# 3 T 2D GRE with thick slices: the commonest clinical microbleed sequence, at settings no training scan used
+SITE = {"protocol": "ood-gre3t-thick", "site_seed": 4}
+SITE_TRAIN = {"n": 20, "seed": 41, "cmb_free_fraction": 0.3, "mimic_level": 1.5}
+SITE_TEST = {"n": 20, "seed": 42, "cmb_free_fraction": 0.3, "mimic_level": 1.5}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="bench-adapt-output", help="work folder (site scans, reviews, model)")
     parser.add_argument("--table", default="docs/benchmark-adapt.md", help="Markdown table to write")
+    parser.add_argument("--site-protocol", default=SITE["protocol"], choices=HELD_OUT_PROTOCOLS,
+                        help=f"the site's protocol (default {SITE['protocol']})")
+    parser.add_argument("--site-seed", type=int, default=SITE["site_seed"], help="draws the site's acquisition "
+                        f"and settings once, for all its scans (default {SITE['site_seed']})")
     parser.add_argument("--val", default="bench-output/val", help="bench's in-distribution validation set "
                         "(simulated there when missing)")
     parser.add_argument("--train-scans", type=int, default=20, help="site scans the simulated reader reviews "
@@ -146,6 +156,7 @@ def _set_files(folder: Path, spec: dict) -> list:
 
 def _command(args) -> str:
     return (f"cmbdetector bench-adapt --out {shlex.quote(str(args.out))} --table {shlex.quote(str(args.table))} "
+            f"--site-protocol {args.site_protocol} --site-seed {args.site_seed} "
             f"--val {shlex.quote(str(args.val))} --train-scans {args.train_scans} "
             f"--test-scans {args.test_scans} --test-seed {args.test_seed} --val-scans {args.val_scans} "
             f"--steps {args.steps} --seed {args.seed} --jobs {args.jobs} --threads {args.threads}")
@@ -157,20 +168,21 @@ def run(args) -> int:
     from ..cli import main as cli_main
 
     started = time.time()
-    out = Path(args.out)
-    site_test_name = "site-test" if args.test_seed == SITE_TEST["seed"] else f"site-test-{args.test_seed}"
-    site_train, site_test, val = out / "site-train", out / site_test_name, Path(args.val)
-    site_test_spec = {**SITE_TEST, "n": args.test_scans, "seed": args.test_seed}
-    for folder, spec in ((site_train, SITE_TRAIN), (site_test, site_test_spec), (val, VALIDATION)):
+    site = {"acquisition": args.site_protocol, "site_seed": args.site_seed}
+    out = Path(args.out) / f"site{args.site_seed}-{args.site_protocol}"
+    site_train, site_test, val = out / "train", out / f"test-{args.test_seed}", Path(args.val)
+    site_train_spec = {**SITE_TRAIN, **site}
+    site_test_spec = {**SITE_TEST, **site, "n": args.test_scans, "seed": args.test_seed}
+    for folder, spec in ((site_train, site_train_spec), (site_test, site_test_spec), (val, VALIDATION)):
         folder.mkdir(parents=True, exist_ok=True)
         _simulate_set(folder, spec, args.jobs)
     shipped = {"shipped": DEFAULT_MODEL}  # the shipped model, whatever version the user made active
     print(f"simulated reader: reviewing the {args.train_scans} site scans", flush=True)
     for stale in site_train.glob("*_review.json"):  # finetune reads every review in the folder
         stale.unlink()
-    in_workers(_review_job, _set_files(site_train, SITE_TRAIN)[: args.train_scans], shipped, args.jobs)
+    in_workers(_review_job, _set_files(site_train, site_train_spec)[: args.train_scans], shipped, args.jobs)
 
-    model_dir = out / "site-model"
+    model_dir = out / f"model-seed{args.seed}"
     if model_dir.exists():
         raise CMBError(f"{model_dir} exists from an earlier run: remove it (or choose another --out)")
     finetune_arguments = ["finetune", "--reviews", str(site_train), "--base", "shipped", "--out", str(model_dir),
@@ -183,7 +195,10 @@ def run(args) -> int:
     card = json.loads((model_dir / "cmb_cnn_ensemble.json").read_text())
     model_paths = {**shipped, "site model": model_dir / "cmb_cnn_ensemble.json"}
 
+    acquisition, variation = sample_site(args.site_protocol, args.site_seed)
     report = {"command": _command(args), "site_scans": [args.train_scans, args.test_scans],
+              "site": {"protocol": args.site_protocol, "site_seed": args.site_seed,
+                       "acquisition": acquisition.to_dict(), "variation": variation.to_dict()},
               "seeds": [SITE_TRAIN["seed"], args.test_seed], "json": Path(args.table).with_suffix(".json").name,
               "finetune_command": card["adaptation"]["command"],
               "refused": not card["adaptation"]["activation"]["allowed"], "stage3": card["stage3"],
@@ -204,6 +219,19 @@ def run(args) -> int:
     return 0
 
 
+def _site_text(site: dict) -> str:
+    """The site's fixed settings in a reader's words."""
+    acq, var = site["acquisition"], site["variation"]
+    voxel = " x ".join(f"{v:.2f}" for v in acq["spacing_mm"])
+    return (f"`{site['protocol']}` drawn once from site seed {site['site_seed']} (simulate.domain.sample_site): "
+            f"{acq['b0_t']:g} T {'SWI' if acq['swi'] else 'GRE'}, TE {acq['te_ms']:.1f} ms, {voxel} mm voxels, "
+            f"white-matter SNR {acq['snr']:.1f}; medullary and cortical veins x{var['medullary_count']:.1f} and "
+            f"x{var['cortical_count']:.1f} the nominal counts at x{var['vein_chi_scale']:.2f} susceptibility, "
+            f"lesions of {var['lesion_parts']} parts, Gibbs ringing (k-space kept {var['gibbs_keep']:.2f}), "
+            f"motion ghost {var['ghost']:.3f}, bias sd {var['bias_sd']:.2f}, phase sign {var['phase_sign']:+d}; "
+            "every scan of the site shares these, and differs in anatomy, veins, lesions and noise")
+
+
 def markdown(report: dict, card: dict) -> str:
     adaptation = card["adaptation"]
     lines = [
@@ -211,11 +239,9 @@ def markdown(report: dict, card: dict) -> str:
         "",
         f"`{report['command']}`" + (" (`make bench-adapt`)" if report["seeds"][1] == SITE_TEST["seed"] else ""),
         "",
-        f"Site: {report['site_scans'][0]} + {report['site_scans'][1]} scans from the simulator's held-out domain "
-        "(`--acquisition ood`: 1.5 T SWI, 3 T thick-slice "
-        "2D GRE, coarse 1.5 T GRE, with vein, lesion, contrast, artefact and SWI-processing settings no training "
-        f"scan used; 30 % CMB-free, mimic level 1.5; seeds {report['seeds'][0]} and {report['seeds'][1]}, used nowhere "
-        "else), detected with the phase. "
+        f"Site: {report['site_scans'][0]} + {report['site_scans'][1]} scans of one simulated site from the "
+        f"simulator's held-out domain, {_site_text(report['site'])}. 30 % CMB-free, mimic level 1.5; scan seeds "
+        f"{report['seeds'][0]} and {report['seeds'][1]}, used nowhere else; detected with the phase. "
         "A simulated reader reviewed the first set as the shipped model showed them (accept true lesions, reject "
         "the rest, add missed lesions, review complete); `cmbdetector finetune` learnt from those reviews:",
         "",
