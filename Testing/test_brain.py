@@ -13,7 +13,7 @@ from CMBDetectorLib import brain, imagetype, locate, preprocess
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import read_volume
-from CMBDetectorLib.phase import homodyne_phase
+from CMBDetectorLib.phase import from_radians, homodyne_phase, to_radians, vendor_range
 from CMBDetectorLib.simulate.synth import simulate_scan
 
 REAL_HEAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre" / "philips-3t-dual-echo" / "mag_echo2.nii.gz"
@@ -151,3 +151,21 @@ def test_a_bad_phase_is_named_before_any_brain_extraction():
     with pytest.raises(InputError, match="does not look like a brain"):
         preprocess.prepare(noise)
     assert not _prepare_threads()
+
+
+def test_vendor_integer_phase_has_one_rule_for_detection_and_injection():
+    """Detection (preprocess) and lesion injection read vendor phase by phase.py's one rule: its range onto
+    -pi..pi, and back to the vendor's units unchanged."""
+    rng = np.random.default_rng(5)
+    radians = rng.uniform(-np.pi, np.pi, (24, 24, 6)).astype(np.float32)
+    radians[0, 0, 0], radians[-1, -1, -1] = -np.pi, np.pi  # the full range, as a scanner writes it
+    vendor = np.round((radians + np.pi) / (2 * np.pi) * 8191 - 4096).astype(np.int16)  # -4096..4095
+    units = vendor_range(vendor)
+    assert units == (-4096.0, 4095.0) and vendor_range(radians) is None
+    assert np.abs(to_radians(vendor, units) - radians).max() < 2 * np.pi / 8191
+    np.testing.assert_array_equal(np.round(from_radians(to_radians(vendor, units), units)), vendor)
+    magnitude = Volume(rng.uniform(50, 100, radians.shape).astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
+    from_vendor, warnings = preprocess.high_passed_phase(magnitude, magnitude.with_array(vendor))
+    from_radians_file, no_warnings = preprocess.high_passed_phase(magnitude, magnitude.with_array(radians))
+    assert warnings == ["phase rescaled from integer units to radians"] and no_warnings == []
+    assert np.abs(np.angle(np.exp(1j * (from_vendor - from_radians_file)))).max() < 0.02  # quantisation

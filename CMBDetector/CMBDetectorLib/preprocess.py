@@ -20,7 +20,7 @@ from .grids import block_mean, coarse_factors, sigma_voxels, upsample_slabs
 from .image import Volume
 from .imagetype import blob_measures, check_image_type
 from .io import validate_brain_volume
-from .phase import homodyne_phase
+from .phase import homodyne_phase, to_radians, vendor_range
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +140,9 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
 def high_passed_phase(volume: Volume, phase: Volume) -> tuple:
     """(homodyne high-passed phase on the whole grid, float32; warnings) of a magnitude and its phase."""
     warnings = []
-    radians = phase.array.astype(np.float32)
-    if np.abs(radians).max() > np.pi + 0.01:  # vendor integer scaling, e.g. -4096..4095
-        radians = (radians - radians.min()) / max(np.ptp(radians), 1e-6) * 2 * np.pi - np.pi
+    units = vendor_range(phase.array)
+    radians = to_radians(phase.array, units)
+    if units is not None:
         warnings.append("phase rescaled from integer units to radians")
     # magnitude * exp(i phase), built from float32 cos and sin: 4x faster than a complex exp here
     magnitude = np.asarray(volume.array, dtype=np.float32)

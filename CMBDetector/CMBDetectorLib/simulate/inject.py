@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..image import Volume
+from ..phase import from_radians, to_radians, vendor_range
 from .physics import swi_magnitude
 from .structures import Sphere, apparent_diameter, sphere_voxel_factors
 from .synth import APPARENT_RANGE_MM
@@ -57,7 +58,8 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
     sites = np.argwhere(inner)
     avoid = np.zeros((0, 3)) if avoid_ras is None else np.asarray(avoid_ras, float).reshape(-1, 3)
     signal = np.asarray(magnitude.array, dtype=np.float32).copy()
-    radians = None if phase is None else _to_radians(phase.array)
+    units = None if phase is None else vendor_range(phase.array)  # vendor integer phase stays in its units
+    radians = None if phase is None else to_radians(phase.array, units)
     placed_ijk = []
     for _ in range(50 * count if len(sites) else 0):
         if len(placed_ijk) == count:
@@ -72,10 +74,11 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
         sphere = Sphere("microbleed", ijk * spacing, rng.uniform(*DIAMETER_RANGE_MM),
                         float(np.exp(rng.uniform(*np.log(CHI_RANGE_PPM)))), rng.uniform(*CORE_SIGNAL_RANGE))
         swi, sign = rng.random() < SWI_CHANCE, float(rng.choice([-1.0, 1.0]))
-        if not APPARENT_RANGE_MM[0] <= apparent_diameter(sphere, grid, signal.shape, b0, te_s) <= APPARENT_RANGE_MM[1]:
-            continue
         box, factors = sphere_voxel_factors(sphere, grid, signal.shape, b0, te_s)
         if box is None:
+            continue
+        diameter = apparent_diameter(sphere, grid, signal.shape, b0, te_s, voxel_factors=(box, factors))
+        if not APPARENT_RANGE_MM[0] <= diameter <= APPARENT_RANGE_MM[1]:
             continue
         field_phase = np.angle(factors).astype(np.float32)
         darkening = np.abs(factors).astype(np.float32)
@@ -86,26 +89,5 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
             radians[box] = np.angle(np.exp(1j * (radians[box] + sign * field_phase)))
         placed_ijk.append(ijk)
     centres = magnitude.ijk_to_ras(np.array(placed_ijk).reshape(-1, 3)) if placed_ijk else np.zeros((0, 3))
-    injected_phase = None if phase is None else phase.with_array(_from_radians(radians, phase.array))
+    injected_phase = None if phase is None else phase.with_array(from_radians(radians, units))
     return Injected(magnitude.with_array(signal), injected_phase, centres)
-
-
-def _vendor_range(array) -> tuple | None:
-    """(low, high) of a phase stored in vendor integer units (e.g. -4096..4095); None for radians."""
-    low, high = float(np.min(array)), float(np.max(array))
-    return (low, high) if max(abs(low), abs(high)) > np.pi + 0.01 else None
-
-
-def _to_radians(array) -> np.ndarray:
-    units = _vendor_range(array)
-    values = np.asarray(array, dtype=np.float32)
-    if units is None:
-        return values.copy()
-    return (values - units[0]) / max(units[1] - units[0], 1e-6) * np.float32(2 * np.pi) - np.float32(np.pi)
-
-
-def _from_radians(radians: np.ndarray, original) -> np.ndarray:
-    units = _vendor_range(original)
-    if units is None:
-        return radians
-    return ((radians + np.pi) / (2 * np.pi) * (units[1] - units[0]) + units[0]).astype(np.float32)

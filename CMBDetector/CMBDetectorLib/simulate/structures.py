@@ -227,9 +227,11 @@ def sphere_voxel_factors(sphere: Sphere, grid_affine: np.ndarray, shape, b0_tesl
     return tuple(slice(a, b) for a, b in zip(lo, hi)), result
 
 
-def apparent_diameter(sphere: Sphere, grid_affine, shape, b0_tesla, te_s, darkness: float = 0.5) -> float:
-    """In-plane diameter (mm) of the region the sphere darkens below `darkness` on its central slice."""
-    box, factors = sphere_voxel_factors(sphere, grid_affine, shape, b0_tesla, te_s)
+def apparent_diameter(sphere: Sphere, grid_affine, shape, b0_tesla, te_s, darkness: float = 0.5,
+                      voxel_factors: tuple | None = None) -> float:
+    """In-plane diameter (mm) of the region the sphere darkens below `darkness` on its central slice;
+    voxel_factors: sphere_voxel_factors' (box, factors) when the caller has them already."""
+    box, factors = voxel_factors or sphere_voxel_factors(sphere, grid_affine, shape, b0_tesla, te_s)
     if box is None:
         return 0.0
     k = int(round((sphere.centre[2] - grid_affine[2, 3]) / grid_affine[2, 2])) - box[2].start

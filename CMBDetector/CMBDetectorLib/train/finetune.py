@@ -117,40 +117,38 @@ class ScanData:
     injected_tiles: object = None  # held-out: their YOLO tiles (scored in the main process: workers run no torch)
 
 
-def _prepare(scan: ReviewedScan, volume=None, phase=None, mask=None):
-    """The pipeline's own preprocessing (patches match detection's) of the scan, or of `volume` / `phase`
-    (the scan with injected lesions) on the scan's own brain `mask`."""
+def _read(scan: ReviewedScan) -> tuple:
+    """(volume, phase or None) of a reviewed scan, read once for its patches and its injected lesions."""
     from ..io import read_volume
+
+    return read_volume(scan.volume_path), read_volume(scan.phase_path) if scan.phase_path else None
+
+
+def _prepare(scan: ReviewedScan, volume, phase, mask=None):
+    """The pipeline's own preprocessing (patches match detection's); `mask`: the scan's own brain mask, for the
+    scan with injected lesions."""
     from ..preprocess import prepare
 
-    if volume is None:
-        volume, phase = read_volume(scan.volume_path), _read_phase(scan)
     return prepare(volume, phase, mask=mask, crop=scan.crop)
 
 
-def _injected(scan: ReviewedScan, prepared, rng: np.random.Generator, count: int):
+def _injected(scan: ReviewedScan, prepared, phase, rng: np.random.Generator, count: int):
     """(prepared scan with `count` injected microbleeds, their RAS centres), on the scan's own brain mask."""
     from ..simulate.inject import inject_microbleeds
 
     volume = prepared.volume
-    phase = _read_phase(scan)
     lesions = inject_microbleeds(volume, phase, prepared.mask, prepared.context, rng, count, avoid_ras=scan.positive)
     brain = volume.with_array(prepared.mask.astype(np.float32))
     return _prepare(scan, lesions.magnitude, lesions.phase, brain), lesions.centres_ras
 
 
-def _read_phase(scan: ReviewedScan):
-    from ..io import read_volume
-
-    return read_volume(scan.phase_path) if scan.phase_path else None
-
-
 def scan_data(scan: ReviewedScan, rng: np.random.Generator, held_out: bool, inject: int = 0) -> ScanData:
     """Patches of one reviewed scan: training patches, or every candidate's patch for held-out scoring; with
     `inject`, that many synthetic microbleeds too (training positives, or held-out sensitivity checks)."""
-    prepared = _prepare(scan)
+    volume, phase = _read(scan)
+    prepared = _prepare(scan, volume, phase)
     centres = dataset.candidate_centres(prepared)
-    injected, injected_centres = (_injected(scan, prepared, rng, inject) if inject else (None, np.zeros((0, 3))))
+    injected, injected_centres = _injected(scan, prepared, phase, rng, inject) if inject else (None, np.zeros((0, 3)))
     if held_out:
         data = ScanData(scan, centres, extract_patches(prepared, centres).astype(np.float16), np.zeros(0), prepared)
         if injected is not None:
