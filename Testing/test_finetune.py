@@ -189,3 +189,19 @@ def test_activation_needs_held_out_microbleeds_and_no_loss():
     allowed, reason = finetune.activation({**before, "sensitivity": 0.0, "microbleeds": 0},
                                           {"sensitivity": 0.0, "fp_per_scan": 0.0}, "shipped", 3)
     assert not allowed and "hold no microbleed" in reason
+
+
+def test_bench_adapt_reads_each_model_at_the_other_models_sensitivity():
+    def point(sensitivity, fp):
+        return {"sensitivity": sensitivity, "fp_per_scan": fp}
+
+    shipped = {"threshold": 0.3, **point(0.7, 0.9),
+               "curve": {"0.30": point(0.7, 0.9), "0.50": point(0.6, 0.5), "0.70": point(0.5, 0.2)}}
+    site = {"threshold": 0.7, **point(0.6, 0.3),
+            "curve": {"0.30": point(0.7, 0.6), "0.50": point(0.7, 0.4), "0.70": point(0.6, 0.3)}}
+    assert bench_adapt.at_sensitivity(site["curve"], 0.7) == ("0.50", point(0.7, 0.4))  # fewest FP that reach it
+    assert bench_adapt.at_sensitivity(shipped["curve"], 0.8) is None
+    lines = bench_adapt._curve_lines("site", {"shipped": shipped, "site model": site})
+    assert "| site model | 0.70 / 0.60 | 0.70 / 0.40 | **0.60 / 0.30** |" in lines
+    assert "- site model at shipped's sensitivity (0.700, 0.90 FP/scan at 0.30): 0.40 FP/scan at threshold 0.50." in lines
+    assert "- shipped at site model's sensitivity (0.600, 0.30 FP/scan at 0.70): 0.50 FP/scan at threshold 0.50." in lines

@@ -132,18 +132,30 @@ def in_workers(job, items: list, model_paths: dict, jobs: int) -> list:
 
 
 def score_set(truth_files: list, model_paths: dict, jobs: int = 1) -> dict:
-    """{name: lesion_counts at that model's operating threshold (as pipeline.Detector runs it)} over the scans."""
+    """{name: lesion_counts at that model's operating threshold (as pipeline.Detector runs it), and "curve":
+    lesion_counts at every finetune.THRESHOLDS} over the scans."""
     from ..pipeline import Detector
 
     results = in_workers(_score_job, truth_files, model_paths, jobs)
+    scans = [tuning.HeldOutScan(scan_id, points, centres, np.zeros(0), np.zeros(0))
+             for scan_id, points, centres, _ in results]
     report = {}
     for name, path in model_paths.items():
-        scans = [tuning.HeldOutScan(scan_id, points, centres, np.zeros(0), np.zeros(0))
-                 for scan_id, points, centres, _ in results]
+        scores = [model_scores[name] for *_, model_scores in results]
         threshold = Detector(path, "cpu").operating_threshold
-        report[name] = {"threshold": threshold,
-                        **tuning.lesion_counts(scans, [scores[name] for *_, scores in results], threshold)}
+        report[name] = {"threshold": threshold, **tuning.lesion_counts(scans, scores, threshold),
+                        "curve": {f"{t:.2f}": tuning.lesion_counts(scans, scores, t) for t in finetune.THRESHOLDS}}
     return report
+
+
+def at_sensitivity(curve: dict, sensitivity: float) -> tuple | None:
+    """(threshold key, counts) of the fewest false positives on `curve` that reach `sensitivity`; None if none."""
+    reaching = [(counts["fp_per_scan"], -float(key), key) for key, counts in curve.items()
+                if counts["sensitivity"] >= sensitivity]
+    if not reaching:
+        return None
+    key = min(reaching)[2]
+    return key, curve[key]
 
 
 def _set_files(folder: Path, spec: dict) -> list:
@@ -232,6 +244,28 @@ def _site_text(site: dict) -> str:
             "every scan of the site shares these, and differs in anatomy, veins, lesions and noise")
 
 
+def _curve_lines(set_name: str, results: dict) -> list:
+    """A set's curves (the operating point in bold), then each model read at the other's sensitivity."""
+    keys = list(next(iter(results.values()))["curve"])
+    lines = [f"| {set_name} | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, result in results.items():
+        cells = []
+        for key, counts in result["curve"].items():
+            text = f"{counts['sensitivity']:.2f} / {counts['fp_per_scan']:.2f}"
+            cells.append(f"**{text}**" if abs(float(key) - result["threshold"]) < 1e-6 else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, result in results.items():
+        for other_name, other in results.items():
+            if other_name != name:
+                reached = at_sensitivity(result["curve"], other["sensitivity"])
+                lines.append(f"- {name} at {other_name}'s sensitivity ({other['sensitivity']:.3f}, "
+                             f"{other['fp_per_scan']:.2f} FP/scan at {other['threshold']:.2f}): "
+                             + (f"{reached[1]['fp_per_scan']:.2f} FP/scan at threshold {reached[0]}." if reached
+                                else "never reached."))
+    return lines
+
+
 def markdown(report: dict, card: dict) -> str:
     adaptation = card["adaptation"]
     lines = [
@@ -262,6 +296,11 @@ def markdown(report: dict, card: dict) -> str:
         for model_name, result in results.items():
             lines.append(f"| {set_name} | {model_name} | {result['threshold']:.2f} | {result['sensitivity']:.3f} | "
                          f"{result['fp_per_scan']:.2f} | {result['microbleeds']} | {result['scans']} |")
+    lines += ["", "Each model's curve on each set (sensitivity / FP per scan at every threshold; the operating threshold "
+              "in bold), and each model at the other's operating sensitivity: whether the fine-tune learnt "
+              "something, or only moved along the curve.", ""]
+    for set_name, results in report["sets"].items():
+        lines += [*_curve_lines(set_name, results), ""]
     held = report["held_out_reviews"]
     lines += [
         "",
