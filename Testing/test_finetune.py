@@ -203,5 +203,7 @@ def test_bench_adapt_reads_each_model_at_the_other_models_sensitivity():
     assert bench_adapt.at_sensitivity(shipped["curve"], 0.8) is None
     lines = bench_adapt._curve_lines("site", {"shipped": shipped, "site model": site})
     assert "| site model | 0.70 / 0.60 | 0.70 / 0.40 | **0.60 / 0.30** |" in lines
-    assert "- site model at shipped's sensitivity (0.700, 0.90 FP/scan at 0.30): 0.40 FP/scan at threshold 0.50." in lines
-    assert "- shipped at site model's sensitivity (0.600, 0.30 FP/scan at 0.70): 0.50 FP/scan at threshold 0.50." in lines
+    assert ("- site model at shipped's sensitivity (0.700, 0.90 FP/scan at 0.30): 0.40 FP/scan at threshold 0.50."
+            in lines)
+    assert ("- shipped at site model's sensitivity (0.600, 0.30 FP/scan at 0.70): 0.50 FP/scan at threshold 0.50."
+            in lines)
