@@ -63,9 +63,13 @@ def test_reviews_are_found_with_their_scans_and_incomplete_ones_never_held_out(r
     scans[0].complete = False
     train, held = finetune.split(scans, np.random.default_rng(0), 0.5)
     assert len(held) == 1 and held[0].complete and held[0] is not scans[0] and len(train) == 2
+    folds = finetune.fold_of(scans, np.random.default_rng(0), 4)  # cross-fitting: complete reviews only
+    assert sorted(folds) == sorted(s.name for s in scans[1:]) and sorted(folds.values()) == [0, 1]
     scans[1].complete = False
     with pytest.raises(CMBError, match="at least 2 complete reviews"):
         finetune.split(scans, np.random.default_rng(0), 0.5)
+    with pytest.raises(CMBError, match="at least 2 complete reviews"):
+        finetune.fold_of(scans, np.random.default_rng(0), 4)
 
 
 def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(reviews, data_dir, capsys):
@@ -78,13 +82,19 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
                                   "sha256": classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]}
     assert adaptation["command"].startswith(f"cmbdetector finetune --reviews {reviews} --base shipped "
                                             "--out-version site-1 --steps 8")
-    assert adaptation["seed"] == 3 and len(adaptation["scans"]["held_out"]) == 1
-    assert adaptation["base_weight"] == finetune.BASE_WEIGHT and adaptation["batchnorm"].startswith("frozen")
-    assert len(adaptation["scans"]["train"]) == 2 and adaptation["points"]["accepted_or_added"] == 9
+    assert adaptation["seed"] == 3 and adaptation["base_weight"] == finetune.BASE_WEIGHT
+    assert adaptation["batchnorm"].startswith("frozen")
+    # cross-fitted: 3 complete reviews in 3 folds, each checked by a fine-tune on the other two; the model
+    # written trained on all three, and every review's lesions are held-out checks
+    calibration = adaptation["calibration"]
+    assert calibration["method"] == "cross-fitted" and calibration["folds"] == 3
+    assert sorted(calibration["fold_of"].values()) == [0, 1, 2]
+    assert len(adaptation["scans"]["held_out"]) == len(adaptation["scans"]["train"]) == 3
+    assert adaptation["points"]["accepted_or_added"] == 9 and adaptation["scans"]["complete_reviews"] == 3
     held = adaptation["held_out"]["chosen"]
-    assert set(held) == {"before", "after"} and held["before"]["microbleeds"] == 3
-    injected = adaptation["held_out"]["injected"]  # synthetic microbleeds in the held-out scan: a second check
-    assert adaptation["injected"]["per_scan"] == finetune.INJECT_PER_SCAN and injected["lesions"] >= 6
+    assert set(held) == {"before", "after"} and held["before"]["microbleeds"] == 9
+    injected = adaptation["held_out"]["injected"]  # synthetic microbleeds in the held-out scans: a second check
+    assert adaptation["injected"]["per_scan"] == finetune.INJECT_PER_SCAN and injected["lesions"] >= 18
     chosen = adaptation["held_out"]["configurations"][card["stage3"]]
     assert chosen["injected_sensitivity"] >= injected["base_sensitivity"]
     assert adaptation["points"]["positive_patches"] > 5 * 9  # the reviews' 9 lesions alone give 5 patches each
@@ -93,7 +103,7 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
     assert result["before"] == held["before"] and result["after"] == held["after"]
     # activated exactly when its held-out numbers are not worse than the base's
-    allowed = finetune.activation(held["before"], held["after"], "shipped", 1)[0]
+    allowed = finetune.activation(held["before"], held["after"], "shipped", 3)[0]
     assert adaptation["activation"]["allowed"] is allowed
     assert code == 0 and models.active_version() == ("site-1" if allowed else "shipped")
     assert Detector(device="cpu").model_version == models.active_version()

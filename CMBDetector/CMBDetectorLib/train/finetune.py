@@ -5,10 +5,13 @@
 2. Labels (review.review_labels, dataset.label_points): accepted and added points are microbleeds,
    rejected points mimics; the stage-1 candidates nobody marked are mimics only in a *complete* review.
    Pending points are never labels.
-3. Splits by scan: some complete reviews are held out (never trained on); the rest train.
+3. Cross-fits by scan (--folds): the complete reviews are dealt into folds; a fine-tune on the other folds
+   (and every incomplete review) scores each fold's scans, so every complete review is a held-out check on
+   a model that never saw it. The model written is fine-tuned on all reviews. (--folds 1, or --hold-out:
+   one held-out share instead, never trained on.)
 4. Fine-tunes every member of the base ensemble from its weights (train_cnn.fit: the same optimiser,
    augmentation and mining as `train`, BatchNorm statistics frozen), averages the result with the base's
-   weights (--base-weight), then recalibrates the operating threshold on the held-out reviews.
+   weights (--base-weight), then recalibrates the operating threshold on the held-out checks.
    Synthetic microbleeds injected into the site's own scans (simulate/inject.py, --inject per scan) add
    positives to learn from, and on the held-out scans a second, steadier sensitivity check: the threshold
    keeps the base's sensitivity on the held-out reviews' microbleeds *and* on the injected ones.
@@ -57,6 +60,9 @@ THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 # the average keeps it. Chosen in trial runs on bench-adapt's reviewed site scans (its test scans are
 # scored by `make bench-adapt`, docs/benchmark-adapt.md).
 BASE_WEIGHT = 0.5
+# Cross-fitting folds. A threshold chosen on one held-out share (6 of 20 reviewed scans, 10 microbleeds in
+# bench-adapt) lost the site's lesions on unseen scans; with folds every complete review holds lesions out.
+FOLDS = 4
 
 
 @dataclass
@@ -108,13 +114,18 @@ def reviewed_scans(folder) -> tuple:
 
 @dataclass
 class ScanData:
+    """A reviewed scan's patches: to train on (patches, labels), to check on (candidate_patches and the rest),
+    or both (cross-fitting: each scan trains some fold models and checks the one that never saw it)."""
     scan: ReviewedScan
     centres: np.ndarray  # stage-1 candidates (RAS)
-    patches: np.ndarray  # float16 training patches (train scans, injected ones included) or the candidates'
-    labels: np.ndarray
-    prepared: object = None  # held-out scans keep theirs, for the YOLO stage
-    injected: np.ndarray = None  # held-out: float16 patches at the injected microbleeds
-    injected_tiles: object = None  # held-out: their YOLO tiles (scored in the main process: workers run no torch)
+    patches: np.ndarray = None  # float16 training patches, injected ones included
+    labels: np.ndarray = None
+    candidate_patches: np.ndarray = None  # float16 patch of every candidate, for the check
+    prepared: object = None  # checked scans keep theirs, for the YOLO stage
+    injected: np.ndarray = None  # checked: float16 patches at the injected microbleeds
+    injected_tiles: object = None  # checked: their YOLO tiles (scored in the main process: workers run no torch)
+    new_cnn: np.ndarray = None  # checked: the fine-tuned CNN's candidate scores, from a model that never saw it
+    new_injected: np.ndarray = None  # and its scores of the injected microbleeds
 
 
 def _read(scan: ReviewedScan) -> tuple:
@@ -142,40 +153,44 @@ def _injected(scan: ReviewedScan, prepared, phase, rng: np.random.Generator, cou
     return _prepare(scan, lesions.magnitude, lesions.phase, brain), lesions.centres_ras
 
 
-def scan_data(scan: ReviewedScan, rng: np.random.Generator, held_out: bool, inject: int = 0) -> ScanData:
-    """Patches of one reviewed scan: training patches, or every candidate's patch for held-out scoring; with
-    `inject`, that many synthetic microbleeds too (training positives, or held-out sensitivity checks)."""
+def scan_data(scan: ReviewedScan, rng: np.random.Generator, train: bool, check: bool, inject: int = 0) -> ScanData:
+    """Patches of one reviewed scan: training patches, and/or every candidate's patch for the held-out check;
+    with `inject`, that many synthetic microbleeds too (training positives, and sensitivity checks)."""
     volume, phase = _read(scan)
     prepared = _prepare(scan, volume, phase)
     centres = dataset.candidate_centres(prepared)
     injected, injected_centres = _injected(scan, prepared, phase, rng, inject) if inject else (None, np.zeros((0, 3)))
-    if held_out:
-        data = ScanData(scan, centres, extract_patches(prepared, centres).astype(np.float16), np.zeros(0), prepared)
+    data = ScanData(scan, centres)
+    if check:
+        data.candidate_patches, data.prepared = extract_patches(prepared, centres).astype(np.float16), prepared
         if injected is not None:
             from .. import yolo
 
             data.injected = extract_patches(injected, injected_centres).astype(np.float16)
             data.injected_tiles = yolo.make_tiles(injected, injected_centres, yolo.ARCHITECTURE["tile_px"],
                                                   yolo.ARCHITECTURE["pixel_mm"])
-        return data
-    points, labels, _, _ = dataset.label_points(centres, scan.positive, rng, mimics=scan.negative,
-                                                unmarked_are_negative=scan.complete)
-    patches = extract_patches(prepared, points).astype(np.float16)
-    if len(injected_centres):  # each injected lesion as label_points treats a known one: itself and jittered copies
-        jittered = dataset.jittered_copies(injected_centres, rng)
-        points = np.concatenate([injected_centres, jittered])
-        patches = np.concatenate([patches, extract_patches(injected, points).astype(np.float16)])
-        labels = np.concatenate([labels, np.ones(len(points), labels.dtype)])
-    return ScanData(scan, centres, patches, labels)
+    if train:
+        points, labels, _, _ = dataset.label_points(centres, scan.positive, rng, mimics=scan.negative,
+                                                    unmarked_are_negative=scan.complete)
+        patches = extract_patches(prepared, points).astype(np.float16)
+        if len(injected_centres):  # each injected lesion as label_points treats a known one: itself and copies
+            jittered = dataset.jittered_copies(injected_centres, rng)
+            points = np.concatenate([injected_centres, jittered])
+            patches = np.concatenate([patches, extract_patches(injected, points).astype(np.float16)])
+            labels = np.concatenate([labels, np.ones(len(points), labels.dtype)])
+        data.patches, data.labels = patches, labels
+    return data
 
 
 def _data_worker(job):
-    scan, seed, held_out, inject = job
-    return scan_data(scan, np.random.default_rng(seed), held_out, inject)
+    scan, seed, train, check, inject = job
+    return scan_data(scan, np.random.default_rng(seed), train, check, inject)
 
 
-def build_data(scans: list, seed: int, held_out: bool, jobs: int = 1, inject: int = 0) -> list:
-    work = [(scan, seed + index, held_out, inject) for index, scan in enumerate(scans)]
+def build_data(scans: list, seed: int, train: bool, check, jobs: int = 1, inject: int = 0) -> list:
+    """scan_data of every scan; check: a bool, or a function of the scan (cross-fitting checks complete ones)."""
+    work = [(scan, seed + index, train, check(scan) if callable(check) else check, inject)
+            for index, scan in enumerate(scans)]
     if jobs > 1 and len(work) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -286,8 +301,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inject", type=int, default=INJECT_PER_SCAN, help="synthetic microbleeds injected "
                         "into each reviewed scan: extra positives, and a sensitivity check on held-out scans (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, default=FOLDS, help="cross-fitting: the complete reviews in this "
+                        "many folds, each checked (and the threshold chosen) on a fine-tune that never saw it, then "
+                        f"the model trained on all (default {FOLDS}; 1: one held-out share, --held-out-fraction)")
     parser.add_argument("--held-out-fraction", type=float, default=0.3,
-                        help="share of the complete reviews held out for the before/after check")
+                        help="with --folds 1: share of the complete reviews held out for the before/after check")
     parser.add_argument("--hold-out", default="", help="comma-separated review names (NAME of NAME_review.json) "
                         "to hold out instead of a random share, e.g. a second reader's reviews")
     parser.add_argument("--no-activate", action="store_true", help="write the version, do not make it active")
@@ -301,7 +319,7 @@ def command_line(args) -> str:
     return (f"cmbdetector finetune --reviews {shlex.quote(str(args.reviews))}"
             + (f" --base {shlex.quote(args.base)}" if args.base else "") + f" {target} --steps {args.steps}"
             f" --lr {args.lr} --base-weight {args.base_weight} --inject {args.inject} --seed {args.seed}"
-            f" --held-out-fraction {args.held_out_fraction}"
+            f" --folds {args.folds} --held-out-fraction {args.held_out_fraction}"
             + (f" --hold-out {shlex.quote(args.hold_out)}" if getattr(args, "hold_out", "") else "")
             + (" --no-activate" if args.no_activate else ""))
 
@@ -352,6 +370,8 @@ def run(args) -> int:
         raise CMBError("--steps must be at least 1")
     if args.inject < 0:
         raise CMBError("--inject must be 0 or more")
+    if args.folds < 1:
+        raise CMBError("--folds must be at least 1")
     if not 0.0 <= args.base_weight < 1.0:
         raise CMBError("--base-weight must be at least 0 and below 1 (1 would be the base itself)")
     # everything that can refuse does so before any work
@@ -364,14 +384,25 @@ def run(args) -> int:
     scans, warnings = reviewed_scans(args.reviews)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    train_scans, held_scans = split(scans, rng, args.held_out_fraction, getattr(args, "hold_out", ""))
-    print(f"{len(scans)} reviewed scans ({sum(s.complete for s in scans)} complete): {len(train_scans)} to train "
-          f"on, {len(held_scans)} held out; base {base_version}", flush=True)
+    hold_out = getattr(args, "hold_out", "")
+    cross_fit = args.folds >= 2 and not hold_out
+    if cross_fit:  # every complete review checks a fine-tune that never saw it: many more held-out lesions
+        train_scans, held_scans, fold = scans, [s for s in scans if s.complete], fold_of(scans, rng, args.folds)
+        n_folds = len(set(fold.values()))
+        print(f"{len(scans)} reviewed scans ({len(held_scans)} complete): cross-fitted over {n_folds} folds of the "
+              f"complete reviews, each checked by a fine-tune that never saw it; base {base_version}", flush=True)
+    else:
+        train_scans, held_scans = split(scans, rng, args.held_out_fraction, hold_out)
+        print(f"{len(scans)} reviewed scans ({sum(s.complete for s in scans)} complete): {len(train_scans)} to "
+              f"train on, {len(held_scans)} held out; base {base_version}", flush=True)
 
     _progress(5, f"reading {len(scans)} scans")
-    train_data = build_data(train_scans, args.seed, held_out=False, jobs=args.jobs, inject=args.inject)
-    held_data = build_data(held_scans, args.seed + 100000, held_out=True, jobs=args.jobs, inject=args.inject)
-    patches = np.concatenate([d.patches for d in train_data])
+    if cross_fit:
+        train_data = build_data(scans, args.seed, True, lambda scan: scan.complete, args.jobs, args.inject)
+        held_data = [d for d in train_data if d.scan.complete]
+    else:
+        train_data = build_data(train_scans, args.seed, True, False, args.jobs, args.inject)
+        held_data = build_data(held_scans, args.seed + 100000, False, True, args.jobs, args.inject)
     labels = np.concatenate([d.labels for d in train_data])
     n_positive, n_negative = int((labels == 1).sum()), int((labels == 0).sum())
     print(f"{n_positive} positive and {n_negative} negative patches ({time.time() - started:.0f} s)", flush=True)
@@ -379,16 +410,23 @@ def run(args) -> int:
         raise CMBError("the training reviews gave no microbleed or no mimic: accept, add or reject some points, "
                        "or mark reviews complete")
 
-    networks = []
-    for index, member in enumerate(base.networks):
-        _progress(30 + 50 * index // len(base.networks), f"fine-tuning member {index + 1}/{len(base.networks)}")
-        network = copy.deepcopy(member)
-        fit(network, patches, labels, args.steps, args.lr, rng, mine_every=max(args.steps // 2, 1), started=started,
-            freeze_batchnorm=True)
-        networks.append(averaged(member, network, args.base_weight))
+    if cross_fit:
+        for k in range(n_folds):
+            _progress(30 + 40 * k // n_folds, f"fine-tuning fold {k + 1}/{n_folds}")
+            fold_networks = fine_tune(base, [d for d in train_data if fold.get(d.scan.name) != k], args, rng,
+                                      started)
+            score_checks(fold_networks, [d for d in held_data if fold[d.scan.name] == k])
+        _progress(70, "fine-tuning on every review")
+        networks = fine_tune(base, train_data, args, rng, started)
+    else:
+        _progress(30, "fine-tuning")
+        networks = fine_tune(base, train_data, args, rng, started)
+        score_checks(networks, held_data)
 
     _progress(82, f"checking on {len(held_scans)} held-out reviews")
-    evaluation = evaluate(base_path, networks, held_data)
+    evaluation = evaluate(base_path, held_data)
+    evaluation["calibration"] = ({"method": "cross-fitted", "folds": n_folds, "fold_of": fold} if cross_fit
+                                 else {"method": "held out"})
     _progress(95, "writing the new version")
     card = write_version(target, args, base, base_path, base_version, networks, train_scans, held_scans,
                          n_positive, n_negative, evaluation, started)
@@ -417,6 +455,38 @@ def run(args) -> int:
     return 0
 
 
+def fold_of(scans: list, rng: np.random.Generator, folds: int) -> dict:
+    """{name: fold} of the complete reviews, dealt in a random order into min(folds, complete reviews) folds;
+    incomplete reviews only ever train (their unmarked candidates are no labels)."""
+    complete = [scan.name for scan in scans if scan.complete]
+    if len(complete) < 2:
+        raise CMBError(f"need at least 2 complete reviews (marked 'Review complete'), found {len(complete)}")
+    n_folds = min(folds, len(complete))
+    return {complete[index]: n % n_folds for n, index in enumerate(rng.permutation(len(complete)))}
+
+
+def fine_tune(base, data: list, args, rng: np.random.Generator, started: float) -> list:
+    """Every member of the base fine-tuned on the training patches of `data`, then averaged with the base."""
+    patches = np.concatenate([d.patches for d in data])
+    labels = np.concatenate([d.labels for d in data])
+    networks = []
+    for member in base.networks:
+        network = copy.deepcopy(member)
+        fit(network, patches, labels, args.steps, args.lr, rng, mine_every=max(args.steps // 2, 1), started=started,
+            freeze_batchnorm=True)
+        networks.append(averaged(member, network, args.base_weight))
+    return networks
+
+
+def score_checks(networks: list, data: list) -> None:
+    """The fine-tuned CNN's scores of each checked scan's candidates and injected microbleeds (new_cnn,
+    new_injected); `networks` never trained on these scans."""
+    for d in data:
+        d.new_cnn = mean_probabilities(networks, d.candidate_patches.astype(np.float32), "cpu", VIEWS)
+        if d.injected is not None and len(d.injected):
+            d.new_injected = mean_probabilities(networks, d.injected.astype(np.float32), "cpu", VIEWS)
+
+
 def averaged(base, tuned, base_weight: float):
     """`tuned` with every floating-point weight replaced by base_weight * base + (1 - base_weight) * tuned."""
     base_state, tuned_state = base.state_dict(), tuned.state_dict()
@@ -434,19 +504,18 @@ def detector_scores(detector, prepared, centres: np.ndarray, patches: np.ndarray
     return detector._consult_yolo(prepared, centres, cnn)[0] if detector.yolo is not None else cnn
 
 
-def evaluate(base_path: Path, networks: list, held_data: list) -> dict:
+def evaluate(base_path: Path, held_data: list) -> dict:
     """Held-out numbers of the base as the pipeline runs it (pipeline.Detector: its CNN, its YOLO fusion and
-    its threshold) and of the fine-tuned CNN alone and with the shipped fusion band, each after
-    recalibration; which configuration is kept ("stage3")."""
+    its threshold) and of the fine-tuned CNN (score_checks' new_cnn) alone and with the shipped fusion band,
+    each after recalibration; which configuration is kept ("stage3")."""
     from .. import yolo
     from ..classify import score_patches
     from ..pipeline import Detector
 
     base = Detector(base_path, "cpu")
-    before = at_threshold(held_data, [detector_scores(base, d.prepared, d.centres, d.patches) for d in held_data],
-                          base.operating_threshold)
-    new_cnn = [mean_probabilities(networks, d.patches.astype(np.float32), "cpu", VIEWS)
-               for d in held_data]
+    before = at_threshold(held_data, [detector_scores(base, d.prepared, d.centres, d.candidate_patches)
+                                      for d in held_data], base.operating_threshold)
+    new_cnn = [d.new_cnn for d in held_data]
     yolo_model = base.yolo or (yolo.load_yolo(yolo.DEFAULT_YOLO, "cpu") if yolo.DEFAULT_YOLO.is_file() else None)
     configs = {"off": new_cnn}
     if yolo_model is not None:
@@ -461,7 +530,7 @@ def evaluate(base_path: Path, networks: list, held_data: list) -> dict:
         base_scores = score_patches(base.model, patches)
         if base.yolo is not None:
             base_scores = yolo.fuse(base_scores, yolo_values, base.yolo.fusion)
-        new_scores = mean_probabilities(networks, patches, "cpu", VIEWS)
+        new_scores = np.concatenate([d.new_injected for d in injected])
         scores_of = {"off": new_scores}
         if yolo_model is not None:
             scores_of["kept"] = yolo.fuse(new_scores, yolo_values, yolo_model.fusion)
@@ -490,6 +559,7 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
     """The new model folder, written whole or not at all (a temporary folder renamed at the end)."""
     import torch
 
+    every = list({s.name: s for s in train_scans + held_scans}.values())  # cross-fitting: a scan is in both
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # a cancelled earlier run's leftovers
     partial.mkdir(parents=True)
@@ -532,9 +602,10 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
             "base_weight": args.base_weight,
             "reviews": str(Path(args.reviews).resolve()),
             "scans": {"train": [s.name for s in train_scans], "held_out": [s.name for s in held_scans],
-                      "complete_reviews": sum(s.complete for s in train_scans + held_scans)},
-            "points": {"accepted_or_added": int(sum(len(s.positive) for s in train_scans + held_scans)),
-                       "rejected": int(sum(len(s.negative) for s in train_scans + held_scans)),
+                      "complete_reviews": sum(s.complete for s in every)},
+            "calibration": evaluation["calibration"],
+            "points": {"accepted_or_added": int(sum(len(s.positive) for s in every)),
+                       "rejected": int(sum(len(s.negative) for s in every)),
                        "positive_patches": n_positive, "negative_patches": n_negative},
             "labels": "accepted and added points: microbleeds; rejected points and, in complete reviews only, "
                       "the stage-1 candidates nobody marked: mimics; pending points: never labels",
