@@ -217,3 +217,6 @@ def test_bench_adapt_reads_each_model_at_the_other_models_sensitivity():
             in lines)
     assert ("- shipped at site model's sensitivity (0.600, 0.30 FP/scan at 0.70): 0.50 FP/scan at threshold 0.50."
             in lines)
+    crossfit = {"calibration": {"method": "cross-fitted", "folds": 4}, "scans": {"held_out": ["a", "b", "c", "d"]}}
+    assert bench_adapt._check_text(crossfit).startswith("checked by cross-fitting: the 4 complete reviews in 4 folds")
+    assert bench_adapt._check_text({"scans": {"held_out": ["a", "b"]}}) == "held out by the fine-tune: a, b"

@@ -244,6 +244,15 @@ def _site_text(site: dict) -> str:
             "every scan of the site shares these, and differs in anatomy, veins, lesions and noise")
 
 
+def _check_text(adaptation: dict) -> str:
+    """How the fine-tune checked itself: cross-fitted folds, or the scans it held out."""
+    calibration = adaptation.get("calibration", {})
+    if calibration.get("method") == "cross-fitted":
+        return (f"checked by cross-fitting: the {len(adaptation['scans']['held_out'])} complete reviews in "
+                f"{calibration['folds']} folds, each scored by a fine-tune on the others")
+    return f"held out by the fine-tune: {', '.join(adaptation['scans']['held_out'])}"
+
+
 def _curve_lines(set_name: str, results: dict) -> list:
     """A set's curves (the operating point in bold), then each model read at the other's sensitivity."""
     keys = list(next(iter(results.values()))["curve"])
@@ -282,7 +291,7 @@ def markdown(report: dict, card: dict) -> str:
         f"`{report['finetune_command']}`",
         "",
         f"({adaptation['points']['positive_patches']} positive and {adaptation['points']['negative_patches']} "
-        f"negative patches; held out by the fine-tune: {', '.join(adaptation['scans']['held_out'])}; "
+        f"negative patches; {_check_text(adaptation)}; "
         f"{adaptation['seconds']:.0f} s on this machine's CPU). Stage 3: {adaptation['stage3_choice']}.",
         "",
         "Scoring: each model as `pipeline.Detector` runs it (its CNN, its YOLO fusion or none, its operating "
@@ -296,9 +305,9 @@ def markdown(report: dict, card: dict) -> str:
         for model_name, result in results.items():
             lines.append(f"| {set_name} | {model_name} | {result['threshold']:.2f} | {result['sensitivity']:.3f} | "
                          f"{result['fp_per_scan']:.2f} | {result['microbleeds']} | {result['scans']} |")
-    lines += ["", "Each model's curve on each set (sensitivity / FP per scan at every threshold; the operating threshold "
-              "in bold), and each model at the other's operating sensitivity: whether the fine-tune learnt "
-              "something, or only moved along the curve.", ""]
+    lines += ["", "Each model's curve on each set (sensitivity / FP per scan at every threshold; the operating "
+              "threshold in bold), and each model at the other's operating sensitivity: whether the fine-tune "
+              "learnt something, or only moved along the curve.", ""]
     for set_name, results in report["sets"].items():
         lines += [*_curve_lines(set_name, results), ""]
     held = report["held_out_reviews"]
