@@ -103,17 +103,19 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     brain_acquired = _resample_labels(labels, grid_affine, acquired_affine, acquired_shape)
     del signal_working
 
-    spheres = []
+    drawn = []  # (sphere, its (box, factors) when measuring its apparent size made them, else None)
     if not cmb_free:
         count = n_cmb if n_cmb is not None else int(min(12, 1 + rng.geometric(0.35) - 1 + rng.integers(0, 2)))
-        spheres += _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
-                                       variation, variation_rng)
-    spheres += _sample_calcifications(rng, head, deformation, acquired_affine, acquired_shape, acq,
-                                      mean_count=1.2 * mimic_level)
-    for sphere in spheres:
-        box, factors = sphere_voxel_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
+        drawn += _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
+                                     variation, variation_rng)
+    drawn += _sample_calcifications(rng, head, deformation, acquired_affine, acquired_shape, acq,
+                                    mean_count=1.2 * mimic_level)
+    for sphere, voxel_factors in drawn:
+        box, factors = voxel_factors or sphere_voxel_factors(sphere, acquired_affine, acquired_shape, acq.b0_t,
+                                                             acq.te_ms / 1000)
         if box is not None:
             signal[box] *= factors
+    spheres = [sphere for sphere, _ in drawn]
 
     signal *= _bias_field(rng, acquired_shape, variation.bias_sd)
     signal = _artefacts(signal, variation, variation_rng)
@@ -275,7 +277,8 @@ def _region_map():
 def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
                         variation=Variation(), variation_rng=None):
     """Microbleeds in tissue of a randomly chosen location class; with variation.lesion_parts > 1 each is
-    irregular: its main sphere (the truth centre) plus smaller overlapping "microbleed part" spheres."""
+    irregular: its main sphere (the truth centre) plus smaller overlapping "microbleed part" spheres.
+    Returns (sphere, voxel factors or None) pairs: the factors measured its apparent size and draw it too."""
     codes, atlas = _region_map()
     vein_points = np.concatenate([v.points for v in veins])
     tissue = (head.gm + head.wm > 0.6) & head.brain
@@ -290,24 +293,26 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
         centre = deformation.to_scanner(centre_mni)[0]
         if np.min(np.linalg.norm(vein_points - centre, axis=1)) < variation.vein_clearance_mm:
             continue
-        if any(np.linalg.norm(s.centre - centre) < variation.lesion_separation_mm for s in spheres):
+        if any(np.linalg.norm(s.centre - centre) < variation.lesion_separation_mm for s, _ in spheres):
             continue
         chi_low, chi_high = variation.lesion_chi_ppm
         sphere = Sphere("microbleed", centre, rng.uniform(1.0, 5.0), float(np.exp(rng.uniform(np.log(chi_low), np.log(chi_high)))),
                         core_signal=rng.uniform(0.0, 0.1), region=region_name, lobe=lobe)
         sphere.extra["centre_mni"] = centre_mni[0].tolist()
-        sphere.apparent_diameter_mm = apparent_diameter(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
+        voxel_factors = sphere_voxel_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
+        sphere.apparent_diameter_mm = apparent_diameter(sphere, acquired_affine, acquired_shape, acq.b0_t,
+                                                        acq.te_ms / 1000, voxel_factors=voxel_factors)
         if APPARENT_RANGE_MM[0] <= sphere.apparent_diameter_mm <= APPARENT_RANGE_MM[1]:
-            spheres.append(sphere)
+            spheres.append((sphere, voxel_factors))
     parts = []
-    for sphere in spheres if variation.lesion_parts > 1 else []:
+    for sphere, _ in spheres if variation.lesion_parts > 1 else []:
         radius = sphere.diameter_mm / 2
         for _ in range(variation.lesion_parts - 1):
             direction = variation_rng.normal(size=3)
             offset = direction / np.linalg.norm(direction) * radius * variation_rng.uniform(0.4, 0.9)
             parts.append(Sphere("microbleed part", sphere.centre + offset, sphere.diameter_mm * variation_rng.uniform(0.4, 0.8),
                                 sphere.chi_ppm * variation_rng.uniform(0.5, 1.2), core_signal=sphere.core_signal))
-    return spheres + parts
+    return spheres + [(part, None) for part in parts]
 
 
 def _random_point(rng, head, mask) -> np.ndarray:
@@ -319,6 +324,7 @@ def _random_point(rng, head, mask) -> np.ndarray:
 
 
 def _sample_calcifications(rng, head, deformation, acquired_affine, acquired_shape, acq, mean_count):
+    """(calcification, its voxel factors) pairs at the usual calcification sites."""
     spheres = []
     for _ in range(rng.poisson(mean_count)):
         names = [site[0] for site in CALCIFICATION_SITES]
@@ -328,8 +334,10 @@ def _sample_calcifications(rng, head, deformation, acquired_affine, acquired_sha
         centre_mni = np.array([[x * rng.choice([-1, 1]), y, z]]) + rng.normal(0, 1.5, 3)
         sphere = Sphere("calcification", deformation.to_scanner(centre_mni)[0], rng.uniform(1.0, 3.0),
                         -float(rng.uniform(0.1, 1.0)), core_signal=rng.uniform(0.1, 0.3), site=names[index])
-        sphere.apparent_diameter_mm = apparent_diameter(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
-        spheres.append(sphere)
+        voxel_factors = sphere_voxel_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
+        sphere.apparent_diameter_mm = apparent_diameter(sphere, acquired_affine, acquired_shape, acq.b0_t,
+                                                        acq.te_ms / 1000, voxel_factors=voxel_factors)
+        spheres.append((sphere, voxel_factors))
     return spheres
 
 
