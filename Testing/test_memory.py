@@ -28,7 +28,7 @@ def test_the_estimate_of_a_large_volume_is_under_the_limit_and_grows_with_the_vo
 
 def test_a_volume_that_would_not_fit_is_refused_with_its_size_and_the_memory_available():
     check_fits_in_memory(LARGE_SHAPE, available_bytes=8e9)
-    with pytest.raises(InputError, match=r"512 x 512 x 400 volume needs about 3\.\d GB .* 2\.0 GB is available"):
+    with pytest.raises(InputError, match=r"512 x 512 x 400 volume needs about 4\.0 GB .* 2\.0 GB is available"):
         check_fits_in_memory(LARGE_SHAPE, available_bytes=2e9)
 
 

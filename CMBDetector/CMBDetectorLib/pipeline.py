@@ -33,9 +33,11 @@ MERGE_MM = 3.0  # detections closer than this are one lesion
 # grids.py): the libraries and models take about 1.6 GB, each voxel about 12-16 bytes (the input, the mask,
 # the normalised image and its unmasked copy, the image-type check's samples). Measured: `make bench`'s
 # timing scan 1.8 GB; the 512 x 512 x 400 volume of Testing/test_memory.py 2.86 GB before the image-type
-# check, 3.60 GB with it. The constants below leave a margin above those.
+# check, 3.60 GB with it; since the image-type measures run beside registration (preprocess.prepare), 3.04 GB
+# on a quiet machine and 3.89 GB once when they overlapped registration's peak on a busy one. The constants
+# below leave a margin above those (3.99 GB for that volume).
 BASE_MEMORY_BYTES = 2.0e9
-BYTES_PER_VOXEL = 18
+BYTES_PER_VOXEL = 19
 
 
 @dataclass
