@@ -152,9 +152,9 @@ def sample_domain_acquisition(protocol: str, rng: np.random.Generator) -> Acquis
 def sample_site(protocol: str, site_seed: int) -> tuple:
     """(Acquisition, Variation) of one site: drawn once from the site seed, the same for every scan of it."""
     rng = np.random.default_rng([site_seed, 11])
-    if is_domain_protocol(protocol):
-        return sample_domain_acquisition(protocol, rng), sample_variation(protocol, rng)
-    return sample_acquisition(protocol, rng), Variation()
+    acquisition = (sample_domain_acquisition(protocol, rng) if is_domain_protocol(protocol)
+                   else sample_acquisition(protocol, rng))
+    return acquisition, sample_variation(protocol, rng)  # a nominal protocol's Variation() draws nothing
 
 
 def is_domain_protocol(protocol: str) -> bool:

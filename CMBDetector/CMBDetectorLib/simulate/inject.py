@@ -21,7 +21,7 @@ from scipy import ndimage
 from ..image import Volume
 from ..phase import from_radians, to_radians, vendor_range
 from .physics import swi_magnitude
-from .structures import Sphere, apparent_diameter, sphere_voxel_factors
+from .structures import Sphere, measured_factors
 from .synth import APPARENT_RANGE_MM
 
 B0_CHOICES_T = (1.5, 3.0)
@@ -74,11 +74,8 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
         sphere = Sphere("microbleed", ijk * spacing, rng.uniform(*DIAMETER_RANGE_MM),
                         float(np.exp(rng.uniform(*np.log(CHI_RANGE_PPM)))), rng.uniform(*CORE_SIGNAL_RANGE))
         swi, sign = rng.random() < SWI_CHANCE, float(rng.choice([-1.0, 1.0]))
-        box, factors = sphere_voxel_factors(sphere, grid, signal.shape, b0, te_s)
-        if box is None:
-            continue
-        diameter = apparent_diameter(sphere, grid, signal.shape, b0, te_s, voxel_factors=(box, factors))
-        if not APPARENT_RANGE_MM[0] <= diameter <= APPARENT_RANGE_MM[1]:
+        box, factors = measured_factors(sphere, grid, signal.shape, b0, te_s)
+        if box is None or not APPARENT_RANGE_MM[0] <= sphere.apparent_diameter_mm <= APPARENT_RANGE_MM[1]:
             continue
         field_phase = np.angle(factors).astype(np.float32)
         darkening = np.abs(factors).astype(np.float32)

@@ -227,6 +227,15 @@ def sphere_voxel_factors(sphere: Sphere, grid_affine: np.ndarray, shape, b0_tesl
     return tuple(slice(a, b) for a, b in zip(lo, hi)), result
 
 
+def measured_factors(sphere: Sphere, grid_affine, shape, b0_tesla, te_s) -> tuple:
+    """sphere_voxel_factors' (box, factors), with sphere.apparent_diameter_mm measured from them: one
+    computation both to size a sphere and to draw it."""
+    voxel_factors = sphere_voxel_factors(sphere, grid_affine, shape, b0_tesla, te_s)
+    sphere.apparent_diameter_mm = apparent_diameter(sphere, grid_affine, shape, b0_tesla, te_s,
+                                                    voxel_factors=voxel_factors)
+    return voxel_factors
+
+
 def apparent_diameter(sphere: Sphere, grid_affine, shape, b0_tesla, te_s, darkness: float = 0.5,
                       voxel_factors: tuple | None = None) -> float:
     """In-plane diameter (mm) of the region the sphere darkens below `darkness` on its central slice;

@@ -29,8 +29,8 @@ from .domain import (HELD_OUT_PROTOCOLS, RANDOMISED_PROTOCOL, TISSUES, Variation
 from .deform import random_deformation
 from ..phase import homodyne_phase
 from .physics import field_from_susceptibility, gre_signal, swi_magnitude
-from .structures import (CALCIFICATION_SITES, Sphere, apparent_diameter, rasterise_veins,
-                         sphere_voxel_factors, vein_network)
+from .structures import (CALCIFICATION_SITES, Sphere, measured_factors, rasterise_veins, sphere_voxel_factors,
+                         vein_network)
 
 TISSUE_CHI_PPM = {"gm": 0.02, "wm": -0.03, "csf": 0.0, "skull": -2.0}
 WATER_VS_AIR_PPM = -9.4  # tissue is diamagnetic relative to air; air is the zero of this map
@@ -62,10 +62,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     if site_seed is not None:
         acq, variation = sample_site(acquisition, site_seed)
     else:
-        if is_domain_protocol(acquisition):
-            acq = sample_domain_acquisition(acquisition, variation_rng)
-        else:
-            acq = sample_acquisition(acquisition, rng)
+        acq = (sample_domain_acquisition(acquisition, variation_rng) if is_domain_protocol(acquisition)
+               else sample_acquisition(acquisition, rng))
         variation = sample_variation(acquisition, variation_rng)
     if spacing_mm is not None:
         acq = dataclasses.replace(acq, spacing_mm=tuple(float(v) for v in spacing_mm))
@@ -299,9 +297,7 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
         sphere = Sphere("microbleed", centre, rng.uniform(1.0, 5.0), float(np.exp(rng.uniform(np.log(chi_low), np.log(chi_high)))),
                         core_signal=rng.uniform(0.0, 0.1), region=region_name, lobe=lobe)
         sphere.extra["centre_mni"] = centre_mni[0].tolist()
-        voxel_factors = sphere_voxel_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
-        sphere.apparent_diameter_mm = apparent_diameter(sphere, acquired_affine, acquired_shape, acq.b0_t,
-                                                        acq.te_ms / 1000, voxel_factors=voxel_factors)
+        voxel_factors = measured_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
         if APPARENT_RANGE_MM[0] <= sphere.apparent_diameter_mm <= APPARENT_RANGE_MM[1]:
             spheres.append((sphere, voxel_factors))
     parts = []
@@ -334,10 +330,8 @@ def _sample_calcifications(rng, head, deformation, acquired_affine, acquired_sha
         centre_mni = np.array([[x * rng.choice([-1, 1]), y, z]]) + rng.normal(0, 1.5, 3)
         sphere = Sphere("calcification", deformation.to_scanner(centre_mni)[0], rng.uniform(1.0, 3.0),
                         -float(rng.uniform(0.1, 1.0)), core_signal=rng.uniform(0.1, 0.3), site=names[index])
-        voxel_factors = sphere_voxel_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
-        sphere.apparent_diameter_mm = apparent_diameter(sphere, acquired_affine, acquired_shape, acq.b0_t,
-                                                        acq.te_ms / 1000, voxel_factors=voxel_factors)
-        spheres.append((sphere, voxel_factors))
+        spheres.append((sphere, measured_factors(sphere, acquired_affine, acquired_shape, acq.b0_t,
+                                                 acq.te_ms / 1000)))
     return spheres
 
 
@@ -408,6 +402,7 @@ def write_scan(scan: SimulatedScan, out_dir) -> dict:
     return paths
 
 
+MIXES = {"mixed": PROTOCOLS, "ood": HELD_OUT_PROTOCOLS}  # set names whose scans cycle through several protocols
 ACQUISITION_CHOICES = (*PROTOCOLS, "mixed", RANDOMISED_PROTOCOL, *HELD_OUT_PROTOCOLS, "ood")
 
 
@@ -423,7 +418,7 @@ def scan_plan(n: int, seed: int, acquisition: str, cmb_free_fraction: float) -> 
     free = set(np.linspace(0, n - 1, n_free).round().astype(int).tolist()) if n_free else set()
     plan = []
     for index in range(n):
-        cycle = {"mixed": PROTOCOLS, "ood": HELD_OUT_PROTOCOLS}.get(acquisition, (acquisition,))
+        cycle = MIXES.get(acquisition, (acquisition,))
         protocol = cycle[index % len(cycle)]
         plan.append((seed * 10000 + index, protocol, index in free))
     return plan
@@ -462,7 +457,7 @@ def run(args) -> int:
     plan = scan_plan(args.n, args.seed, args.acquisition, args.cmb_free_fraction)[: args.limit]
     if args.mimic_level < 0:
         raise CMBError("--mimic-level must not be negative")
-    if args.site_seed is not None and args.acquisition in ("mixed", "ood"):
+    if args.site_seed is not None and args.acquisition in MIXES:
         raise CMBError("--site-seed needs one protocol: a site scans with one acquisition, not a mix")
     jobs = [(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed)
             for seed, protocol, free in plan]

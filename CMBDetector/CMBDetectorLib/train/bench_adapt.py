@@ -133,7 +133,7 @@ def in_workers(job, items: list, model_paths: dict, jobs: int) -> list:
 
 def score_set(truth_files: list, model_paths: dict, jobs: int = 1) -> dict:
     """{name: lesion_counts at that model's operating threshold (as pipeline.Detector runs it), and "curve":
-    lesion_counts at every finetune.THRESHOLDS} over the scans."""
+    finetune.curve} over the scans."""
     from ..pipeline import Detector
 
     results = in_workers(_score_job, truth_files, model_paths, jobs)
@@ -144,7 +144,7 @@ def score_set(truth_files: list, model_paths: dict, jobs: int = 1) -> dict:
         scores = [model_scores[name] for *_, model_scores in results]
         threshold = Detector(path, "cpu").operating_threshold
         report[name] = {"threshold": threshold, **tuning.lesion_counts(scans, scores, threshold),
-                        "curve": {f"{t:.2f}": tuning.lesion_counts(scans, scores, t) for t in finetune.THRESHOLDS}}
+                        "curve": finetune.curve(scans, scores)}
     return report
 
 

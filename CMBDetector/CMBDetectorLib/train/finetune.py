@@ -221,16 +221,24 @@ def fused(yolo_model, cnn: list, yolo_values: list) -> list:
     return [yolo.fuse(c, np.nan_to_num(y), yolo_model.fusion) for c, y in zip(cnn, yolo_values)]
 
 
-def operating_points(held_out: list, scores: list) -> dict:
-    scans = [tuning.HeldOutScan(d.scan.name, d.scan.positive, d.centres, s, np.zeros(len(s)))
-             for d, s in zip(held_out, scores)]
+def _held_out_scans(held_out: list, scores: list) -> list:
+    """The checked scans as tuning.lesion_counts takes them: the reviewed points are the truth."""
+    return [tuning.HeldOutScan(d.scan.name, d.scan.positive, d.centres, s, np.zeros(len(s)))
+            for d, s in zip(held_out, scores)]
+
+
+def curve(scans: list, scores: list) -> dict:
+    """{threshold key: tuning.lesion_counts} at every THRESHOLDS: a model's curve on a set of scans."""
     return {f"{t:.2f}": tuning.lesion_counts(scans, scores, t) for t in THRESHOLDS}
 
 
+def operating_points(held_out: list, scores: list) -> dict:
+    return curve(_held_out_scans(held_out, scores), scores)
+
+
 def at_threshold(held_out: list, scores: list, threshold: float) -> dict:
-    scans = [tuning.HeldOutScan(d.scan.name, d.scan.positive, d.centres, s, np.zeros(len(s)))
-             for d, s in zip(held_out, scores)]
-    return {"threshold": float(threshold), **tuning.lesion_counts(scans, scores, threshold)}
+    return {"threshold": float(threshold), **tuning.lesion_counts(_held_out_scans(held_out, scores), scores,
+                                                                  threshold)}
 
 
 def recalibrate(points: dict, base_sensitivity: float, injected: dict | None = None,
