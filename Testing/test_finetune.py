@@ -88,7 +88,7 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     # written trained on all three, and every review's lesions are held-out checks
     calibration = adaptation["calibration"]
     assert calibration["method"] == "cross-fitted" and calibration["folds"] == 3
-    assert sorted(calibration["fold_of"].values()) == [0, 1, 2]
+    assert sorted(calibration["fold_of"].values()) == [0, 1, 2] and calibration["model"] == finetune.SOUP
     assert len(adaptation["scans"]["held_out"]) == len(adaptation["scans"]["train"]) == 3
     assert adaptation["points"]["accepted_or_added"] == 9 and adaptation["scans"]["complete_reviews"] == 3
     held = adaptation["held_out"]["chosen"]
@@ -142,7 +142,7 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
     assert card["adaptation"]["injected"]["per_scan"] == (int(inject) if inject else finetune.INJECT_PER_SCAN)
 
 
-def test_the_site_model_keeps_the_base_batchnorm_statistics_and_averages_its_weights_with_the_base():
+def test_the_site_model_keeps_the_base_batchnorm_statistics_and_averages_weights_with_the_base_and_the_folds():
     import copy
 
     import torch
@@ -168,6 +168,14 @@ def test_the_site_model_keeps_the_base_batchnorm_statistics_and_averages_its_wei
     for name in weights:
         assert torch.allclose(mixed[name], 0.25 * base_state[name] + 0.75 * tuned_state[name], atol=1e-6)
     assert all(torch.equal(base.state_dict()[name], value) for name, value in base_state.items())  # base untouched
+    copies = [copy.deepcopy(tuned) for _ in range(3)]
+    for scale, network in zip((1.0, 2.0, 6.0), copies):
+        network.load_state_dict({name: value * scale if value.is_floating_point() else value
+                                 for name, value in tuned_state.items()})
+    soup = finetune.souped([[network] for network in copies])
+    assert len(soup) == 1 and soup[0] is copies[-1]  # one member, held by the last ensemble
+    for name in weights:
+        assert torch.allclose(soup[0].state_dict()[name], 3.0 * tuned_state[name], atol=1e-5)  # (1 + 2 + 6) / 3
 
 
 def test_recalibration_keeps_the_base_sensitivity_when_it_can():
@@ -220,3 +228,26 @@ def test_bench_adapt_reads_each_model_at_the_other_models_sensitivity():
     crossfit = {"calibration": {"method": "cross-fitted", "folds": 4}, "scans": {"held_out": ["a", "b", "c", "d"]}}
     assert bench_adapt._check_text(crossfit).startswith("checked by cross-fitting: the 4 complete reviews in 4 folds")
     assert bench_adapt._check_text({"scans": {"held_out": ["a", "b"]}}) == "held out by the fine-tune: a, b"
+
+
+def test_bench_adapt_pools_its_test_sets_and_judges_each_against_the_bar():
+    def counts(tp, fp, microbleeds, scans=20):
+        return {"sensitivity": round(tp / microbleeds, 4), "fp_per_scan": round(fp / scans, 3), "tp": tp, "fp": fp,
+                "microbleeds": microbleeds, "scans": scans}
+
+    def result(threshold, at, curve):
+        return {"threshold": threshold, **at, "curve": curve}
+
+    first = {"shipped": result(0.3, counts(37, 18, 51), {"0.30": counts(37, 18, 51), "0.60": counts(25, 7, 51)}),
+             "site model": result(0.6, counts(35, 9, 51), {"0.30": counts(41, 84, 51), "0.60": counts(35, 9, 51)})}
+    second = {"shipped": result(0.3, counts(30, 15, 45), {"0.30": counts(30, 15, 45), "0.60": counts(28, 4, 45)}),
+              "site model": result(0.6, counts(31, 6, 45), {"0.30": counts(38, 76, 45), "0.60": counts(31, 6, 45)})}
+    both = bench_adapt.pooled([first, second])
+    assert both["shipped"]["threshold"] == 0.3 and both["site model"]["threshold"] == 0.6
+    assert both["shipped"]["tp"] == 67 and both["shipped"]["microbleeds"] == 96 and both["shipped"]["scans"] == 40
+    assert both["site model"]["sensitivity"] == round(66 / 96, 4) and both["site model"]["fp_per_scan"] == 0.375
+    assert both["site model"]["curve"]["0.30"]["fp"] == 160
+    assert not bench_adapt.meets_bar(first)  # false positives halved, but 2 of 51 lesions lost
+    assert bench_adapt.meets_bar(second)  # 15 -> 6 false positives, one lesion more
+    assert not bench_adapt.meets_bar(both)  # pooled: 67 -> 66 lesions
+    assert not bench_adapt.meets_bar({"shipped": counts(30, 10, 45), "site model": counts(30, 6, 45)})  # 40 % fewer
