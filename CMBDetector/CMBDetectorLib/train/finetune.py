@@ -316,8 +316,9 @@ def add_arguments(parser) -> None:
                         "into each reviewed scan: extra positives, and a sensitivity check on held-out scans (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=FOLDS, help="cross-fitting: the complete reviews in this "
-                        "many folds, each checked (and the threshold chosen) on a fine-tune that never saw it, then "
-                        f"the model trained on all (default {FOLDS}; 1: one held-out share, --held-out-fraction)")
+                        "many folds, each checked (and the threshold chosen) on a fine-tune that never saw it; the "
+                        "model written averages those fine-tunes' weights with one on all reviews (default "
+                        f"{FOLDS}; 1: one held-out share, --held-out-fraction)")
     parser.add_argument("--held-out-fraction", type=float, default=0.3,
                         help="with --folds 1: share of the complete reviews held out for the before/after check")
     parser.add_argument("--hold-out", default="", help="comma-separated review names (NAME of NAME_review.json) "
