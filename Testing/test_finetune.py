@@ -92,7 +92,7 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     assert len(adaptation["scans"]["held_out"]) == len(adaptation["scans"]["train"]) == 3
     assert adaptation["points"]["accepted_or_added"] == 9 and adaptation["scans"]["complete_reviews"] == 3
     held = adaptation["held_out"]["chosen"]
-    assert set(held) == {"before", "after"} and held["before"]["microbleeds"] == 9
+    assert set(held) == {"before", "after"} and held["before"]["microbleeds"] == 9 and held["after"]["cross_checked"]
     injected = adaptation["held_out"]["injected"]  # synthetic microbleeds in the held-out scans: a second check
     assert adaptation["injected"]["per_scan"] == finetune.INJECT_PER_SCAN and injected["lesions"] >= 18
     chosen = adaptation["held_out"]["configurations"][card["stage3"]]
@@ -189,6 +189,33 @@ def test_recalibration_keeps_the_base_sensitivity_when_it_can():
     assert finetune.recalibrate(points, 0.8, injected, 0.5) == 0.7
     pending = {"findings": [{"status": "pending", "position_ras": [0, 0, 0]}]}
     assert review.review_labels(pending)["positive"].shape == review.review_labels(pending)["negative"].shape == (0, 3)
+
+
+def test_the_activation_check_counts_each_fold_at_a_threshold_chosen_without_it():
+    from types import SimpleNamespace
+
+    def checked(name, lesions, candidates):
+        return SimpleNamespace(scan=SimpleNamespace(name=name, positive=np.array(lesions, float).reshape(-1, 3)),
+                               centres=np.array(candidates, float).reshape(-1, 3))
+
+    held = [checked("a", [[0, 0, 0]], [[0, 0, 0]]), checked("b", [[0, 0, 0]], [[0, 0, 0], [50, 0, 0]])]
+    scores = [np.array([0.5]), np.array([0.7, 0.65])]
+    in_sample = {"threshold": 0.45, "after": finetune.at_threshold(held, scores, 0.45)}
+    assert in_sample["after"]["tp"] == 2 and in_sample["after"]["fp"] == 1
+
+    def calibrated(rows):  # b alone would choose 0.6 (a's lesion scores 0.5), a alone 0.4
+        return {(1,): 0.6, (0,): 0.4}[tuple(rows)]
+
+    after = finetune.cross_checked(held, scores, in_sample, {"a": 0, "b": 1}, calibrated)
+    assert after["group_thresholds"] == {"0": 0.6, "1": 0.4} and after["cross_checked"]
+    assert (after["tp"], after["fp"], after["microbleeds"], after["scans"]) == (1, 1, 2, 2)  # a's lesion lost
+    assert after["sensitivity"] == 0.5 and after["threshold"] == 0.45 and after["in_sample"] == in_sample["after"]
+    allowed, reason = finetune.activation({**in_sample["after"], "fp_per_scan": 2.0}, after, "shipped", 2)
+    assert not allowed and "1.000 -> 0.500" in reason  # in sample it would have looked as sensitive
+    alone = finetune.cross_checked(held, scores, in_sample, {"a": 0, "b": 0}, calibrated)  # one fold: nothing held
+    assert alone == {**in_sample["after"], "cross_checked": False}
+    default = finetune.cross_checked(held, scores, in_sample, None, calibrated)  # each scan its own group
+    assert default["group_thresholds"] == {"scan 0": 0.6, "scan 1": 0.4}
 
 
 def test_stage3_is_the_configuration_with_fewer_false_positives_at_the_base_sensitivity():

@@ -356,7 +356,11 @@ def markdown(report: dict, card: dict) -> str:
         "",
         f"Fine-tune's own check on its held-out reviews: sensitivity {held['before']['sensitivity']:.3f} -> "
         f"{held['after']['sensitivity']:.3f}, FP/scan {held['before']['fp_per_scan']:.2f} -> "
-        f"{held['after']['fp_per_scan']:.2f}; activation "
+        f"{held['after']['fp_per_scan']:.2f}"
+        + (f" (each fold at a threshold chosen on the other folds; in sample, at {held['after']['threshold']:.2f} "
+           f"chosen on all of them: {held['after']['in_sample']['sensitivity']:.3f}, "
+           f"{held['after']['in_sample']['fp_per_scan']:.2f})" if held["after"].get("cross_checked") else "")
+        + "; activation "
         + ("**refused** (worse than the base)" if report["refused"] else "allowed") + ".",
         "",
         "The fine-tune's held-out curve (sensitivity / FP per scan at each threshold; the rule keeps the base's "
