@@ -54,7 +54,7 @@ from . import dataset, tuning
 from .train_cnn import fit
 
 # Synthetic microbleeds per reviewed scan: the count of the trial runs (outside the repo) that chose the
-# injection; what it buys, and where it falls short, is in docs/benchmark-adapt.md and -seed43.md.
+# injection; what it buys, and where it falls short, is in docs/benchmark-adapt.md.
 INJECT_PER_SCAN = 12
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
