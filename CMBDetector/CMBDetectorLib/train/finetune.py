@@ -622,18 +622,14 @@ def cross_checked(held_data: list, scores: list, in_sample: dict, groups: dict |
     group_of = [(groups or {}).get(d.scan.name, f"scan {i}") for i, d in enumerate(held_data)]
     if len(set(group_of)) < 2:
         return {**in_sample["after"], "cross_checked": False}
-    tp = fp = 0
-    thresholds = {}
+    thresholds, counts = {}, []
     for group in dict.fromkeys(group_of):
         inside = [i for i, g in enumerate(group_of) if g == group]
         thresholds[str(group)] = calibrated([i for i, g in enumerate(group_of) if g != group])
-        counts = at_threshold([held_data[i] for i in inside], [scores[i] for i in inside], thresholds[str(group)])
-        tp, fp = tp + counts["tp"], fp + counts["fp"]
-    microbleeds = int(sum(len(d.scan.positive) for d in held_data))
-    return {"threshold": in_sample["threshold"], "sensitivity": round(tp / max(microbleeds, 1), 4),
-            "fp_per_scan": round(fp / max(len(held_data), 1), 3), "tp": tp, "fp": fp, "microbleeds": microbleeds,
-            "scans": len(held_data), "cross_checked": True, "group_thresholds": thresholds,
-            "in_sample": in_sample["after"]}
+        counts.append(at_threshold([held_data[i] for i in inside], [scores[i] for i in inside],
+                                   thresholds[str(group)]))
+    return {"threshold": in_sample["threshold"], **tuning.pooled_counts(counts), "cross_checked": True,
+            "group_thresholds": thresholds, "in_sample": in_sample["after"]}
 
 
 def write_version(target: Path, args, base, base_path: Path, base_version: str, networks: list, train_scans: list,

@@ -89,7 +89,17 @@ def lesion_counts(scans: list, scores: list, threshold: float) -> dict:
         tp += len(pairs)
         fp += len(kept) - len(pairs)
         total += len(scan.truth_points)
-    return {"sensitivity": round(tp / max(total, 1), 4), "fp_per_scan": round(fp / max(len(scans), 1), 3),
-            "tp": tp, "fp": fp, "microbleeds": total, "scans": len(scans)}
+    return counts_with_rates(tp, fp, total, len(scans))
+
+
+def counts_with_rates(tp: int, fp: int, microbleeds: int, scans: int) -> dict:
+    """Lesion counts as lesion_counts reports them: sensitivity and FP per scan beside the counts."""
+    return {"sensitivity": round(tp / max(microbleeds, 1), 4), "fp_per_scan": round(fp / max(scans, 1), 3),
+            "tp": tp, "fp": fp, "microbleeds": microbleeds, "scans": scans}
+
+
+def pooled_counts(counts: list) -> dict:
+    """Several lesion_counts results (disjoint scans) as one: counts summed, rates recomputed."""
+    return counts_with_rates(*(sum(c[key] for c in counts) for key in ("tp", "fp", "microbleeds", "scans")))
 
 
