@@ -257,6 +257,40 @@ def test_bench_adapt_reads_each_model_at_the_other_models_sensitivity():
     assert bench_adapt._check_text({"scans": {"held_out": ["a", "b"]}}) == "held out by the fine-tune: a, b"
 
 
+def test_bench_adapt_refuses_review_sets_it_cannot_keep_apart_or_fill(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench_adapt.add_arguments(parser)
+
+    def refusal(*extra):
+        args = parser.parse_args(["--out", str(tmp_path), "--table", str(tmp_path / "t.md"), *extra])
+        with pytest.raises(CMBError) as raised:
+            bench_adapt.run(args)
+        return str(raised.value)
+
+    assert "also a --test-seed" in refusal("--train-seed", "41", "46")
+    assert "--train-scans must be 1-20" in refusal("--train-scans", "21")
+    assert "--train-scans must be 1-40" in refusal("--train-seed", "41", "48", "--train-scans", "41")
+    assert not any(tmp_path.iterdir())  # refused before anything was simulated
+
+
+def test_bench_adapt_table_names_its_review_sets_and_why_activation_was_refused():
+    from pathlib import Path
+
+    report = json.loads((Path(__file__).parents[1] / "docs" / "benchmark-adapt.json").read_text())
+    point = {"sensitivity": 0.5, "fp_per_scan": 1.0}
+    card = {"adaptation": {"points": {"positive_patches": 10, "negative_patches": 20}, "seconds": 60.0,
+                           "stage3_choice": "off", "calibration": {}, "scans": {"held_out": ["a"]},
+                           "held_out": {"points": {"off": {"0.50": point}}}}}
+    report.update(seeds=[[41, 48], [45, 46, 47]], site_scans=[40, 20], refused=True,
+                  activation_reason="no better than its base shipped on the 40 held-out reviews: sensitivity ...")
+    text = bench_adapt.markdown(report, card)
+    assert "scan seeds 41, 48 (reviewed) and 45, 46, 47 (tested)" in text
+    assert "reviewed 40 scans" in text and "(`make bench-adapt`)" not in text  # not the default run
+    assert "activation **refused** (no better than its base shipped on the 40 held-out reviews)." in text
+
+
 def test_bench_adapt_pools_its_test_sets_and_judges_each_against_the_bar():
     def counts(tp, fp, microbleeds, scans=20):
         return {"sensitivity": round(tp / microbleeds, 4), "fp_per_scan": round(fp / scans, 3), "tp": tp, "fp": fp,

@@ -4,10 +4,11 @@
    whose acquisition and settings (field, TE, voxels, SNR, veins, contrast, artefacts, SWI processing, phase
    sign) are drawn once from the site seed and shared by all its scans, as at a real hospital
    (simulate.domain.sample_site); anatomy, veins, lesions and noise differ per scan. 20 scans to review
-   (seed 41) and three test sets of 20 others (seeds 45, 46, 47: one 20-scan set holds about 50 lesions, so
-   one lesion moves its sensitivity by 0.02; each set is judged alone and all are pooled), plus bench's
+   (seed 41; --train-seed 41 48 --train-scans 40 reviews two sets, for a learning curve) and three test
+   sets of 20 others (seeds 45, 46, 47: one 20-scan set holds about 50 lesions, so one lesion moves its
+   sensitivity by 0.02; each set is judged alone and all are pooled), plus bench's
    in-distribution validation set (seed 2, 30 scans; reused when `bench` made it already).
-2. A simulated reader reviews each of the 20 site scans as the shipped model presents it (the pipeline's
+2. A simulated reader reviews each of those site scans as the shipped model presents it (the pipeline's
    scores and operating threshold): accepts the findings within 5 mm of a true lesion, rejects the rest,
    adds the lesions it missed, and marks the review complete. Reviews are written as the Slicer export
    writes them (review.review_document), beside their scans.
@@ -37,7 +38,8 @@ from . import dataset, finetune, tuning
 
 # 3 T 2D GRE with thick slices: the commonest clinical microbleed sequence, at settings no training scan used
 SITE = {"protocol": "ood-gre3t-thick", "site_seed": 4}
-SITE_TRAIN = {"n": 20, "seed": 41, "cmb_free_fraction": 0.3, "mimic_level": 1.5}
+SITE_TRAIN = {"n": 20, "cmb_free_fraction": 0.3, "mimic_level": 1.5}  # one set per --train-seed seed
+TRAIN_SEEDS = (41,)
 SITE_TEST = {"n": 20, "cmb_free_fraction": 0.3, "mimic_level": 1.5}  # one set per TEST_SEEDS seed
 # Three test sets no trial run has scored: 42 (the earlier single test set), 43 and 44 were scored while the
 # fine-tune's recipe was chosen, so they no longer judge it.
@@ -54,7 +56,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val", default="bench-output/val", help="bench's in-distribution validation set "
                         "(simulated there when missing)")
     parser.add_argument("--train-scans", type=int, default=20, help="site scans the simulated reader reviews "
-                        "(the first N of the 20-scan seed-41 set)")
+                        "(the first N of the --train-seed sets, in order)")
+    parser.add_argument("--train-seed", type=int, nargs="+", default=list(TRAIN_SEEDS), help="seeds of the site's "
+                        f"sets to review, {SITE_TRAIN['n']} scans each (default {' '.join(map(str, TRAIN_SEEDS))}; "
+                        "a seed of a test set is refused)")
     parser.add_argument("--test-scans", type=int, default=20, help="other site scans, never reviewed, tested on")
     parser.add_argument("--test-seed", type=int, nargs="+", default=list(TEST_SEEDS), help="seeds of the site's "
                         f"test sets, each --test-scans scans (default {' '.join(map(str, TEST_SEEDS))})")
@@ -192,6 +197,7 @@ def _command(args) -> str:
     return (f"cmbdetector bench-adapt --out {shlex.quote(str(args.out))} --table {shlex.quote(str(args.table))} "
             f"--site-protocol {args.site_protocol} --site-seed {args.site_seed} "
             f"--val {shlex.quote(str(args.val))} --train-scans {args.train_scans} "
+            f"--train-seed {' '.join(map(str, args.train_seed))} "
             f"--test-scans {args.test_scans} --test-seed {' '.join(map(str, args.test_seed))} "
             f"--val-scans {args.val_scans} "
             f"--steps {args.steps} --seed {args.seed} --jobs {args.jobs} --threads {args.threads}")
@@ -206,19 +212,25 @@ def run(args) -> int:
     site = {"acquisition": args.site_protocol, "site_seed": args.site_seed}
     out = Path(args.out) / f"site{args.site_seed}-{args.site_protocol}"
     site_train, val = out / "train", Path(args.val)
-    site_train_spec = {**SITE_TRAIN, **site}
+    if set(args.train_seed) & set(args.test_seed):
+        raise CMBError("a --train-seed is also a --test-seed: the site model would be tested on scans it learnt from")
+    if not 0 < args.train_scans <= SITE_TRAIN["n"] * len(args.train_seed):
+        raise CMBError(f"--train-scans must be 1-{SITE_TRAIN['n'] * len(args.train_seed)} "
+                       f"({len(args.train_seed)} review set(s) of {SITE_TRAIN['n']} scans)")
+    train_specs = [{**SITE_TRAIN, **site, "seed": seed} for seed in args.train_seed]
     site_tests = {seed: (out / f"test-{seed}", {**SITE_TEST, **site, "n": args.test_scans, "seed": seed})
                   for seed in args.test_seed}
-    for folder, spec in ((site_train, site_train_spec), *site_tests.values(), (val, VALIDATION)):
+    for folder, spec in (*((site_train, spec) for spec in train_specs), *site_tests.values(), (val, VALIDATION)):
         folder.mkdir(parents=True, exist_ok=True)
         _simulate_set(folder, spec, args.jobs)
     shipped = {"shipped": DEFAULT_MODEL}  # the shipped model, whatever version the user made active
     print(f"simulated reader: reviewing the {args.train_scans} site scans", flush=True)
     for stale in site_train.glob("*_review.json"):  # finetune reads every review in the folder
         stale.unlink()
-    in_workers(_review_job, _set_files(site_train, site_train_spec)[: args.train_scans], shipped, args.jobs)
+    reviewed = [path for spec in train_specs for path in _set_files(site_train, spec)][: args.train_scans]
+    in_workers(_review_job, reviewed, shipped, args.jobs)
 
-    model_dir = out / f"model-seed{args.seed}"
+    model_dir = out / f"model-{args.train_scans}reviews-seed{args.seed}"
     if model_dir.exists():
         raise CMBError(f"{model_dir} exists from an earlier run: remove it (or choose another --out)")
     finetune_arguments = ["finetune", "--reviews", str(site_train), "--base", "shipped", "--out", str(model_dir),
@@ -235,10 +247,11 @@ def run(args) -> int:
     report = {"command": _command(args), "site_scans": [args.train_scans, args.test_scans],
               "site": {"protocol": args.site_protocol, "site_seed": args.site_seed,
                        "acquisition": acquisition.to_dict(), "variation": variation.to_dict()},
-              "seeds": [SITE_TRAIN["seed"], list(args.test_seed)],
+              "seeds": [list(args.train_seed), list(args.test_seed)],
               "json": Path(args.table).with_suffix(".json").name,
               "finetune_command": card["adaptation"]["command"],
               "refused": not card["adaptation"]["activation"]["allowed"], "stage3": card["stage3"],
+              "activation_reason": card["adaptation"]["activation"].get("reason", ""),
               "held_out_reviews": card["adaptation"]["held_out"]["chosen"], "sets": {}}
     val_files = _set_files(val, VALIDATION)[: args.val_scans or None]
     table = Path(args.table)
@@ -304,20 +317,27 @@ def _curve_lines(set_name: str, results: dict) -> list:
     return lines
 
 
+def _is_default(report: dict) -> bool:
+    """The run `make bench-adapt` makes: the default review and test sets."""
+    return (report["site_scans"][0] == SITE_TRAIN["n"] and list(np.atleast_1d(report["seeds"][0])) == list(TRAIN_SEEDS)
+            and report["seeds"][1] == list(TEST_SEEDS))
+
+
 def markdown(report: dict, card: dict) -> str:
     adaptation = card["adaptation"]
     lines = [
         "# Adaptation benchmark: fine-tuning on a site's reviews",
         "",
-        f"`{report['command']}`" + (" (`make bench-adapt`)" if report["seeds"][1] == list(TEST_SEEDS) else ""),
+        f"`{report['command']}`" + (" (`make bench-adapt`)" if _is_default(report) else ""),
         "",
         f"Site: {report['site_scans'][0]} reviewed + {len(report['seeds'][1])} x {report['site_scans'][1]} test "
         "scans of one simulated site from the "
         f"simulator's held-out domain, {_site_text(report['site'])}. 30 % CMB-free, mimic level 1.5; scan seeds "
-        f"{report['seeds'][0]} (reviewed) and {', '.join(map(str, report['seeds'][1]))} (tested), used nowhere "
-        "else; detected with the phase. "
-        "A simulated reader reviewed the first set as the shipped model showed them (accept true lesions, reject "
-        "the rest, add missed lesions, review complete); `cmbdetector finetune` learnt from those reviews:",
+        f"{', '.join(map(str, np.atleast_1d(report['seeds'][0])))} (reviewed) and "
+        f"{', '.join(map(str, report['seeds'][1]))} (tested), used nowhere else; detected with the phase. "
+        f"A simulated reader reviewed {report['site_scans'][0]} scans as the shipped model showed them (accept "
+        "true lesions, reject the rest, add missed lesions, review complete); `cmbdetector finetune` learnt from "
+        "those reviews:",
         "",
         f"`{report['finetune_command']}`",
         "",
@@ -358,7 +378,9 @@ def markdown(report: dict, card: dict) -> str:
            f"chosen on all of them: {held['after']['in_sample']['sensitivity']:.3f}, "
            f"{held['after']['in_sample']['fp_per_scan']:.2f})" if held["after"].get("cross_checked") else "")
         + "; activation "
-        + ("**refused** (worse than the base)" if report["refused"] else "allowed") + ".",
+        + ("allowed" if not report["refused"] else "**refused**" + (f" ({report['activation_reason'].split(':')[0]})"
+                                                                   if report.get("activation_reason") else ""))
+        + ".",
         "",
         "The fine-tune's held-out curve (sensitivity / FP per scan at each threshold; the rule keeps the base's "
         "sensitivity, so a single lost lesion on a small held-out set pushes the threshold down):",
