@@ -203,19 +203,26 @@ def test_the_activation_check_counts_each_fold_at_a_threshold_chosen_without_it(
     in_sample = {"threshold": 0.45, "after": finetune.at_threshold(held, scores, 0.45)}
     assert in_sample["after"]["tp"] == 2 and in_sample["after"]["fp"] == 1
 
-    def calibrated(rows):  # b alone would choose 0.6 (a's lesion scores 0.5), a alone 0.4
-        return {(1,): 0.6, (0,): 0.4}[tuple(rows)]
+    def choose(rows):  # b alone would choose 0.6 (a's lesion scores 0.5), a alone 0.4
+        return "off", {(1,): 0.6, (0,): 0.4}[tuple(rows)]
 
-    after = finetune.cross_checked(held, scores, in_sample, {"a": 0, "b": 1}, calibrated)
+    configs = {"off": scores}
+    after = finetune.cross_checked(held, configs, in_sample, {"a": 0, "b": 1}, choose)
     assert after["group_thresholds"] == {"0": 0.6, "1": 0.4} and after["cross_checked"]
     assert (after["tp"], after["fp"], after["microbleeds"], after["scans"]) == (1, 1, 2, 2)  # a's lesion lost
     assert after["sensitivity"] == 0.5 and after["threshold"] == 0.45 and after["in_sample"] == in_sample["after"]
     allowed, reason = finetune.activation({**in_sample["after"], "fp_per_scan": 2.0}, after, "shipped", 2)
     assert not allowed and "1.000 -> 0.500" in reason  # in sample it would have looked as sensitive
-    alone = finetune.cross_checked(held, scores, in_sample, {"a": 0, "b": 0}, calibrated)  # one fold: nothing held
+    alone = finetune.cross_checked(held, configs, in_sample, {"a": 0, "b": 0}, choose)  # one fold: nothing held
     assert alone == {**in_sample["after"], "cross_checked": False}
-    default = finetune.cross_checked(held, scores, in_sample, None, calibrated)  # each scan its own group
+    default = finetune.cross_checked(held, configs, in_sample, None, choose)  # each scan its own group
     assert default["group_thresholds"] == {"scan 0": 0.6, "scan 1": 0.4}
+    # stage 3 is chosen without the fold too: chosen on b alone, the fusion scores a's lesion 0.3 and loses it
+    configs["kept"] = [np.array([0.3]), np.array([0.9, 0.2])]
+    fused = finetune.cross_checked(held, configs, in_sample, {"a": 0, "b": 1},
+                                   lambda rows: ("kept", 0.5) if rows == [1] else ("off", 0.4))
+    assert fused["group_stage3"] == {"0": "kept", "1": "off"} and fused["group_thresholds"] == {"0": 0.5, "1": 0.4}
+    assert (fused["tp"], fused["fp"]) == (1, 1)  # a: kept at 0.5 misses (0.3); b: off at 0.4 finds it, one FP
 
 
 def test_stage3_is_the_configuration_with_fewer_false_positives_at_the_base_sensitivity():

@@ -374,8 +374,8 @@ def markdown(report: dict, card: dict) -> str:
         f"Fine-tune's own check on its held-out reviews: sensitivity {held['before']['sensitivity']:.3f} -> "
         f"{held['after']['sensitivity']:.3f}, FP/scan {held['before']['fp_per_scan']:.2f} -> "
         f"{held['after']['fp_per_scan']:.2f}"
-        + (f" (each fold at a threshold chosen on the other folds; in sample, at {held['after']['threshold']:.2f} "
-           f"chosen on all of them: {held['after']['in_sample']['sensitivity']:.3f}, "
+        + (f" (each fold at the stage 3 and threshold chosen on the other folds; in sample, at "
+           f"{held['after']['threshold']:.2f} chosen on all of them: {held['after']['in_sample']['sensitivity']:.3f}, "
            f"{held['after']['in_sample']['fp_per_scan']:.2f})" if held["after"].get("cross_checked") else "")
         + "; activation "
         + ("allowed" if not report["refused"] else "**refused**" + (f" ({report['activation_reason'].split(':')[0]})"
