@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-cohort bench-adapt clean
+.PHONY: venv test demo bench bench-cohort bench-adapt bench-adapt-40 clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ bench-cohort: $(STAMP)
 # Fine-tuning on a simulated site's reviews, measured before and after (reuses bench-output/val when there)
 bench-adapt: $(STAMP)
 	$(VENV)/bin/cmbdetector bench-adapt --out bench-adapt-output --val bench-output/val --table docs/benchmark-adapt.md
+
+# The same site after 40 reviewed scans (a second review set, seed 48): the learning curve's next point
+bench-adapt-40: $(STAMP)
+	$(VENV)/bin/cmbdetector bench-adapt --out bench-adapt-output --val bench-output/val \
+		--table docs/benchmark-adapt-40.md --train-seed 41 48 --train-scans 40
 
 clean:
 	rm -rf $(VENV) demo-output bench-output bench-adapt-output

@@ -434,11 +434,10 @@ def test_improve_the_model_from_my_reviews_runs_in_the_background_and_one_click_
     assert "Held-out reviews (3 scans, 9 microbleeds): sensitivity" in text, ui.logTextEdit.toPlainText()
     assert ui.modelProgressBar.value() == 100 and len(models.site_versions()) == 1
     version = models.site_versions()[0]
-    if "Not activated" in text:
-        assert ui.activeModelLabel.text().startswith("Active model: shipped")
-    else:
-        assert f"Now active: {version}" in text
-        assert ui.activeModelLabel.text().startswith(f"Active model: {version}")
+    # three crops cannot pin the outcome; the card, the result line and the active-model line agree on it
+    allowed = models.verify(version)["adaptation"]["activation"]["allowed"]
+    assert ("Now active: " + version if allowed else "Not activated: ") in text
+    assert ui.activeModelLabel.text().startswith(f"Active model: {version if allowed else models.SHIPPED}")
     harness.click(ui.useShippedModelButton)
     assert models.active_version() == models.SHIPPED
     assert ui.activeModelLabel.text().startswith("Active model: shipped")
