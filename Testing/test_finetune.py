@@ -229,6 +229,8 @@ def test_stage3_is_the_configuration_with_fewer_false_positives_at_the_base_sens
     alone, fused = {"sensitivity": 0.9, "fp_per_scan": 2.17}, {"sensitivity": 0.8, "fp_per_scan": 0.67}
     assert finetune._preferred(fused, alone, 0.8) and not finetune._preferred(alone, fused, 0.8)
     assert finetune._preferred(alone, fused, 0.9)  # only the CNN alone keeps a base sensitivity of 0.9
+    assert finetune.stage3_of({"off": alone, "kept": fused}, 0.8) == "kept"
+    assert finetune.stage3_of({"off": alone, "kept": fused}, 0.9) == "off" == finetune.stage3_of({"off": fused}, 0.8)
 
 
 def test_activation_needs_held_out_microbleeds_and_no_loss():

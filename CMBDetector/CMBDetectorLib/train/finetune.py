@@ -285,6 +285,11 @@ def activation(before: dict, after: dict, base_version: str, n_scans: int) -> tu
     return True, ""
 
 
+def stage3_of(afters: dict, base_sensitivity: float) -> str:
+    """The configuration kept, of {"off": counts[, "kept": counts]} each at its recalibrated threshold."""
+    return "kept" if "kept" in afters and _preferred(afters["kept"], afters["off"], base_sensitivity) else "off"
+
+
 def _preferred(first: dict, second: dict, base_sensitivity: float) -> bool:
     """Of two recalibrated configurations, first is the one to keep: it keeps the base's sensitivity (when
     only one does), then has fewer FP/scan, then is more sensitive. What a site model is for is fewer false
@@ -599,13 +604,10 @@ def evaluate(base_path: Path, held_data: list, groups: dict | None = None) -> di
         recalibrated there, then the one that keeps the base's sensitivity with fewer false positives."""
         data = [held_data[i] for i in rows]
         base_sensitivity = at_threshold(data, [base_scores[i] for i in rows], base.operating_threshold)["sensitivity"]
-        picked = {}
-        for name, scores in configs.items():
-            threshold = calibrated(name, rows)
-            picked[name] = threshold, at_threshold(data, [scores[i] for i in rows], threshold)
-        name = ("kept" if "kept" in picked and _preferred(picked["kept"][1], picked["off"][1], base_sensitivity)
-                else "off")
-        return name, picked[name][0]
+        thresholds = {name: calibrated(name, rows) for name in configs}
+        name = stage3_of({name: at_threshold(data, [configs[name][i] for i in rows], threshold)
+                          for name, threshold in thresholds.items()}, base_sensitivity)
+        return name, thresholds[name]
 
     every = list(range(len(held_data)))
     if injected_of is not None:
@@ -620,7 +622,7 @@ def evaluate(base_path: Path, held_data: list, groups: dict | None = None) -> di
                          "points": operating_points(held_data, scores)}
         if check:
             results[name]["injected_sensitivity"] = check["curves"][name][f"{threshold:.2f}"]
-    stage3 = choose(every)[0]
+    stage3 = stage3_of({name: result["after"] for name, result in results.items()}, before["sensitivity"])
     return {"before": before, "base_configuration": "cnn+yolo fusion" if base.yolo is not None else "cnn alone",
             "base_sha256": base.model.sha256, "configurations": results, "stage3": stage3,
             "chosen": {"before": before, "after": cross_checked(held_data, configs, results[stage3], groups, choose)},
