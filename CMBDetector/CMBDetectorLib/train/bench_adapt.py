@@ -319,8 +319,7 @@ def _curve_lines(set_name: str, results: dict) -> list:
 
 def _is_default(report: dict) -> bool:
     """The run `make bench-adapt` makes: the default review and test sets."""
-    return (report["site_scans"][0] == SITE_TRAIN["n"] and list(np.atleast_1d(report["seeds"][0])) == list(TRAIN_SEEDS)
-            and report["seeds"][1] == list(TEST_SEEDS))
+    return report["site_scans"][0] == SITE_TRAIN["n"] and report["seeds"] == [list(TRAIN_SEEDS), list(TEST_SEEDS)]
 
 
 def markdown(report: dict, card: dict) -> str:
@@ -333,7 +332,7 @@ def markdown(report: dict, card: dict) -> str:
         f"Site: {report['site_scans'][0]} reviewed + {len(report['seeds'][1])} x {report['site_scans'][1]} test "
         "scans of one simulated site from the "
         f"simulator's held-out domain, {_site_text(report['site'])}. 30 % CMB-free, mimic level 1.5; scan seeds "
-        f"{', '.join(map(str, np.atleast_1d(report['seeds'][0])))} (reviewed) and "
+        f"{', '.join(map(str, report['seeds'][0]))} (reviewed) and "
         f"{', '.join(map(str, report['seeds'][1]))} (tested), used nowhere else; detected with the phase. "
         f"A simulated reader reviewed {report['site_scans'][0]} scans as the shipped model showed them (accept "
         "true lesions, reject the rest, add missed lesions, review complete); `cmbdetector finetune` learnt from "

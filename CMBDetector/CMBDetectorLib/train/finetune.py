@@ -588,25 +588,27 @@ def evaluate(base_path: Path, held_data: list, groups: dict | None = None) -> di
     def share(values, threshold: float) -> float:
         return round(float((values >= threshold).mean()), 4) if len(values) else 0.0
 
+    def base_sensitivity(rows: list) -> float:
+        """The base's sensitivity at its own threshold on the checked scans `rows` (indices of held_data)."""
+        return at_threshold([held_data[i] for i in rows], [base_scores[i] for i in rows],
+                            base.operating_threshold)["sensitivity"]
+
     def calibrated(name: str, rows: list) -> float:
-        """recalibrate on the checked scans `rows` (indices of held_data) alone."""
-        data = [held_data[i] for i in rows]
-        points = operating_points(data, [configs[name][i] for i in rows])
-        base_sensitivity = at_threshold(data, [base_scores[i] for i in rows], base.operating_threshold)["sensitivity"]
+        """recalibrate on the checked scans `rows` alone."""
+        points = operating_points([held_data[i] for i in rows], [configs[name][i] for i in rows])
         if injected_of is None:
-            return recalibrate(points, base_sensitivity)
+            return recalibrate(points, base_sensitivity(rows))
         new_values, base_values = (np.concatenate([injected_of[key][i] for i in rows]) for key in (name, "base"))
-        return recalibrate(points, base_sensitivity, {f"{t:.2f}": share(new_values, t) for t in THRESHOLDS},
+        return recalibrate(points, base_sensitivity(rows), {f"{t:.2f}": share(new_values, t) for t in THRESHOLDS},
                            share(base_values, base.operating_threshold))
 
     def choose(rows: list) -> tuple:
         """(configuration, threshold) the rule picks on the checked scans `rows` alone: each configuration
         recalibrated there, then the one that keeps the base's sensitivity with fewer false positives."""
         data = [held_data[i] for i in rows]
-        base_sensitivity = at_threshold(data, [base_scores[i] for i in rows], base.operating_threshold)["sensitivity"]
         thresholds = {name: calibrated(name, rows) for name in configs}
         name = stage3_of({name: at_threshold(data, [configs[name][i] for i in rows], threshold)
-                          for name, threshold in thresholds.items()}, base_sensitivity)
+                          for name, threshold in thresholds.items()}, base_sensitivity(rows))
         return name, thresholds[name]
 
     every = list(range(len(held_data)))
