@@ -3,6 +3,7 @@ sensitivity (the detection itself is exercised by `make bench`, too slow for the
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from CMBDetectorLib import bench, evaluate
@@ -114,3 +115,20 @@ def test_both_validation_sets_are_reported_side_by_side_with_their_gap():
     assert "### The YOLO stage at equal sensitivity, on both sets" in text
     assert sum(line.startswith("| in-distribution |") or line.startswith("| out-of-distribution |")
                for line in text.splitlines()) == 2
+
+
+def test_each_lesion_is_traced_to_the_stage_that_lost_it():
+    truth = {"acquisition": {"name": "ood-swi15t"},
+             "microbleeds": [{"center_ras": [0, 0, 0]}, {"center_ras": [20, 0, 0]}, {"center_ras": [40, 0, 0]}]}
+    screened = np.array([[0, 0, 1.0], [20, 0, 4.0], [90, 0, 0]])  # centred, off-centre in z, none near
+    check = bench._screening_check(truth, screened)
+    assert check["nearest_candidate_mm"] == [1.0, 4.0, 20.4]
+    assert bench._screening_check(truth, None)["nearest_candidate_mm"] == [None] * 3  # a refused scan
+    summary = bench._screening_summary([{"screening_check": check}, {"brain_check": None}])
+    assert summary == {"ood-swi15t": {"lesions": 3, "screened": 2, "centred": 1, "median_distance_mm": 4.0}}
+    found = {"lesion": {"tp": 1}}
+    sets = {name: {"configs": {"cnn": {"by_acquisition": {"ood-swi15t": found}},
+                               "full": {"by_acquisition": {}}}} for name in ("in-distribution", "out-of-distribution")}
+    lines = bench._screening_lines({"screening": {"out-of-distribution": summary}, "sets": sets})
+    assert "| out-of-distribution | ood-swi15t | 3 | 2 | 1 | 4.0 | 1 | n/a |" in lines
+    assert bench._screening_lines({"screening": {"in-distribution": {}}, "sets": sets}) == []

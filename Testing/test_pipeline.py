@@ -49,6 +49,14 @@ def test_detection_finds_the_simulated_microbleeds(detected):
     assert [f.label for f in detection.findings] == [f"CMB-{i + 1}" for i in range(len(found))]
 
 
+def test_every_finding_is_a_stage_one_candidate_and_every_candidate_is_kept(detected):
+    _, _, detection, _ = detected
+    screened = detection.screened_ras
+    assert screened.shape == (detection.summary["candidates"], 3)
+    for finding in detection.findings:
+        assert np.linalg.norm(screened - np.array(finding.position_ras), axis=1).min() < 1e-6
+
+
 def test_outputs_hold_every_finding_with_its_score(detected):
     _, _, detection, paths = detected
     document = json.loads(paths["markups"].read_text())

@@ -29,6 +29,8 @@ import numpy as np
 
 from .classify import DEFAULT_MODEL
 from .errors import CMBError
+from .evaluate import DEFAULT_TOLERANCE_MM
+from .train.dataset import POSITIVE_MM
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
 OUT_OF_DISTRIBUTION = {"n": 18, "seed": 3, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
@@ -131,7 +133,22 @@ def _detect_scan(job) -> dict:
         if "brain_check" not in summaries:
             summaries["brain_check"] = _brain_check(magnitude, truth, detection.prepared.mask,
                                                     detection.prepared.mask_method)
+            summaries["screening_check"] = _screening_check(truth, detection.screened_ras)
+            _screening_file(pred_dirs[config], truth["scan_id"]).write_text(json.dumps(summaries["screening_check"]))
     return summaries
+
+
+def _screening_file(pred_dir: Path, scan_id: str) -> Path:
+    return pred_dir / f"{scan_id}.screening.json"
+
+
+def _screening_check(truth: dict, screened_ras) -> dict:
+    """How far each true microbleed lies from its nearest stage-1 candidate (None: no candidate at all):
+    a lesion with none within the matching distance was lost before any network saw it."""
+    centres = np.asarray(screened_ras if screened_ras is not None else [], float).reshape(-1, 3)
+    distances = [round(float(np.linalg.norm(centres - np.asarray(m["center_ras"]), axis=1).min()), 2)
+                 if len(centres) else None for m in truth["microbleeds"]]
+    return {"acquisition": truth["acquisition"]["name"], "nearest_candidate_mm": distances}
 
 
 def _brain_check(magnitude: Path, truth: dict, mask=None, method: str = "") -> dict | None:
@@ -200,6 +217,9 @@ def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list,
                      for config in configs} for scan in scans]
         for scan, summaries in zip(scans, per_scan):
             summaries["brain_check"] = _brain_check(scan, _truth_of(scan))
+            screening = _screening_file(pred_dirs[configs[0]], _truth_of(scan)["scan_id"])
+            if screening.is_file():
+                summaries["screening_check"] = json.loads(screening.read_text())
     elif args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -227,6 +247,24 @@ def _brain_summary(per_scan: list) -> dict:
                    "volume_ml": [min(r["volume_ml"] for r in rows), max(r["volume_ml"] for r in rows)],
                    "methods": sorted({r["method"] for r in rows})}
             for name, rows in sorted(by_acquisition.items())}
+
+
+def _screening_summary(per_scan: list) -> dict:
+    """Stage 1's reach, by acquisition: lesions with a candidate within the matching distance and within
+    the CNN's training radius for a positive (a candidate farther off is an off-centre patch to the CNN)."""
+    by_acquisition = {}
+    for summaries in per_scan:
+        check = summaries.get("screening_check")
+        if check:
+            by_acquisition.setdefault(check["acquisition"], []).extend(check["nearest_candidate_mm"])
+    summary = {}
+    for name, distances in sorted(by_acquisition.items()):
+        known = np.array([d for d in distances if d is not None], float)
+        summary[name] = {"lesions": len(distances),
+                         "screened": int((known <= DEFAULT_TOLERANCE_MM).sum()),
+                         "centred": int((known <= POSITIVE_MM).sum()),
+                         "median_distance_mm": round(float(np.median(known)), 2) if len(known) else None}
+    return summary
 
 
 def _detect_alone(magnitude: Path, out: Path, config: str) -> dict:
@@ -305,10 +343,11 @@ def run(args) -> int:
         ["cnn"] if args.configs == "auto" else args.configs.split(","))
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
               "commit": _commit(), "validation": VALIDATION, "out_of_distribution": OUT_OF_DISTRIBUTION,
-              "configs": {}, "sets": {}, "brain_mask": {}}
+              "configs": {}, "sets": {}, "brain_mask": {}, "screening": {}}
     for set_name, folder, spec, use_phase in SETS:
         truth_dir, scans, per_scan, pred_dirs = _run_set(out, folder, spec, use_phase, configs, args)
         report["brain_mask"][set_name] = _brain_summary(per_scan)
+        report["screening"][set_name] = _screening_summary(per_scan)
         acquisitions = {scan.name[: -len(".nii.gz")]: _truth_of(scan)["acquisition"]["name"] for scan in scans}
         set_report = {"phase_given": use_phase, "configs": {}}
         for config in configs:
@@ -521,9 +560,33 @@ def _generalisation_lines(report: dict) -> list:
                      f"({_fmt(at_full['cnn']['threshold'], 2)}) | {_fmt(at_full['full']['fp_per_scan'], 2)} "
                      f"({_fmt(at_full['full']['threshold'], 2)}) | "
                      + ("n/a" if at_full["fp_change"] is None else f"{at_full['fp_change'] * 100:+.0f} %") + " |")
+    lines += _screening_lines(report)
     for config, entry in sets["out-of-distribution"]["configs"].items():
         for refused in entry["refused"]:
             lines.append(f"\nRefused ({config}): {refused['scan']}: {refused['why']}")
+    return lines
+
+
+def _screening_lines(report: dict) -> list:
+    """Each set's lesions by acquisition: reached by stage 1, then found by each configuration."""
+    screening, sets = report.get("screening", {}), report.get("sets", {})
+    if not any(screening.values()):
+        return []
+    configs = list(sets["in-distribution"]["configs"])
+    lines = ["", "### Where the missed lesions are lost", "",
+             f"Stage 1 'reaches' a lesion when a candidate lies within the matching distance "
+             f"({_fmt(DEFAULT_TOLERANCE_MM, 1)} mm); 'centred' when within {_fmt(POSITIVE_MM, 1)} mm, the radius "
+             "inside which the CNN's training candidates were positives (a candidate farther off shows the CNN "
+             "an off-centre blob). Found: true positives at each configuration's operating threshold; the rest of "
+             "the reached lesions were rejected by stages 2-3.", "",
+             "| set | acquisition | lesions | reached by stage 1 | centred | median distance to nearest candidate mm | "
+             + " | ".join(f"found: {c}" for c in configs) + " |", "|---|---|---|---|---|---|" + "---|" * len(configs)]
+    for set_name, by_acquisition in screening.items():
+        for acquisition, row in by_acquisition.items():
+            found = [sets[set_name]["configs"][c]["by_acquisition"].get(acquisition, {}).get("lesion", {}).get("tp")
+                     for c in configs]
+            lines.append(f"| {set_name} | {acquisition} | {row['lesions']} | {row['screened']} | {row['centred']} | "
+                         f"{_fmt(row['median_distance_mm'], 1)} | " + " | ".join(_fmt(f, 0) for f in found) + " |")
     return lines
 
 

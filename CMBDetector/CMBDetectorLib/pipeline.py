@@ -46,6 +46,7 @@ class Detection:
     summary: dict
     prepared: Prepared | None = None
     warnings: list = field(default_factory=list)
+    screened_ras: np.ndarray | None = None  # (N, 3) every stage-1 candidate centre, strongest first
 
 
 def _progress(callback, percent, message):
@@ -245,7 +246,7 @@ class Detector:
             "warnings": warnings,
             "findings": [f.to_dict() for f in findings],
         }
-        return Detection(findings, summary, prepared, warnings)
+        return Detection(findings, summary, prepared, warnings, centres)
 
     def _consult_yolo(self, prepared, centres, cnn_scores) -> tuple:
         """Fused scores, YOLO's own score (NaN where not consulted) and what the summary says of the stage."""
