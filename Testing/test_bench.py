@@ -8,6 +8,7 @@ import pytest
 
 from CMBDetectorLib import bench, evaluate
 from test_evaluate import det, study
+from test_pipeline import REAL_GRE
 
 
 def configuration(scans, threshold):
@@ -132,3 +133,30 @@ def test_each_lesion_is_traced_to_the_stage_that_lost_it():
     lines = bench._screening_lines({"screening": {"out-of-distribution": summary}, "sets": sets})
     assert "| out-of-distribution | ood-swi15t | 3 | 2 | 1 | 4.0 | 1 | n/a |" in lines
     assert bench._screening_lines({"screening": {"in-distribution": {}}, "sets": sets}) == []
+
+
+def test_injected_real_scans_get_their_own_table():
+    row = {"scan": "romeo_small/Mag.nii", "crop": True, "shape": [51, 51, 41], "spacing_mm": [0.469, 0.469, 1.0],
+           "cnn": {"findings": 0, "scores": [], "mask": {"method": "crop", "volume_ml": 10.0}},
+           "injected": {"repeats": 6, "lesions": 18, "cnn": {"found": 15, "other_findings": 3}}}
+    lines = bench._real_lines({"real": [row], "configs": {"cnn": {}}})
+    assert "### The same real scans with injected microbleeds" in lines
+    assert "| romeo_small/Mag.nii (crop) | 0.469 x 0.469 x 1 | 18 | 15 (0.83) | 0.50 |" in lines
+    del row["injected"]  # a refused scan has no injection run
+    assert not any("injected" in line for line in bench._real_lines({"real": [row], "configs": {"cnn": {}}}))
+
+
+@pytest.mark.skipif(not (REAL_GRE / "romeo_small" / "Mag.nii").is_file(), reason="no shared real GRE crop")
+def test_microbleeds_injected_into_a_real_crop_are_found():
+    from CMBDetectorLib.io import read_volume
+    from CMBDetectorLib.pipeline import Detector
+
+    volume = read_volume(REAL_GRE / "romeo_small" / "Mag.nii")
+    detectors = {config: Detector(bench.DEFAULT_MODEL, "cpu", use_yolo=(config == "full")) for config in ("cnn", "full")}
+    result = bench._injected_real(volume, True, detectors)
+    assert result["repeats"] == bench.INJECT_REPEATS
+    assert bench.INJECT_REPEATS <= result["lesions"] <= bench.INJECT_REPEATS * bench.INJECT_PER_SCAN[True]
+    for config in detectors:  # real veins and noise around them: most are still found, few other findings
+        assert result[config]["found"] >= 0.6 * result["lesions"], result
+        assert result[config]["other_findings"] <= result["repeats"], result
+    assert bench._injected_real(volume, True, detectors) == result  # seeded: the same lesions every run

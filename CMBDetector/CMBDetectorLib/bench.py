@@ -174,11 +174,13 @@ def _brain_check(magnitude: Path, truth: dict, mask=None, method: str = "") -> d
 
 
 def _detect_real(real_dir: Path, configs: list) -> list:
-    """Findings at each configuration's operating threshold on the real scans (none has a microbleed)."""
+    """Findings at each configuration's operating threshold on the real scans (none has a microbleed), then
+    on the same scans with microbleeds injected (_injected_real)."""
     from .errors import InputError
     from .io import read_volume
-    from .pipeline import detect
+    from .pipeline import Detector
 
+    detectors = {config: Detector(DEFAULT_MODEL, use_yolo=(config == "full")) for config in configs}
     rows = []
     for relative, crop in REAL_SCANS:
         path = real_dir / relative
@@ -187,18 +189,48 @@ def _detect_real(real_dir: Path, configs: list) -> list:
         volume = read_volume(path)
         row = {"scan": relative, "crop": crop, "shape": list(volume.shape),
                "spacing_mm": [round(float(v), 3) for v in volume.spacing]}
-        for config in configs:
+        for config, detector in detectors.items():
             try:
-                summary = detect(volume, crop=crop, use_yolo=(config == "full"), model_path=DEFAULT_MODEL).summary
+                summary = detector.detect(volume, crop=crop).summary
             except InputError as error:
                 row[config] = {"refused": str(error)}
                 continue
             row[config] = {"findings": summary["counts"]["total"], "mask": summary["mask"],
                            "candidates": summary["candidates"],
                            "scores": [round(f["score"], 3) for f in summary["findings"]]}
+        if all("refused" not in row[config] for config in configs):
+            row["injected"] = _injected_real(volume, crop, detectors)
         rows.append(row)
         print(f"real {relative}: " + ", ".join(f"{c} {row[c].get('findings', 'refused')}" for c in configs), flush=True)
     return rows
+
+
+INJECT_REPEATS = 6  # injections per real scan, each with its own seed (0..5) and lesions
+INJECT_PER_SCAN = {False: 6, True: 3}  # microbleeds per injection: whole head, crop (a crop holds fewer, 10 mm apart)
+
+
+def _injected_real(volume, crop: bool, detectors: dict) -> dict:
+    """Microbleeds drawn into a real scan with the simulator's physics (simulate/inject.py, as the
+    fine-tune's injection), found or not by each configuration: real anatomy, veins and noise around
+    simulated lesions. Other findings are everything not within the matching distance of an injected one."""
+    from .evaluate import match
+    from .preprocess import prepare
+    from .simulate.inject import inject_microbleeds
+
+    prepared = prepare(volume, crop=crop)
+    totals = {config: {"found": 0, "other_findings": 0} for config in detectors}
+    lesions = 0
+    for seed in range(INJECT_REPEATS):
+        injected = inject_microbleeds(volume, None, prepared.mask, prepared.context, np.random.default_rng(seed),
+                                      INJECT_PER_SCAN[crop])
+        lesions += len(injected.centres_ras)
+        for config, detector in detectors.items():
+            findings = detector.detect(injected.magnitude, crop=crop).findings
+            found = np.array([f.position_ras for f in findings], float).reshape(-1, 3)
+            matched = len(match(injected.centres_ras, found, DEFAULT_TOLERANCE_MM))
+            totals[config]["found"] += matched
+            totals[config]["other_findings"] += len(found) - matched
+    return {"repeats": INJECT_REPEATS, "lesions": lesions, **totals}
 
 
 def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list, args) -> tuple:
@@ -626,6 +658,31 @@ def _real_lines(report: dict) -> list:
         mask_text = "n/a" if mask is None else f"{mask['method']}, {mask['volume_ml']:.0f} mL"
         lines.append(f"| {row['scan']}{' (crop)' if row['crop'] else ''} | {' x '.join(map(str, row['shape']))} | "
                      + " | ".join(cells) + f" | {mask_text} |")
+    injected = [row for row in rows if row.get("injected")]
+    if injected:
+        from .simulate import inject
+
+        physics = (f"diameter {inject.DIAMETER_RANGE_MM[0]:g}-{inject.DIAMETER_RANGE_MM[1]:g} mm, "
+                   f"{inject.CHI_RANGE_PPM[0]:g}-{inject.CHI_RANGE_PPM[1]:g} ppm, "
+                   f"{' or '.join(f'{b0:g}' for b0 in inject.B0_CHOICES_T)} T, "
+                   f"TE {inject.TE_RANGE_MS[0]:g}-{inject.TE_RANGE_MS[1]:g} ms, {inject.SWI_CHANCE:.0%} SWI-darkened")
+        lines += ["", "### The same real scans with injected microbleeds", "",
+                  f"Each scan {INJECT_REPEATS} times, with up to {INJECT_PER_SCAN[False]} microbleeds (a crop: "
+                  f"{INJECT_PER_SCAN[True]}) drawn into it by the simulator's sphere physics (simulate/inject.py: "
+                  f"{physics}), in brain tissue {inject.SEPARATION_MM:g} mm apart; magnitude only, at each "
+                  "configuration's operating threshold. Real anatomy, veins, noise and voxel size around simulated "
+                  "lesions: the lesions themselves are in distribution. Other findings: per injected scan, those not "
+                  "within the matching distance of a lesion.", "",
+                  "| scan | voxel mm | lesions | " + " | ".join(f"{c}: found (sensitivity) | {c}: other findings "
+                                                               "per scan" for c in configs) + " |",
+                  "|---|---|---|" + "---|---|" * len(configs)]
+        for row in injected:
+            result = row["injected"]
+            cells = [f"{result[c]['found']} ({result[c]['found'] / max(result['lesions'], 1):.2f}) | "
+                     f"{result[c]['other_findings'] / result['repeats']:.2f}" for c in configs]
+            lines.append(f"| {row['scan']}{' (crop)' if row['crop'] else ''} | "
+                         f"{' x '.join(f'{v:g}' for v in row['spacing_mm'])} | {result['lesions']} | "
+                         + " | ".join(cells) + " |")
     return lines
 
 
