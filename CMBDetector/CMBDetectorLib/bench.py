@@ -175,7 +175,8 @@ def _brain_check(magnitude: Path, truth: dict, mask=None, method: str = "") -> d
 
 def _detect_real(real_dir: Path, configs: list) -> list:
     """Findings at each configuration's operating threshold on the real scans (none has a microbleed), then
-    on the same scans with microbleeds injected (_injected_real)."""
+    on the same scans with microbleeds injected (injection_check)."""
+    from . import injection_check
     from .errors import InputError
     from .io import read_volume
     from .pipeline import Detector
@@ -199,38 +200,10 @@ def _detect_real(real_dir: Path, configs: list) -> list:
                            "candidates": summary["candidates"],
                            "scores": [round(f["score"], 3) for f in summary["findings"]]}
         if all("refused" not in row[config] for config in configs):
-            row["injected"] = _injected_real(volume, crop, detectors)
+            row["injected"] = injection_check.check(volume, detectors, crop)
         rows.append(row)
         print(f"real {relative}: " + ", ".join(f"{c} {row[c].get('findings', 'refused')}" for c in configs), flush=True)
     return rows
-
-
-INJECT_REPEATS = 6  # injections per real scan, each with its own seed (0..5) and lesions
-INJECT_PER_SCAN = {False: 6, True: 3}  # microbleeds per injection: whole head, crop (a crop holds fewer, 10 mm apart)
-
-
-def _injected_real(volume, crop: bool, detectors: dict) -> dict:
-    """Microbleeds drawn into a real scan with the simulator's physics (simulate/inject.py, as the
-    fine-tune's injection), found or not by each configuration: real anatomy, veins and noise around
-    simulated lesions. Other findings are everything not within the matching distance of an injected one."""
-    from .evaluate import match
-    from .preprocess import prepare
-    from .simulate.inject import inject_microbleeds
-
-    prepared = prepare(volume, crop=crop)
-    totals = {config: {"found": 0, "other_findings": 0} for config in detectors}
-    lesions = 0
-    for seed in range(INJECT_REPEATS):
-        injected = inject_microbleeds(volume, None, prepared.mask, prepared.context, np.random.default_rng(seed),
-                                      INJECT_PER_SCAN[crop])
-        lesions += len(injected.centres_ras)
-        for config, detector in detectors.items():
-            findings = detector.detect(injected.magnitude, crop=crop).findings
-            found = np.array([f.position_ras for f in findings], float).reshape(-1, 3)
-            matched = len(match(injected.centres_ras, found, DEFAULT_TOLERANCE_MM))
-            totals[config]["found"] += matched
-            totals[config]["other_findings"] += len(found) - matched
-    return {"repeats": INJECT_REPEATS, "lesions": lesions, **totals}
 
 
 def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list, args) -> tuple:
@@ -660,6 +633,7 @@ def _real_lines(report: dict) -> list:
                      + " | ".join(cells) + f" | {mask_text} |")
     injected = [row for row in rows if row.get("injected")]
     if injected:
+        from .injection_check import COUNT, REPEATS
         from .simulate import inject
 
         physics = (f"diameter {inject.DIAMETER_RANGE_MM[0]:g}-{inject.DIAMETER_RANGE_MM[1]:g} mm, "
@@ -667,8 +641,7 @@ def _real_lines(report: dict) -> list:
                    f"{' or '.join(f'{b0:g}' for b0 in inject.B0_CHOICES_T)} T, "
                    f"TE {inject.TE_RANGE_MS[0]:g}-{inject.TE_RANGE_MS[1]:g} ms, {inject.SWI_CHANCE:.0%} SWI-darkened")
         lines += ["", "### The same real scans with injected microbleeds", "",
-                  f"Each scan {INJECT_REPEATS} times, with up to {INJECT_PER_SCAN[False]} microbleeds (a crop: "
-                  f"{INJECT_PER_SCAN[True]}) drawn into it by the simulator's sphere physics (simulate/inject.py: "
+                  f"Each scan {REPEATS} times, with up to {COUNT[False]} microbleeds (a crop: {COUNT[True]}) drawn into it by the simulator's sphere physics (simulate/inject.py: "
                   f"{physics}), in brain tissue {inject.SEPARATION_MM:g} mm apart; magnitude only, at each "
                   "configuration's operating threshold. Real anatomy, veins, noise and voxel size around simulated "
                   "lesions: the lesions themselves are in distribution. Other findings: per injected scan, those not "

@@ -23,6 +23,8 @@ COMMANDS = {
     "train": ("CMBDetectorLib.train.train_cnn", "train the stage-2 3D CNN on simulated scans"),
     "train-yolo": ("CMBDetectorLib.train.train_yolo", "train the stage-3 YOLO on simulated scans, tune its fusion"),
     "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
+    "inject-check": ("CMBDetectorLib.injection_check",
+                     "how many simulated microbleeds drawn into your own scans the detector finds (no labels)"),
     "bench": ("CMBDetectorLib.bench", "simulate the validation set, detect, evaluate, time"),
     "bench-cohort": ("CMBDetectorLib.bench_cohort", "time a cohort: a detect loop against batch, and a dense U-Net"),
     "models": ("CMBDetectorLib.models", "list the model versions, choose the active one, roll back"),
