@@ -641,7 +641,8 @@ def _real_lines(report: dict) -> list:
                    f"{' or '.join(f'{b0:g}' for b0 in inject.B0_CHOICES_T)} T, "
                    f"TE {inject.TE_RANGE_MS[0]:g}-{inject.TE_RANGE_MS[1]:g} ms, {inject.SWI_CHANCE:.0%} SWI-darkened")
         lines += ["", "### The same real scans with injected microbleeds", "",
-                  f"Each scan {REPEATS} times, with up to {COUNT[False]} microbleeds (a crop: {COUNT[True]}) drawn into it by the simulator's sphere physics (simulate/inject.py: "
+                  f"Each scan {REPEATS} times, with up to {COUNT[False]} microbleeds (a crop: {COUNT[True]}) "
+                  "drawn into it by the simulator's sphere physics (simulate/inject.py: "
                   f"{physics}), in brain tissue {inject.SEPARATION_MM:g} mm apart; magnitude only, at each "
                   "configuration's operating threshold. Real anatomy, veins, noise and voxel size around simulated "
                   "lesions: the lesions themselves are in distribution. Other findings: per injected scan, those not "

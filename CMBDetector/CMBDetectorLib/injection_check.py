@@ -25,9 +25,10 @@ COUNT = {False: 6, True: 3}  # microbleeds per injection: whole head, crop (a cr
 
 def check(volume, detectors: dict, crop: bool = False, repeats: int = REPEATS, count: int | None = None,
           threshold: float | None = None) -> dict:
-    """Injected microbleeds found by each Detector in `detectors` (name -> Detector, at `threshold`; None: its
-    operating point), over `repeats` seeded injections of up to `count` lesions. Other findings: per injected scan, those not within the matching
-    distance of an injected lesion (what the scan itself gives, plus what the injection adds)."""
+    """Injected microbleeds found by each Detector in `detectors` (name -> Detector, at `threshold`; None:
+    its operating point), over `repeats` seeded injections of up to `count` lesions. Other findings: per
+    injected scan, those not within the matching distance of an injected lesion (what the scan itself
+    gives, plus what the injection adds)."""
     from .preprocess import prepare
     from .simulate.inject import inject_microbleeds
 
