@@ -8,7 +8,6 @@ import pytest
 
 from CMBDetectorLib import bench, evaluate
 from test_evaluate import det, study
-from test_pipeline import REAL_GRE
 
 
 def configuration(scans, threshold):

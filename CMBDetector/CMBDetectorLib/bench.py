@@ -190,17 +190,19 @@ def _detect_real(real_dir: Path, configs: list) -> list:
         volume = read_volume(path)
         row = {"scan": relative, "crop": crop, "shape": list(volume.shape),
                "spacing_mm": [round(float(v), 3) for v in volume.spacing]}
+        prepared = None  # the scan as the detections prepared it, reused by the injection check
         for config, detector in detectors.items():
             try:
-                summary = detector.detect(volume, crop=crop).summary
+                detection = detector.detect(volume, crop=crop)
             except InputError as error:
                 row[config] = {"refused": str(error)}
                 continue
+            prepared, summary = detection.prepared, detection.summary
             row[config] = {"findings": summary["counts"]["total"], "mask": summary["mask"],
                            "candidates": summary["candidates"],
                            "scores": [round(f["score"], 3) for f in summary["findings"]]}
         if all("refused" not in row[config] for config in configs):
-            row["injected"] = injection_check.check(volume, detectors, crop)
+            row["injected"] = injection_check.check(volume, detectors, crop, prepared=prepared)
         rows.append(row)
         print(f"real {relative}: " + ", ".join(f"{c} {row[c].get('findings', 'refused')}" for c in configs), flush=True)
     return rows

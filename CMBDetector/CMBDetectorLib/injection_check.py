@@ -13,6 +13,7 @@ scan without microbleeds).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,17 @@ COUNT = {False: 6, True: 3}  # microbleeds per injection: whole head, crop (a cr
 
 
 def check(volume, detectors: dict, crop: bool = False, repeats: int = REPEATS, count: int | None = None,
-          threshold: float | None = None) -> dict:
+          threshold: float | None = None, prepared=None) -> dict:
     """Injected microbleeds found by each Detector in `detectors` (name -> Detector, at `threshold`; None:
     its operating point), over `repeats` seeded injections of up to `count` lesions. Other findings: per
     injected scan, those not within the matching distance of an injected lesion (what the scan itself
-    gives, plus what the injection adds)."""
+    gives, plus what the injection adds). prepared: `volume` as a detection already prepared it (its brain
+    mask and tissue level choose where lesions may go), else prepared here."""
     from .preprocess import prepare
     from .simulate.inject import inject_microbleeds
 
     count = COUNT[crop] if count is None else count
-    prepared = prepare(volume, crop=crop)  # the mask and tissue level that choose where lesions may go
+    prepared = prepare(volume, crop=crop) if prepared is None else prepared
     totals = {name: {"found": 0, "other_findings": 0} for name in detectors}
     lesions = 0
     for seed in range(repeats):
@@ -73,12 +75,13 @@ def run(args) -> int:
     volumes = [(path, read_volume(path)) for path in args.inputs]  # every input read before the models load
     device, warning = choose_device(args.device)
     if warning:
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     detector = Detector(args.model, device, use_yolo=not args.no_yolo)
     rows = []
     for path, volume in volumes:
         clean = detector.detect(volume, threshold=args.threshold, crop=args.crop)
-        result = check(volume, {"detector": detector}, args.crop, args.repeats, args.count, args.threshold)
+        result = check(volume, {"detector": detector}, args.crop, args.repeats, args.count, args.threshold,
+                       clean.prepared)
         found, lesions = result["detector"]["found"], result["lesions"]
         rows.append({"input": str(path), "findings_without_injection": len(clean.findings), "repeats": args.repeats,
                      "lesions": lesions, "found": found,
