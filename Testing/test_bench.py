@@ -141,5 +141,12 @@ def test_injected_real_scans_get_their_own_table():
     lines = bench._real_lines({"real": [row], "configs": {"cnn": {}}})
     assert "### The same real scans with injected microbleeds" in lines
     assert "| romeo_small/Mag.nii (crop) | 0.469 x 0.469 x 1 | 18 | 15 (0.83) | 0.50 |" in lines
+    assert any(line.startswith("Each scan 6 times, with up to 3 microbleeds ") for line in lines)
+    # what the table says about the injections comes from the report, not from today's constants
+    whole = {**row, "scan": "head.nii.gz", "crop": False,
+             "injected": {"repeats": 2, "count": 5, "lesions": 10, "cnn": {"found": 9, "other_findings": 1}}}
+    row["injected"] = {**row["injected"], "repeats": 2, "count": 4}
+    lines = bench._real_lines({"real": [row, whole], "configs": {"cnn": {}}})
+    assert any(line.startswith("Each scan 2 times, with up to 5 microbleeds (a crop: 4) ") for line in lines)
     del row["injected"]  # a refused scan has no injection run
     assert not any("injected" in line for line in bench._real_lines({"real": [row], "configs": {"cnn": {}}}))

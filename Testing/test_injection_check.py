@@ -39,7 +39,8 @@ def test_the_command_reports_each_scan_and_writes_json(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "injected microbleeds found" in done.stdout and "upper bound" in done.stdout
     row = json.loads(out.read_text())["scans"][0]
-    assert row["repeats"] == 2 and 2 <= row["lesions"] <= 6 and 0 <= row["found"] <= row["lesions"]
+    assert row["repeats"] == 2 and row["count"] == injection_check.COUNT[True]
+    assert 2 <= row["lesions"] <= 2 * row["count"] and 0 <= row["found"] <= row["lesions"]
     assert row["findings_without_injection"] == 0
 
 

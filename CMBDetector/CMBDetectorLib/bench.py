@@ -635,15 +635,23 @@ def _real_lines(report: dict) -> list:
                      + " | ".join(cells) + f" | {mask_text} |")
     injected = [row for row in rows if row.get("injected")]
     if injected:
-        from .injection_check import COUNT, REPEATS
+        from .injection_check import COUNT
         from .simulate import inject
+
+        # what each row's JSON records (a report written before "count" was recorded: the constant of its time)
+        repeats = "/".join(str(r) for r in sorted({row["injected"]["repeats"] for row in injected}))
+        counts = {crop: "/".join(str(c) for c in sorted({row["injected"].get("count", COUNT[crop])
+                                                         for row in injected if row["crop"] == crop}))
+                  for crop in (False, True)}
+        lesions_each = (f"up to {counts[False]} microbleeds (a crop: {counts[True]})" if counts[False] and counts[True]
+                        else f"up to {counts[False]} microbleeds" if counts[False] else f"up to {counts[True]} microbleeds")
 
         physics = (f"diameter {inject.DIAMETER_RANGE_MM[0]:g}-{inject.DIAMETER_RANGE_MM[1]:g} mm, "
                    f"{inject.CHI_RANGE_PPM[0]:g}-{inject.CHI_RANGE_PPM[1]:g} ppm, "
                    f"{' or '.join(f'{b0:g}' for b0 in inject.B0_CHOICES_T)} T, "
                    f"TE {inject.TE_RANGE_MS[0]:g}-{inject.TE_RANGE_MS[1]:g} ms, {inject.SWI_CHANCE:.0%} SWI-darkened")
         lines += ["", "### The same real scans with injected microbleeds", "",
-                  f"Each scan {REPEATS} times, with up to {COUNT[False]} microbleeds (a crop: {COUNT[True]}) "
+                  f"Each scan {repeats} times, with {lesions_each} "
                   "drawn into it by the simulator's sphere physics (simulate/inject.py: "
                   f"{physics}), in brain tissue {inject.SEPARATION_MM:g} mm apart; magnitude only, at each "
                   "configuration's operating threshold. Real anatomy, veins, noise and voxel size around simulated "

@@ -48,7 +48,7 @@ def check(volume, detectors: dict, crop: bool = False, repeats: int = REPEATS, c
             matched = len(match(injected.centres_ras, found, DEFAULT_TOLERANCE_MM))
             totals[name]["found"] += matched
             totals[name]["other_findings"] += len(found) - matched
-    return {"repeats": repeats, "lesions": lesions, **totals}
+    return {"repeats": repeats, "count": count, "lesions": lesions, **totals}
 
 
 def add_arguments(parser) -> None:
@@ -84,6 +84,7 @@ def run(args) -> int:
                        clean.prepared)
         found, lesions = result["detector"]["found"], result["lesions"]
         rows.append({"input": str(path), "findings_without_injection": len(clean.findings), "repeats": args.repeats,
+                     "count": result["count"],
                      "lesions": lesions, "found": found,
                      "sensitivity": round(found / lesions, 3) if lesions else None,
                      "other_findings_per_scan": round(result["detector"]["other_findings"] / args.repeats, 2)})
