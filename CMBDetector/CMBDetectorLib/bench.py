@@ -643,8 +643,8 @@ def _real_lines(report: dict) -> list:
         counts = {crop: "/".join(str(c) for c in sorted({row["injected"].get("count", COUNT[crop])
                                                          for row in injected if row["crop"] == crop}))
                   for crop in (False, True)}
-        lesions_each = (f"up to {counts[False]} microbleeds (a crop: {counts[True]})" if counts[False] and counts[True]
-                        else f"up to {counts[False]} microbleeds" if counts[False] else f"up to {counts[True]} microbleeds")
+        lesions_each = (f"up to {counts[False] or counts[True]} microbleeds"
+                        + (f" (a crop: {counts[True]})" if counts[False] and counts[True] else ""))
 
         physics = (f"diameter {inject.DIAMETER_RANGE_MM[0]:g}-{inject.DIAMETER_RANGE_MM[1]:g} mm, "
                    f"{inject.CHI_RANGE_PPM[0]:g}-{inject.CHI_RANGE_PPM[1]:g} ppm, "
