@@ -27,7 +27,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_mask_of_a_simulated_whole_head_matches_the_true_brain(protocol, seed):
     scan = simulate_scan(seed, protocol)
     extracted = brain.extract_brain(scan.magnitude)
-    assert extracted.method == "registered" and extracted.registration.ok
+    assert extracted.method == "learned" and extracted.registration.ok
     assert dice(extracted.mask, scan.brain) >= 0.95
 
 
@@ -52,7 +52,7 @@ def test_the_real_whole_head_scan_is_accepted_with_a_brain_sized_mask():
     volume = read_volume(REAL_HEAD)
     prepared = preprocess.prepare(volume)
     volume_ml = prepared.mask.sum() * float(np.prod(volume.spacing)) / 1000
-    assert prepared.mask_method == "registered" and prepared.registration.ok
+    assert prepared.mask_method == "learned" and prepared.registration.ok
     assert 1000 <= volume_ml <= 1800
 
 
@@ -73,7 +73,7 @@ def test_a_plausible_registration_carries_the_hull_even_when_locations_are_withh
     withheld = locate.Registration(False, "registration to MNI rejected: " + text, registration.seconds,
                                    registration.metric, registration.mni_to_scan, registration.checks)
     extracted = brain.extract_brain(scan.magnitude, registration=withheld)
-    assert extracted.method == "registered" and dice(extracted.mask, scan.brain) >= 0.95
+    assert extracted.method == "learned" and dice(extracted.mask, scan.brain) >= 0.95
     assert any("interior mutual information" in warning for warning in extracted.warnings)
     partial = dict(registration.checks, field_of_view=(False, "40% of the template brain inside the scan"))
     cut = locate.Registration(False, "rejected: field of view", 0.0, registration.metric, registration.mni_to_scan, partial)

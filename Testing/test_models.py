@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from CMBDetectorLib import classify, models
+from CMBDetectorLib import classify, models, weights
 from CMBDetectorLib.cli import main
 from CMBDetectorLib.errors import CMBError, WeightsError
 from CMBDetectorLib.pipeline import Detector
@@ -30,7 +30,7 @@ def make_site_model(name: str, allowed: bool = True):
     folder.mkdir(parents=True)
     card = json.loads(classify.DEFAULT_MODEL.read_text())
     for member in card["members"]:
-        for path in (classify.MODELS_DIR / member["file"], classify.card_path(classify.MODELS_DIR / member["file"])):
+        for path in (classify.MODELS_DIR / member["file"], weights.card_path(classify.MODELS_DIR / member["file"])):
             shutil.copy(path, folder / path.name)
     card["stage3"] = "off"
     card["operating_threshold"] = 0.55

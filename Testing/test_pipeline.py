@@ -17,6 +17,7 @@ from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import write_volume
 from CMBDetectorLib.pipeline import detect, merge_nearby, read_phase, write_outputs
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
+from CMBDetectorLib.weights import card_path
 from test_yolo import SPHERE_RAS, TUBE_RAS, synthetic_prepared
 
 REAL_GRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre"
@@ -71,7 +72,7 @@ def test_outputs_hold_every_finding_with_its_score(detected):
     assert summary["counts"]["total"] == len(detection.findings)
     assert summary["model"]["sha256"] == classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
     assert set(summary["timings_s"]) >= {"preprocess", "candidates", "cnn", "total"}
-    assert summary["mask"]["method"] == "registered" and 1000 < summary["mask"]["volume_ml"] < 3200
+    assert summary["mask"]["method"] == "learned" and 1000 < summary["mask"]["volume_ml"] < 3200
     screening = summary["screening"]  # stage 1 says what it kept and what it dropped
     assert screening["kept"] == summary["candidates"] <= screening["peaks"] and screening["strong_dropped"] == 0
     assert screening["capped"] == (screening["peaks"] > screening["kept"])
@@ -123,7 +124,7 @@ def _copy_shipped_ensemble(folder):
     for member in classify.read_ensemble_card(classify.DEFAULT_MODEL)["members"]:
         weights = classify.MODELS_DIR / member["file"]
         shutil.copy(weights, folder / weights.name)
-        shutil.copy(classify.card_path(weights), classify.card_path(folder / weights.name))
+        shutil.copy(card_path(weights), card_path(folder / weights.name))
     shutil.copy(classify.DEFAULT_MODEL, folder / classify.DEFAULT_MODEL.name)
     return folder / classify.DEFAULT_MODEL.name
 
@@ -131,7 +132,7 @@ def _copy_shipped_ensemble(folder):
 def test_corrupt_weights_are_refused_by_hash(tmp_path):
     weights = tmp_path / "cmb_cnn.pt"
     shutil.copy(classify.DEFAULT_WEIGHTS, weights)
-    shutil.copy(classify.card_path(classify.DEFAULT_WEIGHTS), classify.card_path(weights))
+    shutil.copy(card_path(classify.DEFAULT_WEIGHTS), card_path(weights))
     classify.load_model(weights)  # an intact copy loads
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -196,7 +197,7 @@ def test_corrupt_weights_through_the_command_line(tmp_path, detected):
     _, files, _, _ = detected
     weights = tmp_path / "bad.pt"
     weights.write_bytes(b"not a model")
-    shutil.copy(classify.card_path(classify.DEFAULT_WEIGHTS), classify.card_path(weights))
+    shutil.copy(card_path(classify.DEFAULT_WEIGHTS), card_path(weights))
     result = cli("detect", files["magnitude"], "--model", weights, "--out", tmp_path, "--no-png")
     assert result.returncode == 2 and "do not match their model card" in result.stderr
 

@@ -7,7 +7,7 @@ from argparse import Namespace
 import numpy as np
 import pytest
 
-from CMBDetectorLib import classify
+from CMBDetectorLib import classify, weights
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.train import train_cnn, tuning
 
@@ -58,7 +58,7 @@ def test_train_writes_verified_weights_with_card_and_is_reproducible(scans, tmp_
     assert 0.0 <= card["operating_threshold"] <= 1.0
     assert card["metrics"]["held_out_scans"] == 1
     assert card["test_time_views"] == classify.VIEWS == card["metrics"]["test_time_views"]
-    assert classify.sha256_of(first) == classify.sha256_of(second)  # same seed, same weights
+    assert weights.sha256_of(first) == weights.sha256_of(second)  # same seed, same weights
 
     # --card-only redoes the card's metrics for the same bytes and records how
     card_file = first.with_suffix(".json")
@@ -76,9 +76,9 @@ def test_fine_tuning_starts_from_verified_weights_and_records_them(scans, tmp_pa
     assert train_cnn.run(_args(scans, base, steps=4)) == 0
     assert train_cnn.run(_args(scans, tuned, steps=4, init=str(base), lr=1e-4)) == 0
     card = classify.load_model(tuned).card
-    assert card["initialised_from"] == {"file": "cnn.pt", "sha256": classify.sha256_of(base)}
+    assert card["initialised_from"] == {"file": "cnn.pt", "sha256": weights.sha256_of(base)}
     assert f"--init {base} --lr 0.0001" in card["command"]
-    assert classify.sha256_of(tuned) != classify.sha256_of(base)
+    assert weights.sha256_of(tuned) != weights.sha256_of(base)
     base.write_bytes(base.read_bytes()[:-8] + b"\0" * 8)  # a tampered start is refused before any training
     with pytest.raises(WeightsError, match="do not match their model card"):
         train_cnn.run(_args(scans, tmp_path / "again.pt", steps=4, init=str(base)))
@@ -90,8 +90,8 @@ def test_ensemble_card_averages_members_tuned_on_scans_none_trained_on(scans, tm
     members = [tmp_path / "cnn_a.pt", tmp_path / "cnn_b.pt"]
     held_out = sorted(scans.glob("*.truth.json"))[0].name.replace(".truth.json", "")
     ensemble_file = tmp_path / "ensemble.json"
-    for seed, weights in zip((5, 6), members):  # two seeds, one held-out scan, as the shipped members
-        assert train_cnn.run(_args(scans, weights, seed=seed, hold_out=held_out)) == 0
+    for seed, member in zip((5, 6), members):  # two seeds, one held-out scan, as the shipped members
+        assert train_cnn.run(_args(scans, member, seed=seed, hold_out=held_out)) == 0
     members_arg = ",".join(str(m) for m in members)
     assert train_cnn.run(_args(scans, ensemble_file, hold_out=held_out, ensemble=members_arg)) == 0
     ensemble = classify.load_model(ensemble_file)

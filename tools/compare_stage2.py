@@ -58,16 +58,16 @@ def cache(args) -> None:
 def score(args) -> None:
     import torch
 
-    from CMBDetectorLib import classify
+    from CMBDetectorLib import classify, weights
     from CMBDetectorLib.evaluate import match
     from CMBDetectorLib.pipeline import merge_nearby
 
     torch.set_num_threads(args.threads)
     networks = []
     for path in args.weights:  # checked against its card, then read as tensors only (as `train --init`)
-        classify.verified_card(path, "stage-2 weights")
+        weights.verified_card(path, "stage-2 weights")
         network = classify.build_model()
-        classify.load_state_dict(network, path, "stage-2 weights")
+        weights.load_state_dict(network, path, "stage-2 weights")
         networks.append(network.eval())
     scans = []
     for path in sorted(Path(args.cache).glob("*.npz")):

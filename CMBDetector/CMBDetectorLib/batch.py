@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .classify import DEFAULT_MODEL, read_ensemble_card, sha256_of, verified_card
+from .brain_model import DEFAULT_BRAIN_MODEL
+from .classify import DEFAULT_MODEL, read_ensemble_card
 from .cohort_inputs import ECHO_CHOICES, Scan, find_scans
 from .errors import CMBError, InputError
 from .outputs import check_output_stem, prepare_output_folder, write_all
 from .vocabulary import LOBES, REGIONS, SUMMARY_SUFFIX
+from .weights import sha256_of, verified_card
 
 EXIT_SOME_FAILED = 3  # not 1: Python exits 1 on a crash, and a cohort with failed rows did not crash
 COHORT_CSV, COHORT_PARQUET, FINDINGS_PARQUET = "cohort.csv", "cohort.parquet", "findings.parquet"
@@ -109,6 +111,7 @@ def expected_model_hashes(settings: Settings) -> dict:
     else:
         card, sha256 = verified_card(model_path)
         hashes = {"cnn": sha256}
+    hashes["brain_mask"] = verified_card(DEFAULT_BRAIN_MODEL, "brain mask model")[1]
     if settings.use_yolo and card.get("stage3") != "off":  # as Detector decides: a site model may turn it off
         from .yolo import DEFAULT_YOLO
 

@@ -1,10 +1,14 @@
 """Brain extraction for any whole-head GRE or SWI magnitude.
 
-Two kinds of evidence, combined:
+Three kinds of evidence, combined:
 - anatomy: the MNI152 2009 brain hull (atlas.load_mni_brain_hull), carried into the scan by the affine
   registration that also places findings in the atlas (locate.register_to_mni: mutual information, so no
   contrast is assumed). Bright scalp, marrow, eyes and neck lie outside it however they touch the brain.
-- intensity: within BAND_MM of the registered hull, the scan's own edge (dark skull, dark air) decides.
+- a learned mask (brain_model.py): a small U-Net on the registered MNI grid, trained on simulated heads with
+  random contrasts, reads where this brain's edge is; it keeps a dark cortex (SWI's phase mask) that an
+  intensity edge cuts off. It is trusted only while it agrees with the registered hull (MIN_AGREEMENT).
+- intensity: the hull moved by the scan's own edge within BAND_MM (registered_mask), when no network is
+  used or the network strays.
 The hull is used whenever the registration's geometry is plausible (scale, shear, field of view, whole-head
 mutual information), even where locate.py declines to name locations because the brain's interior carries
 little information (an unusual contrast: seen on simulated 1.5 T SWI). Otherwise (a partial field of view,
@@ -30,11 +34,12 @@ EDGE_FRACTION = 0.5  # brain and CSF are brighter than this fraction of the medi
 CLOSE_MM = 3.0  # closing radius: a dark lesion or vein at the cortex never dents the mask
 MIN_BRAIN_ML = 250.0  # less than this in a whole-head field of view is not a brain
 MAX_BRAIN_ML = 3200.0  # more than this is not a brain either (noise, a phantom, a body scan)
+MIN_AGREEMENT = 0.85  # Dice with the registered template hull below which the learned mask is not trusted
 
 
 @dataclass
 class BrainMask:
-    """mask: bool (I, J, K) on the scan's grid. method: 'registered', 'intensity' or 'crop'.
+    """mask: bool (I, J, K) on the scan's grid. method: 'learned', 'registered', 'intensity' or 'crop'.
     registration: the locate.Registration tried (None for a crop), reused to place findings."""
 
     mask: np.ndarray
@@ -94,7 +99,7 @@ def fill_holes_slicewise(mask, slice_axis: int):
     return filled
 
 
-def _smooth_coarse(volume: Volume):
+def smooth_coarse(volume: Volume):
     factors = coarse_factors(volume.spacing, COARSE_MM)
     spacing = volume.spacing * np.array(factors)
     coarse = block_mean(np.asarray(volume.array, dtype=np.float32), factors)
@@ -103,7 +108,7 @@ def _smooth_coarse(volume: Volume):
 
 def coarse_intensity_mask(volume: Volume, crop: bool = False) -> tuple:
     """`intensity_mask` on its ~COARSE_MM grid: (bool mask, block factors, grid spacing)."""
-    smooth, factors, spacing = _smooth_coarse(volume)
+    smooth, factors, spacing = smooth_coarse(volume)
     foreground = smooth > 0.2 * float(np.percentile(smooth, 99.0))
     if crop:
         mask = fill_holes_slicewise(ndimage.binary_closing(foreground, iterations=2), volume.slice_axis)
@@ -136,7 +141,7 @@ def hull_on_grid(volume: Volume, registration, factors) -> np.ndarray:
 
 def registered_mask(volume: Volume, registration) -> np.ndarray:
     """Registered hull, moved by the scan's own edge within BAND_MM, closed, hole-filled (bool, scan grid)."""
-    smooth, factors, spacing = _smooth_coarse(volume)
+    smooth, factors, spacing = smooth_coarse(volume)
     prior = hull_on_grid(volume, registration, factors)
     if not prior.any():
         return np.zeros(volume.shape, bool)
@@ -148,10 +153,31 @@ def registered_mask(volume: Volume, registration) -> np.ndarray:
     return upsample_blocks(mask, factors, volume.shape, nearest=True)
 
 
-def extract_brain(volume: Volume, crop: bool = False, registration=None) -> BrainMask:
+def learned_mask(volume: Volume, registration, model) -> tuple:
+    """The brain-mask network's answer (brain_model.py) on the scan's grid, and its agreement (Dice) with the
+    registered template hull. Its probability is carried back through the registration; like the intensity
+    edge, it may move the hull's edge by at most BAND_MM (a bright slab of scalp or neck joined to the brain
+    cannot draw it further out). Its largest piece is kept and holes filled on the coarse grid, then it is
+    upsampled linearly before the 0.5 cut (a smooth edge, not COARSE_MM steps)."""
+    from .brain_model import coarse_to_grid, grid_to_coarse
+
+    smooth, factors, spacing = smooth_coarse(volume)
+    probability = grid_to_coarse(model.probability(coarse_to_grid(smooth, factors, volume, registration)),
+                                 volume, registration, factors)
+    hull = hull_on_grid(volume, registration, factors)
+    probability[~dilate_mm(hull, spacing, BAND_MM)] = 0.0
+    kept = fill_holes_slicewise(largest_component(probability > 0.5), volume.slice_axis)
+    agreement = 2.0 * np.count_nonzero(kept & hull) / max(np.count_nonzero(kept) + np.count_nonzero(hull), 1)
+    cleaned = np.where(kept, np.maximum(probability, 0.5 + 1e-3), np.minimum(probability, 0.5))
+    return upsample_blocks(cleaned.astype(np.float32), factors, volume.shape) > 0.5, agreement
+
+
+def extract_brain(volume: Volume, crop: bool = False, registration=None, model="shared") -> BrainMask:
     """Brain mask of a GRE/SWI magnitude; raises InputError when the image does not look like a brain.
 
     registration: a locate.Registration of this volume, computed here when None (and not a crop).
+    model: the brain-mask network (brain_model.BrainModel); "shared": the shipped one, loaded once per process;
+    None: the registered hull moved by the intensity edge alone (registered_mask).
     """
     if crop:
         return BrainMask(intensity_mask(volume, crop=True), "crop")
@@ -160,7 +186,7 @@ def extract_brain(volume: Volume, crop: bool = False, registration=None) -> Brai
 
         registration = register_to_mni(volume)
     if registration.plausible_geometry:
-        result = BrainMask(registered_mask(volume, registration), "registered", registration)
+        result = _registered_brain(volume, registration, model)
         if not registration.ok:
             result.warnings.append(f"brain mask registered, but {registration.message}")
     else:
@@ -169,6 +195,23 @@ def extract_brain(volume: Volume, crop: bool = False, registration=None) -> Brai
     check_brain_volume(result.mask, volume.spacing, "the automatic brain mask",
                        "" if registration.ok else f"; {registration.message}")
     return result
+
+
+def _registered_brain(volume: Volume, registration, model) -> BrainMask:
+    """The learned mask, unless it strays from the registered hull by more than the anatomy can (then the
+    hull moved by the intensity edge, with a warning): a safety net for images unlike any it learnt from."""
+    if model is None:
+        return BrainMask(registered_mask(volume, registration), "registered", registration)
+    if model == "shared":
+        from .brain_model import shared_brain_model
+
+        model = shared_brain_model()
+    mask, agreement = learned_mask(volume, registration, model)
+    if agreement < MIN_AGREEMENT:
+        return BrainMask(registered_mask(volume, registration), "registered", registration,
+                         [f"the learned brain mask disagreed with the registered template (Dice {agreement:.2f}); "
+                          "the template moved by the image's own edges is used instead"])
+    return BrainMask(mask, "learned", registration)
 
 
 def check_brain_volume(mask: np.ndarray, spacing, what: str, why: str = "") -> None:

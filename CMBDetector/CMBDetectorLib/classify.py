@@ -15,7 +15,6 @@ mean of the members' probabilities, and the operating threshold in that card was
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from scipy import ndimage
 
 from .errors import InputError, WeightsError
 from .preprocess import Prepared
+from .weights import load_state_dict, read_card, verified_card
 
 PATCH_SIZE = 20
 PATCH_MM = 0.8
@@ -73,18 +73,6 @@ def build_model():
                       num_res_units=ARCHITECTURE["num_res_units"], norm=ARCHITECTURE["norm"])
 
 
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def card_path(weights_path) -> Path:
-    return Path(weights_path).with_suffix(".json")
-
-
 @dataclass
 class LoadedModel:
     networks: list  # one network, or an ensemble's members (their probabilities are averaged)
@@ -96,41 +84,6 @@ class LoadedModel:
 def ensemble_digest(member_sha256: list) -> str:
     """An ensemble's identity: SHA-256 over its members' SHA-256s in order (stable when its card is rewritten)."""
     return hashlib.sha256("\n".join(member_sha256).encode()).hexdigest()
-
-
-def _read_card(card_file: Path, what: str, missing: str) -> dict:
-    if not card_file.is_file():
-        raise WeightsError(f"{what} {missing}: {card_file}")
-    try:
-        return json.loads(card_file.read_text())
-    except ValueError as error:
-        raise WeightsError(f"{what} {card_file.name} is not valid JSON: {error}") from None
-
-
-def verified_card(weights_path, what: str = "model") -> tuple:
-    """(card dict, SHA-256) of a weights file whose hash matches its model card; WeightsError otherwise."""
-    weights_path = Path(weights_path)
-    card_file = card_path(weights_path)
-    if not weights_path.is_file():
-        raise WeightsError(f"{what} weights not found: {weights_path}")
-    card = _read_card(card_file, f"{what} card", "not found beside the weights")
-    actual = sha256_of(weights_path)
-    if actual != card.get("sha256"):
-        raise WeightsError(f"{what} weights {weights_path.name} do not match their model card "
-                           f"(SHA-256 {actual[:12]}..., expected {str(card.get('sha256'))[:12]}...): "
-                           "the file is corrupt or was replaced")
-    return card, actual
-
-
-def load_state_dict(network, weights_path, what: str = "model", convert=None) -> None:
-    """torch.load(weights_only=True): tensors only, no pickled code runs. convert maps each tensor."""
-    import torch
-
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        network.load_state_dict({k: convert(v) for k, v in state.items()} if convert else state)
-    except Exception as error:  # noqa: BLE001 - any failure here means unusable weights
-        raise WeightsError(f"cannot load {what} weights {Path(weights_path).name}: {error}") from None
 
 
 def load_model(path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
@@ -152,7 +105,7 @@ def load_model(path=DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
 def read_ensemble_card(card_file) -> dict:
     """An ensemble card whose recorded identity matches the member hashes it lists; WeightsError otherwise."""
     card_file = Path(card_file)
-    card = _read_card(card_file, "model ensemble card", "not found")
+    card = read_card(card_file, "model ensemble card", "not found")
     members = card.get("members")
     if not isinstance(members, list) or not members or not all(
             isinstance(m, dict) and str(m.get("file", "")).endswith(".pt") and m.get("sha256") for m in members):

@@ -21,6 +21,7 @@ COMMANDS = {
     "batch": ("CMBDetectorLib.batch", "find microbleeds in a cohort (folder, glob, CSV manifest, BIDS) on Dask"),
     "evaluate": ("CMBDetectorLib.evaluate", "score detections against ground truth"),
     "train": ("CMBDetectorLib.train.train_cnn", "train the stage-2 3D CNN on simulated scans"),
+    "train-brain": ("CMBDetectorLib.train.train_brain", "train the brain-mask U-Net on simulated heads"),
     "train-yolo": ("CMBDetectorLib.train.train_yolo", "train the stage-3 YOLO on simulated scans, tune its fusion"),
     "demo": ("CMBDetectorLib.demo", "simulate a sample scan, detect, and write every output"),
     "inject-check": ("CMBDetectorLib.injection_check",

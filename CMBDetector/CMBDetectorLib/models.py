@@ -19,8 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-from .classify import DEFAULT_MODEL, read_ensemble_card, verified_card
+from .classify import DEFAULT_MODEL, read_ensemble_card
 from .errors import CMBError, WeightsError
+from .weights import verified_card
 
 SHIPPED = "shipped"
 DATA_DIR_ENV = "CMBDETECTOR_DATA_DIR"  # overrides the platform's user data folder (tests, shared installs)

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from . import __version__
 from .candidates import MAX_CANDIDATES, centres_ras, screen
+from .brain_model import shared_brain_model
 from .classify import choose_device, extract_patches, load_model, score_patches
 from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
@@ -129,6 +130,7 @@ class Detector:
         self.model_path = Path(model_path) if model_path is not None else models.active_model_path()
         self.model_version = models.version_of(self.model_path)
         self.model = load_model(self.model_path, device)
+        self.brain_model = shared_brain_model()  # checked now: a bad file is named before any scan runs
         self.yolo = None
         self.warnings = []
         if use_yolo and self.model.card.get("stage3") == "off":
@@ -152,7 +154,7 @@ class Detector:
     @property
     def model_hashes(self) -> dict:
         """SHA-256 of every model that runs: what a result depends on besides the scan and the code."""
-        hashes = {"cnn": self.model.sha256}
+        hashes = {"cnn": self.model.sha256, "brain_mask": self.brain_model.sha256}
         if self.yolo is not None:
             hashes["yolo"] = self.yolo.sha256
         return hashes
@@ -176,7 +178,7 @@ class Detector:
 
         _progress(progress, 10, "preprocessing")
         tick = time.perf_counter()
-        prepared = prepare(volume, phase, mask, crop=crop)
+        prepared = prepare(volume, phase, mask, crop=crop, brain_model=self.brain_model)
         warnings += prepared.warnings
         timings["preprocess"] = time.perf_counter() - tick
 

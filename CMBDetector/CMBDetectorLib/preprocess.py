@@ -95,8 +95,10 @@ def given_brain_mask(volume: Volume, mask: Volume, crop: bool = False) -> np.nda
 
 
 def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
-            crop: bool = False) -> Prepared:
+            crop: bool = False, brain_model="shared") -> Prepared:
     """Validate, mask, normalise; high-pass the phase when one is given (same grid required).
+
+    brain_model: the brain-mask network for brain.extract_brain ("shared": the shipped one, loaded once).
 
     The registration the automatic brain mask was made with is kept on the result, so findings are placed
     with the same transform; it also serves the image-type checks (imagetype.py: T1-like contrast, not a
@@ -119,7 +121,7 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
             brain = given_brain_mask(volume, mask, crop)
         else:
             blob_job = None if crop else side.submit(blob_measures, volume)
-            extracted = extract_brain(volume, crop=crop)
+            extracted = extract_brain(volume, crop=crop, model=brain_model)
             brain, mask_method, registration = extracted.mask, extracted.method, extracted.registration
             warnings += extracted.warnings
             if not crop:  # a whole head registered to MNI: is it a T2*-weighted head scan at all?

@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .classify import load_state_dict, resolve_device, verified_card
+from .classify import resolve_device
+from .weights import load_state_dict, verified_card
 from .errors import WeightsError
 from .preprocess import Prepared
 

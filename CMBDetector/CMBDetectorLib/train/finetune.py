@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, models, review
-from ..classify import (ARCHITECTURE, VIEWS, card_path, ensemble_digest, extract_patches, load_model,
-                        mean_probabilities, sha256_of)
+from ..classify import ARCHITECTURE, VIEWS, ensemble_digest, extract_patches, load_model, mean_probabilities
 from ..errors import CMBError
 from ..vocabulary import INPUT_SUFFIXES, REVIEW_JSON_SUFFIX, safe_stem
+from ..weights import card_path, sha256_of
 from . import dataset, tuning
 from .train_cnn import fit
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..classify import (ARCHITECTURE, DEFAULT_WEIGHTS, VIEWS, build_model, card_path, ensemble_digest,
-                        load_model, load_state_dict, mean_probabilities, probabilities, sha256_of,
-                        verified_card)
+from ..classify import (ARCHITECTURE, DEFAULT_WEIGHTS, VIEWS, build_model, ensemble_digest, load_model,
+                        mean_probabilities, probabilities)
 from ..errors import CMBError
+from ..weights import card_path, load_state_dict, sha256_of, verified_card
 from . import dataset, tuning
 from .tuning import FP_BUDGET
 

@@ -28,8 +28,9 @@ import numpy as np
 from .. import __version__
 from .. import yolo
 from ..classify import DEFAULT_MODEL as DEFAULT_CNN
-from ..classify import card_path, load_model, score_patches, sha256_of
+from ..classify import load_model, score_patches
 from ..errors import CMBError
+from ..weights import card_path, sha256_of
 from . import dataset, tuning
 from .tuning import FP_BUDGET, TOLERANCE_MM, lesion_counts, score_held_out
 
