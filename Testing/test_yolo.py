@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from CMBDetectorLib import yolo
-from CMBDetectorLib.classify import sha256_of
 from CMBDetectorLib.errors import WeightsError
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.preprocess import Prepared
+from CMBDetectorLib.weights import sha256_of
 
 torch = pytest.importorskip("torch")
 
@@ -231,7 +231,8 @@ def test_shipped_weights_prefer_a_dot_to_a_vein_or_tissue():
 @pytest.mark.skipif(not yolo.DEFAULT_YOLO.is_file(), reason="shipped YOLO weights not present")
 def test_shipped_fusion_was_tuned_against_the_shipped_cnn():
     # A fusion band tuned for another CNN's score distribution would silently move the operating point.
-    from CMBDetectorLib.classify import DEFAULT_MODEL, card_path, load_model
+    from CMBDetectorLib.classify import DEFAULT_MODEL, load_model
+    from CMBDetectorLib.weights import card_path
 
     cnn_card = json.loads(card_path(DEFAULT_MODEL).read_text())
     tuning = json.loads(card_path(yolo.DEFAULT_YOLO).read_text())["fusion_tuning"]
