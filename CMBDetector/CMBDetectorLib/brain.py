@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .grids import block_mean, coarse_factors, sigma_voxels, upsample_blocks
+from .grids import block_centres, block_mean, coarse_factors, sigma_voxels, upsample_blocks
 from .image import Volume
 
 COARSE_MM = 2.0
@@ -131,18 +131,22 @@ def hull_on_grid(volume: Volume, registration, factors) -> np.ndarray:
     from . import atlas
 
     hull = atlas.load_mni_brain_hull()
-    coarse_shape = tuple(-(-n // f) for n, f in zip(volume.shape, factors))
-    coarse_ijk = np.indices(coarse_shape, dtype=np.float32).reshape(3, -1).T
-    native_ijk = (coarse_ijk + 0.5) * np.array(factors, np.float32) - 0.5
+    coarse_shape, native_ijk = block_centres(volume.shape, factors)
     hull_ijk = hull.ras_to_ijk(registration.to_mni(volume.ijk_to_ras(native_ijk)))
     inside = ndimage.map_coordinates(hull.array.astype(np.float32), hull_ijk.T, order=1, cval=0.0)
     return (inside > 0.5).reshape(coarse_shape)
 
 
-def registered_mask(volume: Volume, registration) -> np.ndarray:
-    """Registered hull, moved by the scan's own edge within BAND_MM, closed, hole-filled (bool, scan grid)."""
+def coarse_with_hull(volume: Volume, registration) -> tuple:
+    """(smoothed scan on its ~COARSE_MM grid, block factors, grid spacing, registered hull on that grid)."""
     smooth, factors, spacing = smooth_coarse(volume)
-    prior = hull_on_grid(volume, registration, factors)
+    return smooth, factors, spacing, hull_on_grid(volume, registration, factors)
+
+
+def registered_mask(volume: Volume, registration, coarse: tuple | None = None) -> np.ndarray:
+    """Registered hull, moved by the scan's own edge within BAND_MM, closed, hole-filled (bool, scan grid).
+    coarse: coarse_with_hull's answer when the caller has it already."""
+    smooth, factors, spacing, prior = coarse or coarse_with_hull(volume, registration)
     if not prior.any():
         return np.zeros(volume.shape, bool)
     bright = smooth > EDGE_FRACTION * float(np.median(smooth[prior]))
@@ -153,18 +157,17 @@ def registered_mask(volume: Volume, registration) -> np.ndarray:
     return upsample_blocks(mask, factors, volume.shape, nearest=True)
 
 
-def learned_mask(volume: Volume, registration, model) -> tuple:
+def learned_mask(volume: Volume, registration, model, coarse: tuple | None = None) -> tuple:
     """The brain-mask network's answer (brain_model.py) on the scan's grid, and its agreement (Dice) with the
     registered template hull. Its probability is carried back through the registration; like the intensity
     edge, it may move the hull's edge by at most BAND_MM (a bright slab of scalp or neck joined to the brain
     cannot draw it further out). Its largest piece is kept and holes filled on the coarse grid, then it is
-    upsampled linearly before the 0.5 cut (a smooth edge, not COARSE_MM steps)."""
+    upsampled linearly before the 0.5 cut (a smooth edge, not COARSE_MM steps). coarse: as registered_mask."""
     from .brain_model import coarse_to_grid, grid_to_coarse
 
-    smooth, factors, spacing = smooth_coarse(volume)
+    smooth, factors, spacing, hull = coarse or coarse_with_hull(volume, registration)
     probability = grid_to_coarse(model.probability(coarse_to_grid(smooth, factors, volume, registration)),
                                  volume, registration, factors)
-    hull = hull_on_grid(volume, registration, factors)
     probability[~dilate_mm(hull, spacing, BAND_MM)] = 0.0
     kept = fill_holes_slicewise(largest_component(probability > 0.5), volume.slice_axis)
     agreement = 2.0 * np.count_nonzero(kept & hull) / max(np.count_nonzero(kept) + np.count_nonzero(hull), 1)
@@ -206,9 +209,10 @@ def _registered_brain(volume: Volume, registration, model) -> BrainMask:
         from .brain_model import shared_brain_model
 
         model = shared_brain_model()
-    mask, agreement = learned_mask(volume, registration, model)
+    coarse = coarse_with_hull(volume, registration)
+    mask, agreement = learned_mask(volume, registration, model, coarse)
     if agreement < MIN_AGREEMENT:
-        return BrainMask(registered_mask(volume, registration), "registered", registration,
+        return BrainMask(registered_mask(volume, registration, coarse), "registered", registration,
                          [f"the learned brain mask disagreed with the registered template (Dice {agreement:.2f}); "
                           "the template moved by the image's own edges is used instead"])
     return BrainMask(mask, "learned", registration)

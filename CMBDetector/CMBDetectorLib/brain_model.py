@@ -21,10 +21,10 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import WeightsError
+from .grids import block_centres
 from .image import Volume
-from .weights import load_state_dict, verified_card
+from .weights import MODELS_DIR, load_state_dict, verified_card
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 DEFAULT_BRAIN_MODEL = MODELS_DIR / "brain_mask.pt"
 
 GRID_MM = 2.0
@@ -75,9 +75,7 @@ def coarse_to_grid(coarse: np.ndarray, factors, volume: Volume, registration) ->
 
 def grid_to_coarse(grid_values: np.ndarray, volume: Volume, registration, factors) -> np.ndarray:
     """Values on the MNI grid sampled at the centres of the scan's factor-sized blocks (0 off the grid)."""
-    coarse_shape = tuple(-(-n // f) for n, f in zip(volume.shape, factors))
-    coarse_ijk = np.indices(coarse_shape, dtype=np.float32).reshape(3, -1).T
-    native_ijk = (coarse_ijk + 0.5) * np.array(factors, np.float32) - 0.5
+    coarse_shape, native_ijk = block_centres(volume.shape, factors)
     grid_ijk = mni_to_grid_ijk(registration.to_mni(volume.ijk_to_ras(native_ijk)))
     values = ndimage.map_coordinates(grid_values.astype(np.float32), grid_ijk.T, order=1, cval=0.0)
     return values.reshape(coarse_shape)

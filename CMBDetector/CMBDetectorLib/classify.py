@@ -24,11 +24,10 @@ from scipy import ndimage
 
 from .errors import InputError, WeightsError
 from .preprocess import Prepared
-from .weights import load_state_dict, read_card, verified_card
+from .weights import MODELS_DIR, load_state_dict, read_card, verified_card
 
 PATCH_SIZE = 20
 PATCH_MM = 0.8
-MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 DEFAULT_MODEL = MODELS_DIR / "cmb_cnn_ensemble.json"  # what the pipeline loads: the card of the members below
 DEFAULT_WEIGHTS = MODELS_DIR / "cmb_cnn.pt"  # one trained network (what `cmbdetector train` writes by default)
 ARCHITECTURE = {"in_shape": [2, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE], "classes": 1,

@@ -80,6 +80,14 @@ def sigma_voxels(sigma_mm: float, spacing) -> list:
     return [sigma_mm / s for s in spacing]
 
 
+def block_centres(shape, factors) -> tuple:
+    """(coarse shape, (N, 3) fine-grid indices of each factor-sized block's centre, C order): where a block-mean
+    grid's values lie in the original voxel grid."""
+    coarse_shape = tuple(-(-n // f) for n, f in zip(shape, factors))
+    coarse_ijk = np.indices(coarse_shape, dtype=np.float32).reshape(3, -1).T
+    return coarse_shape, (coarse_ijk + 0.5) * np.array(factors, np.float32) - 0.5
+
+
 def coarse_factors(spacing, target_mm: float) -> tuple:
     """Integer block sizes per axis that bring `spacing` close to `target_mm` (1 where already coarser)."""
     return tuple(max(1, int(round(target_mm / s))) for s in spacing)

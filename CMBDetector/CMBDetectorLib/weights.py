@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .errors import WeightsError
 
+MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"  # the shipped weights and their cards
+
 
 def sha256_of(path) -> str:
     digest = hashlib.sha256()

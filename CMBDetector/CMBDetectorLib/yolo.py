@@ -46,7 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from .classify import resolve_device
-from .weights import load_state_dict, verified_card
+from .weights import MODELS_DIR, load_state_dict, verified_card
 from .errors import WeightsError
 from .preprocess import Prepared
 
@@ -57,7 +57,6 @@ INTENSITY_MAX = 1.5  # normalised magnitude mapped to [0, 1] by v / INTENSITY_MA
 CLASS_NAMES = {0: "microbleed"}
 BASE_YAML = "yolov8.yaml"  # ultralytics' packaged YOLOv8 detect layout
 SCALE = [0.33, 0.125, 1024]  # depth, width, max channels: half the width of "n" (0.9 M parameters), CPU-cheap
-MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 FONTS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Fonts"
 DEFAULT_YOLO = MODELS_DIR / "cmb_yolo.pt"
 ARCHITECTURE = {"yaml": BASE_YAML, "scale": SCALE, "nc": 1, "tile_px": TILE_PX, "pixel_mm": PIXEL_MM,

@@ -74,6 +74,8 @@ def carry_to_grid(folder: str, stem: str, cache: Path) -> str:
         return ""  # the pipeline would not use the model on this scan either
     smooth, factors, _ = smooth_coarse(volume)
     image = coarse_to_grid(smooth, factors, volume, registration)
+    # scaled to its median in the hull before the float16 cache (raw magnitudes can pass float16's 65504);
+    # network_input rescales each posed copy the same way at training time
     image /= max(float(np.median(image[(hull_on_mni_grid() > 0.5) & (image > 0)])), 1e-6)
     target = coarse_to_grid(block_mean((truth.array > 0.5).astype(np.float32), factors), factors, volume, registration)
     np.savez_compressed(out, image=image.astype(np.float16), target=target.astype(np.float16))
