@@ -132,7 +132,7 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
             (flipped / path.name).symlink_to(path)
     code = main(["finetune", "--reviews", str(flipped), "--out-version", "flipped", "--steps", "40", "--lr", "0.003",
                  "--seed", "3", "--threads", "1", "--hold-out", honest[: -len("_review.json")]]
-                + (["--inject", inject] if inject else ["--jobs", "2"]))  # reading workers: forked, no torch
+                + (["--inject", inject] if inject else ["--jobs", "2"]))  # reading workers: spawned (workers.py)
     output = capsys.readouterr().out
     assert code == 0 and "NOT ACTIVATED: " in output and "than its base shipped" in output, output
     assert models.active_version() == models.SHIPPED

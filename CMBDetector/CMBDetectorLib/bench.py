@@ -31,6 +31,7 @@ from .classify import DEFAULT_MODEL
 from .errors import CMBError
 from .evaluate import DEFAULT_TOLERANCE_MM
 from .train.dataset import POSITIVE_MM
+from .workers import process_pool
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
 OUT_OF_DISTRIBUTION = {"n": 18, "seed": 3, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
@@ -76,9 +77,7 @@ def _simulate_set(folder: Path, spec: dict, jobs: int) -> list:
         return magnitudes
     print(f"simulating {len(todo)} scans into {folder} ...", flush=True)
     if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(jobs) as pool:
+        with process_pool(jobs) as pool:
             for result in pool.map(simulate_and_write, todo):
                 print("  {} : {} microbleeds, {:.1f} s".format(*result[:3]), flush=True)
     else:
@@ -228,9 +227,7 @@ def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list,
             if screening.is_file():
                 summaries["screening_check"] = json.loads(screening.read_text())
     elif args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs) as pool:
+        with process_pool(args.jobs) as pool:
             per_scan = list(pool.map(_detect_scan, jobs))
     else:
         per_scan = [_detect_scan(job) for job in jobs]

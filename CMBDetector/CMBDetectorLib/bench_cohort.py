@@ -60,9 +60,9 @@ def simulate_cohort(folder: Path, n: int, jobs: int) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     work = [(TIMING_SCAN["seed"] + index, str(folder)) for index in range(n)]
     if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from .workers import process_pool
 
-        with ProcessPoolExecutor(jobs) as pool:
+        with process_pool(jobs) as pool:
             return [Path(p) for p in pool.map(_simulate_one, work)]
     return [Path(_simulate_one(job)) for job in work]
 

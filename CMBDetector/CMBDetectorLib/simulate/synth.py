@@ -462,9 +462,9 @@ def run(args) -> int:
     jobs = [(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed)
             for seed, protocol, free in plan]
     if args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from ..workers import process_pool
 
-        with ProcessPoolExecutor(args.jobs) as pool:
+        with process_pool(args.jobs) as pool:
             results = pool.map(simulate_and_write, jobs)
             for result in results:
                 print("{} : {} microbleeds, {:.1f} s -> {}".format(*result), flush=True)

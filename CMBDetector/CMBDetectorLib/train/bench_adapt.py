@@ -134,9 +134,9 @@ def in_workers(job, items: list, model_paths: dict, jobs: int) -> list:
     if jobs <= 1:
         _load_detectors(model_paths)
         return [job(item) for item in items]
-    from concurrent.futures import ProcessPoolExecutor
+    from ..workers import process_pool
 
-    with ProcessPoolExecutor(jobs, initializer=_load_detectors, initargs=(model_paths,)) as pool:
+    with process_pool(jobs, initializer=_load_detectors, initargs=(model_paths,)) as pool:
         return list(pool.map(job, items))
 
 

@@ -137,8 +137,8 @@ def _worker(job):
 def build(truth_list, seed: int, keep_all: bool, jobs: int = 2) -> list:
     work = [(f, seed + index, keep_all) for index, f in enumerate(truth_list)]
     if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from ..workers import process_pool
 
-        with ProcessPoolExecutor(jobs) as pool:
+        with process_pool(jobs) as pool:
             return list(pool.map(_worker, work))
     return [_worker(job) for job in work]

@@ -200,9 +200,9 @@ def build_data(scans: list, seed: int, train: bool, check, jobs: int = 1, inject
     work = [(scan, seed + index, train, check(scan) if callable(check) else check, inject)
             for index, scan in enumerate(scans)]
     if jobs > 1 and len(work) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from ..workers import process_pool
 
-        with ProcessPoolExecutor(jobs) as pool:
+        with process_pool(jobs) as pool:
             return list(pool.map(_data_worker, work))
     return [_data_worker(job) for job in work]
 

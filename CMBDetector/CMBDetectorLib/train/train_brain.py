@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from ..brain_model import (ARCHITECTURE, DEFAULT_BRAIN_MODEL, GRID_MM, GRID_SHAP
                            hull_on_mni_grid)
 from ..errors import CMBError
 from ..weights import card_path, sha256_of
+from ..workers import process_pool
 
 BRAIN_SUFFIX = "_brain.nii.gz"
 
@@ -84,7 +84,7 @@ def carry_to_grid(folder: str, stem: str, cache: Path) -> str:
 
 def build_cache(stems: list, cache: Path, jobs: int) -> list:
     cache.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with process_pool(jobs) as pool:
         done = list(pool.map(carry_to_grid, [f for f, _ in stems], [s for _, s in stems], [cache] * len(stems)))
     return [path for path in done if path]
 
