@@ -58,3 +58,10 @@ def write_crop_reviews(folder, seeds=(0, 1, 2)) -> list:
         paths.append(folder / f"{name}_review.json")
         paths[-1].write_text(json.dumps(document))
     return paths
+
+
+def flip_a_byte(path) -> None:
+    """Corrupt a weights file in place (one byte in the middle inverted): its SHA-256 no longer matches."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -15,6 +15,7 @@ from CMBDetectorLib.errors import WeightsError
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.train import train_brain
 from CMBDetectorLib.weights import card_path, sha256_of
+from helpers import flip_a_byte
 
 TRAIN_SEEDS = (891, 892)  # not training (1-, 4-, 5-, 6xxxx), tuning (3-, 7xxxx) or bench (2xxxx) seeds
 
@@ -58,9 +59,7 @@ def test_corrupt_or_foreign_brain_weights_are_refused(tmp_path):
     shutil.copy(brain_model.DEFAULT_BRAIN_MODEL, weights)
     shutil.copy(card_path(brain_model.DEFAULT_BRAIN_MODEL), card_path(weights))
     brain_model.load_brain_model(weights)  # an intact copy loads
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_a_byte(weights)
     with pytest.raises(WeightsError, match="do not match their model card"):
         brain_model.load_brain_model(weights)
     shutil.copy(brain_model.DEFAULT_BRAIN_MODEL, weights)

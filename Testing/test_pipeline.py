@@ -18,6 +18,7 @@ from CMBDetectorLib.io import write_volume
 from CMBDetectorLib.pipeline import detect, merge_nearby, read_phase, write_outputs
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.weights import card_path
+from helpers import flip_a_byte
 from test_yolo import SPHERE_RAS, TUBE_RAS, synthetic_prepared
 
 REAL_GRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre"
@@ -134,9 +135,7 @@ def test_corrupt_weights_are_refused_by_hash(tmp_path):
     shutil.copy(classify.DEFAULT_WEIGHTS, weights)
     shutil.copy(card_path(classify.DEFAULT_WEIGHTS), card_path(weights))
     classify.load_model(weights)  # an intact copy loads
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_a_byte(weights)
     with pytest.raises(WeightsError, match="do not match their model card"):
         classify.load_model(weights)
 

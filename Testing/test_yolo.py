@@ -14,6 +14,7 @@ from CMBDetectorLib.errors import WeightsError
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.preprocess import Prepared
 from CMBDetectorLib.weights import sha256_of
+from helpers import flip_a_byte
 
 torch = pytest.importorskip("torch")
 
@@ -138,9 +139,7 @@ def test_corrupt_or_unverified_weights_are_refused(tmp_path):
     write_weights(weights, yolo.build_network())
     assert yolo.load_yolo(weights).sha256 == sha256_of(weights)
 
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_a_byte(weights)
     with pytest.raises(WeightsError, match="do not match"):
         yolo.load_yolo(weights)
 
