@@ -169,3 +169,11 @@ def test_vendor_integer_phase_has_one_rule_for_detection_and_injection():
     from_radians_file, no_warnings = preprocess.high_passed_phase(magnitude, magnitude.with_array(radians))
     assert warnings == ["phase rescaled from integer units to radians"] and no_warnings == []
     assert np.abs(np.angle(np.exp(1j * (from_vendor - from_radians_file)))).max() < 0.02  # quantisation
+
+
+def test_mask_dice_is_twice_the_overlap_over_the_sizes():
+    mask_dice = brain.mask_dice
+    first, second = np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), bool)
+    first[:2], second[1:3] = True, True  # 32 voxels each, 16 shared
+    assert mask_dice(first, second) == 0.5 and mask_dice(first, first) == 1.0
+    assert mask_dice(first, ~first) == 0.0 and mask_dice(second & ~second, first & ~first) == 0.0

@@ -236,7 +236,7 @@ def test_stage3_is_the_configuration_with_fewer_false_positives_at_the_base_sens
 
 
 def test_activation_needs_held_out_microbleeds_and_no_loss():
-    before = {"sensitivity": 0.8, "fp_per_scan": 2.0, "microbleeds": 5}
+    before = {"sensitivity": 0.8, "fp_per_scan": 2.0, "microbleeds": finetune.MIN_CHECK_MICROBLEEDS}
     assert finetune.activation(before, {"sensitivity": 0.8, "fp_per_scan": 1.0}, "shipped", 3) == (True, "")
     allowed, reason = finetune.activation(before, {"sensitivity": 0.6, "fp_per_scan": 0.1}, "shipped", 3)
     assert not allowed and reason.startswith("worse than its base shipped on the 3 held-out reviews")
@@ -245,6 +245,13 @@ def test_activation_needs_held_out_microbleeds_and_no_loss():
     allowed, reason = finetune.activation({**before, "sensitivity": 0.0, "microbleeds": 0},
                                           {"sensitivity": 0.0, "fp_per_scan": 0.0}, "shipped", 3)
     assert not allowed and "hold no microbleed" in reason
+    # a gain on too few lesions is not shown: bench-adapt's 46 held-out lesions hid a loss of 0.106
+    allowed, reason = finetune.activation({**before, "microbleeds": 46}, {"sensitivity": 0.8, "fp_per_scan": 1.0},
+                                          "shipped", 20)
+    assert not allowed and "only 46 microbleeds" in reason and "review more scans" in reason
+    # a worse model is called worse, however few its lesions
+    assert finetune.activation({**before, "microbleeds": 5}, {"sensitivity": 0.6, "fp_per_scan": 0.1}, "shipped",
+                               3)[1].startswith("worse than its base")
 
 
 def test_bench_adapt_reads_each_model_at_the_other_models_sensitivity():

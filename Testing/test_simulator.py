@@ -249,3 +249,20 @@ def test_the_scans_of_a_site_share_its_acquisition_and_settings_and_differ_in_th
     assert first.truth["microbleeds"][0]["center_ras"] != second.truth["microbleeds"][0]["center_ras"]
     assert domain.sample_site("ood-gre3t-thick", 5) != (acquisition, variation)
 
+
+
+def test_edge_share_places_microbleeds_against_the_brains_outer_surface():
+    from scipy import ndimage
+
+    from CMBDetectorLib.simulate import anatomy
+    from CMBDetectorLib.simulate.synth import EDGE_MM
+
+    scan = simulate_scan(seed=12, acquisition="gre3t", n_cmb=5, edge_share=1.0)
+    head = anatomy.head_model()
+    depth = ndimage.distance_transform_edt(head.brain)  # mm inside the brain, on the 1 mm template
+    # deep tissue barely reaches the edge, so deep lesions keep their usual placement
+    centres = np.array([m["center_mni"] for m in scan.truth["microbleeds"] if m["region"] != "deep"])
+    voxels = np.round(head.to_ijk(centres)).astype(int)
+    assert scan.truth["edge_share"] == 1.0 and len(centres) >= 3
+    # a centre is drawn within half a voxel of an edge voxel, so within EDGE_MM + sqrt(3)/2 of the surface
+    assert (depth[tuple(voxels.T)] <= EDGE_MM + 1.0).all(), depth[tuple(voxels.T)]

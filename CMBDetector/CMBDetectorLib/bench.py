@@ -70,7 +70,7 @@ def _simulate_set(folder: Path, spec: dict, jobs: int) -> list:
         truth = folder / f"{name}.truth.json"
         return truth.is_file() and json.loads(truth.read_text()).get("site_seed") == site_seed
 
-    todo = [(seed, protocol, free, str(folder), spec["mimic_level"], False, site_seed)
+    todo = [(seed, protocol, free, str(folder), spec["mimic_level"], False, site_seed, 0.0)
             for (seed, protocol, free), name in zip(plan, names) if not made(name)]
     magnitudes = [folder / f"{name}.nii.gz" for name in names]
     if not todo:
@@ -155,6 +155,7 @@ def _brain_check(magnitude: Path, truth: dict, mask=None, method: str = "") -> d
     before true masks were written). Without a mask (reused predictions) it is extracted again by the same
     brain.extract_brain that detection ran; its registration is multi-threaded, so the Dice can differ from
     detection's mask in the third decimal."""
+    from .brain import mask_dice
     from .io import read_volume
 
     if "brain" not in truth["files"]:
@@ -168,7 +169,7 @@ def _brain_check(magnitude: Path, truth: dict, mask=None, method: str = "") -> d
     true_mask = true_volume.array > 0.5
     voxel_ml = float(np.prod(true_volume.spacing)) / 1000.0
     return {"acquisition": truth["acquisition"]["name"], "method": method,
-            "dice": round(float(2 * (mask & true_mask).sum() / max(mask.sum() + true_mask.sum(), 1)), 4),
+            "dice": round(mask_dice(mask, true_mask), 4),
             "volume_ml": round(float(mask.sum() * voxel_ml), 1), "true_volume_ml": round(float(true_mask.sum() * voxel_ml), 1)}
 
 

@@ -80,6 +80,11 @@ def dilate_mm(mask, spacing, mm):
     return ndimage.binary_dilation(mask, ball)
 
 
+def mask_dice(mask, other) -> float:
+    """Dice overlap of two boolean masks (0.0 when both are empty)."""
+    return 2.0 * np.count_nonzero(mask & other) / max(np.count_nonzero(mask) + np.count_nonzero(other), 1)
+
+
 def largest_component(mask):
     labels, count = ndimage.label(mask)
     if count <= 1:
@@ -170,7 +175,7 @@ def learned_mask(volume: Volume, registration, model, coarse: tuple | None = Non
                                  volume, registration, factors)
     probability[~dilate_mm(hull, spacing, BAND_MM)] = 0.0
     kept = fill_holes_slicewise(largest_component(probability > 0.5), volume.slice_axis)
-    agreement = 2.0 * np.count_nonzero(kept & hull) / max(np.count_nonzero(kept) + np.count_nonzero(hull), 1)
+    agreement = mask_dice(kept, hull)
     cleaned = np.where(kept, np.maximum(probability, 0.5 + 1e-3), np.minimum(probability, 0.5))
     return upsample_blocks(cleaned.astype(np.float32), factors, volume.shape) > 0.5, agreement
 

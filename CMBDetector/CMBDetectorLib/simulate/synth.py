@@ -11,6 +11,7 @@ Pipeline per scan (seeded, so a seed always gives the same scan):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ CMB_REGION_WEIGHTS = {"lobar": 0.55, "deep": 0.25, "infratentorial": 0.20}
 ANATOMICAL_LANDMARKS_MNI = {"left thalamus": (-12, -18, 8), "right calcarine cortex": (10, -85, 8),
                             "right cerebellar hemisphere": (25, -65, -35)}
 APPARENT_RANGE_MM = (2.0, 10.0)  # the clinical definition of a microbleed's apparent size
+# Edge microbleeds (--edge-share): centred this close to the brain's outer surface (the pial hull), so that
+# they abut the dark extra-cerebral space, the dura or a sinus's signal void. Drawn uniformly, only about 1 in
+# 10 microbleeds lies there, and stage 2 missed most of those (docs/simulator.md).
+EDGE_MM = 4.0
+EDGE_MIN_SHARE = 0.01  # a location class with less of its tissue at the edge keeps its usual placement
 
 
 @dataclass
@@ -52,10 +58,11 @@ class SimulatedScan:
 
 def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False, n_cmb: int | None = None,
                   scan_id: str | None = None, mimic_level: float = 1.0, spacing_mm=None,
-                  site_seed: int | None = None) -> SimulatedScan:
+                  site_seed: int | None = None, edge_share: float = 0.0) -> SimulatedScan:
     """Simulate one scan. mimic_level scales the number of veins and calcifications; spacing_mm
     overrides the protocol's random voxel size (e.g. the benchmark's nominal 0.5 x 0.5 x 2 mm SWI);
-    site_seed fixes acquisition and variation to that site's (domain.sample_site) instead of the scan's own."""
+    site_seed fixes acquisition and variation to that site's (domain.sample_site) instead of the scan's own;
+    edge_share: the share of microbleeds placed at the brain's edge (within EDGE_MM of its surface)."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     variation_rng = np.random.default_rng([seed, 7])  # its own stream: nominal scans stay as they were
@@ -105,7 +112,7 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     if not cmb_free:
         count = n_cmb if n_cmb is not None else int(min(12, 1 + rng.geometric(0.35) - 1 + rng.integers(0, 2)))
         drawn += _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
-                                     variation, variation_rng)
+                                     variation, variation_rng, edge_share)
     drawn += _sample_calcifications(rng, head, deformation, acquired_affine, acquired_shape, acq,
                                     mean_count=1.2 * mimic_level)
     for sphere, voxel_factors in drawn:
@@ -141,6 +148,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     truth["domain"] = variation.domain
     if site_seed is not None:
         truth["site_seed"] = int(site_seed)
+    if edge_share > 0:
+        truth["edge_share"] = float(edge_share)
     if variation.domain != "nominal":
         truth["variation"] = variation.to_dict()
     return SimulatedScan(scan_id, magnitude_volume, phase_volume, truth, brain_acquired >= anatomy.BRAIN)
@@ -273,9 +282,10 @@ def _region_map():
 
 
 def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
-                        variation=Variation(), variation_rng=None):
+                        variation=Variation(), variation_rng=None, edge_share: float = 0.0):
     """Microbleeds in tissue of a randomly chosen location class; with variation.lesion_parts > 1 each is
     irregular: its main sphere (the truth centre) plus smaller overlapping "microbleed part" spheres.
+    A share edge_share of them lie at the brain's edge (_edge_zone), in the classes that reach it.
     Returns (sphere, voxel factors or None) pairs: the factors measured its apparent size and draw it too."""
     codes, atlas = _region_map()
     vein_points = np.concatenate([v.points for v in veins])
@@ -285,8 +295,12 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
     while len(spheres) < count and attempts < 200 * max(count, 1):
         attempts += 1
         region = rng.choice(list(CMB_REGION_WEIGHTS), p=list(CMB_REGION_WEIGHTS.values()))
-        allowed = [code for code, (name, _) in atlas.REGION_CODES.items() if name == region]
-        centre_mni = _random_point(rng, head, tissue & np.isin(codes, allowed))
+        allowed = tissue & np.isin(codes, [code for code, (name, _) in atlas.REGION_CODES.items() if name == region])
+        if edge_share > 0 and rng.random() < edge_share:
+            at_edge = allowed & _edge_zone()
+            if at_edge.sum() >= EDGE_MIN_SHARE * allowed.sum():  # the deep class has next to none
+                allowed = at_edge
+        centre_mni = _random_point(rng, head, allowed)
         region_name, lobe = atlas.region_of_code(int(codes[tuple(np.round(head.to_ijk(centre_mni)[0]).astype(int))]))
         centre = deformation.to_scanner(centre_mni)[0]
         if np.min(np.linalg.norm(vein_points - centre, axis=1)) < variation.vein_clearance_mm:
@@ -309,6 +323,13 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
             parts.append(Sphere("microbleed part", sphere.centre + offset, sphere.diameter_mm * variation_rng.uniform(0.4, 0.8),
                                 sphere.chi_ppm * variation_rng.uniform(0.5, 1.2), core_signal=sphere.core_signal))
     return spheres + [(part, None) for part in parts]
+
+
+@functools.lru_cache(maxsize=1)
+def _edge_zone() -> np.ndarray:
+    """Template voxels within EDGE_MM of the outside of the brain (the 1 mm template: voxels are mm)."""
+    brain = anatomy.head_model().brain
+    return brain & (ndimage.distance_transform_edt(brain) <= EDGE_MM)
 
 
 def _random_point(rng, head, mask) -> np.ndarray:
@@ -439,13 +460,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, help="simulate only the first LIMIT scans of the N-scan plan")
     parser.add_argument("--site-seed", type=int, help="one site: every scan shares the acquisition and settings "
                         "drawn from this seed (one protocol, not mixed or ood)")
+    parser.add_argument("--edge-share", type=float, default=0.0, help="share of microbleeds placed at the brain's "
+                        f"edge, within {EDGE_MM:g} mm of its surface (training data for lesions against dark "
+                        "extra-cerebral space; default 0: anywhere in the tissue of their location class)")
 
 
 def simulate_and_write(job):
-    """(seed, protocol, cmb_free, out, mimic_level, preview, site_seed) -> (scan_id, microbleeds, seconds,
-    magnitude path)."""
-    scan_seed, protocol, cmb_free, out, mimic_level, preview, site_seed = job
-    scan = simulate_scan(scan_seed, protocol, cmb_free=cmb_free, mimic_level=mimic_level, site_seed=site_seed)
+    """(seed, protocol, cmb_free, out, mimic_level, preview, site_seed, edge_share) -> (scan_id, microbleeds,
+    seconds, magnitude path)."""
+    scan_seed, protocol, cmb_free, out, mimic_level, preview, site_seed, edge_share = job
+    scan = simulate_scan(scan_seed, protocol, cmb_free=cmb_free, mimic_level=mimic_level, site_seed=site_seed,
+                         edge_share=edge_share)
     paths = write_scan(scan, out)
     if preview:
         from .preview import write_gallery
@@ -459,7 +484,9 @@ def run(args) -> int:
         raise CMBError("--mimic-level must not be negative")
     if args.site_seed is not None and args.acquisition in MIXES:
         raise CMBError("--site-seed needs one protocol: a site scans with one acquisition, not a mix")
-    jobs = [(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed)
+    if not 0.0 <= args.edge_share <= 1.0:
+        raise CMBError("--edge-share must be between 0 and 1")
+    jobs = [(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed, args.edge_share)
             for seed, protocol, free in plan]
     if args.jobs > 1:
         from ..workers import process_pool

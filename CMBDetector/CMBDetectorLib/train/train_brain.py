@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .. import __version__
+from ..brain import mask_dice
 from ..brain_model import (ARCHITECTURE, DEFAULT_BRAIN_MODEL, GRID_MM, GRID_SHAPE, build_network, coarse_to_grid,
                            hull_on_mni_grid)
 from ..errors import CMBError
@@ -183,7 +184,7 @@ def grid_dice(network, items: list) -> list:
             inputs, target = batch([item], None, augment=False)
             mask = torch.sigmoid(network(inputs))[0, 0].numpy() > 0.5
             truth = target[0, 0].numpy() > 0.5
-            scores.append(float(2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1)))
+            scores.append(mask_dice(mask, truth))
     network.train()
     return scores
 
