@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +109,9 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     todo = cases(args)
     rows = []
-    with ProcessPoolExecutor(args.workers) as pool:
+    from CMBDetectorLib.workers import process_pool
+
+    with process_pool(args.workers) as pool:
         for row in pool.map(measure, todo):
             kind, name, expect, ratio, solidity, spread, warnings = row
             text = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.2f}"  # noqa: E731

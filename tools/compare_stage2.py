@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,9 @@ def cache(args) -> None:
             out = folder / f"{name}_{truth_file.name.replace('.truth.json', '')}.npz"
             if not out.exists():
                 jobs.append((str(truth_file), use_phase, str(out)))
-    with ProcessPoolExecutor(args.jobs) as pool:
+    from CMBDetectorLib.workers import process_pool
+
+    with process_pool(args.jobs) as pool:
         for done in pool.map(cache_one, jobs):
             print(done, flush=True)
 
