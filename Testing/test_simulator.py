@@ -266,3 +266,33 @@ def test_edge_share_places_microbleeds_against_the_brains_outer_surface():
     assert scan.truth["edge_share"] == 1.0 and len(centres) >= 3
     # a centre is drawn within half a voxel of an edge voxel, so within EDGE_MM + sqrt(3)/2 of the surface
     assert (depth[tuple(voxels.T)] <= EDGE_MM + 1.0).all(), depth[tuple(voxels.T)]
+
+
+def test_soft_microbleed_is_a_smooth_dip_measured_at_half_its_contrast():
+    from CMBDetectorLib.simulate.structures import SOFT_MIN_CONTRAST, Sphere, apparent_diameter
+
+    affine, shape = np.diag([1.0, 1.0, 1.0, 1.0]), (40, 40, 40)
+    hard = Sphere("microbleed", np.array([20.2, 20.1, 20.3]), 3.0, 0.1, core_signal=0.0)
+    soft = Sphere("microbleed", hard.centre, 3.0, 0.1, core_signal=0.0, soft_depth=0.6)
+    _, hard_factors = sphere_voxel_factors(hard, affine, shape, 3.0, 0.02)
+    _, soft_factors = sphere_voxel_factors(soft, affine, shape, 3.0, 0.02)
+    assert np.abs(hard_factors).min() < 0.1  # the black core
+    assert 0.4 <= np.abs(soft_factors).min() <= 1 - SOFT_MIN_CONTRAST  # no core: 60 % deep, voxel-averaged
+    # full width at half depth is about the sphere's diameter
+    assert 2.0 <= apparent_diameter(soft, affine, shape, 3.0, 0.02) <= 4.0
+    faint = Sphere("microbleed", hard.centre, 1.0, 0.1, core_signal=0.0, soft_depth=0.3)
+    assert apparent_diameter(faint, affine, shape, 3.0, 0.02) == 0.0  # too faint to count as a microbleed
+
+
+def test_soft_share_draws_soft_microbleeds_and_records_them():
+    scan = simulate_scan(seed=12, acquisition="gre15t", n_cmb=4, soft_share=1.0)
+    lesions = scan.truth["microbleeds"]
+    assert scan.truth["soft_share"] == 1.0 and len(lesions) >= 3
+    assert all(0.45 <= m["soft_depth"] <= 0.97 for m in lesions)
+    magnitude = scan.magnitude.array
+    level = np.median(magnitude[scan.brain])
+    for lesion in lesions:  # each is a visible dip on the thick-slice grid, without a black core
+        ijk = np.round(scan.magnitude.ras_to_ijk(np.array([lesion["center_ras"]]))[0]).astype(int)
+        around = magnitude[tuple(slice(max(i - 1, 0), i + 2) for i in ijk)]
+        assert around.min() < 0.85 * level, lesion
+    assert "soft_share" not in simulate_scan(seed=12, acquisition="gre15t", n_cmb=1, cmb_free=True).truth

@@ -60,7 +60,7 @@ def add_arguments(parser) -> None:
 
 def _simulate_set(folder: Path, spec: dict, jobs: int) -> list:
     """Simulate the scans of `spec` missing from `folder`; return every magnitude path of the set."""
-    from .simulate.synth import simulate_and_write, scan_plan
+    from .simulate.synth import SynthJob, scan_plan, simulate_and_write
 
     plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])
     names = [f"sim{seed:06d}_{protocol}" for seed, protocol, _ in plan]
@@ -70,7 +70,7 @@ def _simulate_set(folder: Path, spec: dict, jobs: int) -> list:
         truth = folder / f"{name}.truth.json"
         return truth.is_file() and json.loads(truth.read_text()).get("site_seed") == site_seed
 
-    todo = [(seed, protocol, free, str(folder), spec["mimic_level"], False, site_seed, 0.0)
+    todo = [SynthJob(seed, protocol, free, str(folder), spec["mimic_level"], site_seed=site_seed)
             for (seed, protocol, free), name in zip(plan, names) if not made(name)]
     magnitudes = [folder / f"{name}.nii.gz" for name in names]
     if not todo:

@@ -41,6 +41,12 @@ class Sphere:
     site: str = ""
     apparent_diameter_mm: float = float("nan")
     extra: dict = field(default_factory=dict)
+    # A soft microbleed (soft_depth > 0): its magnitude is a smooth dip, 1 - depth exp(-(r/s)^p / 2), half as
+    # dark at the sphere's radius, instead of a black core with a sharp edge; the dipole phase is kept. Other
+    # simulators and real partial-volumed lesions look like this; a detector that knows only black cores
+    # misses them.
+    soft_depth: float = 0.0
+    soft_power: float = 2.0
 
 
 # Deep veins and sinuses as template-space polylines (right side; mirrored), with radius in mm.
@@ -203,7 +209,7 @@ def sphere_voxel_factors(sphere: Sphere, grid_affine: np.ndarray, shape, b0_tesl
     phase_scale = phase_per_ppm(b0_tesla, te_s)
     # Reach where the peak dipole phase falls below 0.05 rad, at least radius + 2 mm.
     peak = abs(phase_scale * sphere.chi_ppm * 2 / 3)
-    reach = max(radius * max(1.0, (peak / 0.05)) ** (1 / 3), radius + 2.0)
+    reach = max(radius * max(1.0, (peak / 0.05)) ** (1 / 3), radius + 2.0, 2.5 * radius if sphere.soft_depth else 0)
     centre_ijk = (sphere.centre - grid_affine[:3, 3]) / np.diag(grid_affine)[:3]
     half = np.ceil(reach / spacing).astype(int) + 1
     lo = np.maximum(np.round(centre_ijk).astype(int) - half, 0)
@@ -219,12 +225,25 @@ def sphere_voxel_factors(sphere: Sphere, grid_affine: np.ndarray, shape, b0_tesl
         ys = (centres[1][:, None] + offsets[1][None, :]).reshape(-1)
         zs = z + offsets[2]
         grid = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).astype(np.float32)
-        inside = np.sum(grid ** 2, axis=-1) <= radius ** 2
-        values = np.where(inside, np.complex64(sphere.core_signal),
-                          np.exp(1j * phase_scale * sphere_field(grid, radius, sphere.chi_ppm)))
+        squared = np.sum(grid ** 2, axis=-1)
+        values = np.exp(1j * phase_scale * sphere_field(grid, radius, sphere.chi_ppm))
+        if sphere.soft_depth:
+            values *= soft_dip(squared, radius, sphere.soft_depth, sphere.soft_power)
+        else:
+            values = np.where(squared <= radius ** 2, np.complex64(sphere.core_signal), values)
         values = values.reshape(len(centres[0]), sub[0], len(centres[1]), sub[1], sub[2])
         result[:, :, index_k] = values.mean(axis=(1, 3, 4))
     return tuple(slice(a, b) for a, b in zip(lo, hi)), result
+
+
+def soft_dip(squared_distance, radius: float, depth: float, power: float) -> np.ndarray:
+    """Magnitude of a soft microbleed at squared distances (mm^2): 1 - depth at the centre, 1 - depth / 2 at
+    `radius`, a Gaussian for power 2 (flatter-topped above, more peaked below)."""
+    scale = radius / (2 * np.log(2)) ** (1 / power)
+    return (1.0 - depth * np.exp(-0.5 * (squared_distance / scale ** 2) ** (power / 2))).astype(np.float32)
+
+
+SOFT_MIN_CONTRAST = 0.3  # a soft microbleed must darken its centre voxel by this much on its acquired grid
 
 
 def measured_factors(sphere: Sphere, grid_affine, shape, b0_tesla, te_s) -> tuple:
@@ -239,12 +258,19 @@ def measured_factors(sphere: Sphere, grid_affine, shape, b0_tesla, te_s) -> tupl
 def apparent_diameter(sphere: Sphere, grid_affine, shape, b0_tesla, te_s, darkness: float = 0.5,
                       voxel_factors: tuple | None = None) -> float:
     """In-plane diameter (mm) of the region the sphere darkens below `darkness` on its central slice;
-    voxel_factors: sphere_voxel_factors' (box, factors) when the caller has them already."""
+    voxel_factors: sphere_voxel_factors' (box, factors) when the caller has them already. A soft sphere is
+    measured at half its acquired contrast (full width at half depth), and is 0 when that contrast is below
+    SOFT_MIN_CONTRAST."""
     box, factors = voxel_factors or sphere_voxel_factors(sphere, grid_affine, shape, b0_tesla, te_s)
     if box is None:
         return 0.0
     k = int(round((sphere.centre[2] - grid_affine[2, 3]) / grid_affine[2, 2])) - box[2].start
     k = min(max(k, 0), factors.shape[2] - 1)
+    if sphere.soft_depth:
+        contrast = 1.0 - float(np.abs(factors[:, :, k]).min())
+        if contrast < SOFT_MIN_CONTRAST:
+            return 0.0
+        darkness = 1.0 - contrast / 2
     dark = np.abs(factors[:, :, k]) < darkness
     labels, _ = ndimage.label(dark)
     centre = np.round((sphere.centre[:2] - grid_affine[:2, 3]) / np.diag(grid_affine)[:2]).astype(int)

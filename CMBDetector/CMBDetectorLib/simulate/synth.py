@@ -39,6 +39,11 @@ CMB_REGION_WEIGHTS = {"lobar": 0.55, "deep": 0.25, "infratentorial": 0.20}
 # Fixed MNI points carried into every scan's truth, so location tests can ask "where is the thalamus here?"
 ANATOMICAL_LANDMARKS_MNI = {"left thalamus": (-12, -18, 8), "right calcarine cortex": (10, -85, 8),
                             "right cerebellar hemisphere": (25, -65, -35)}
+# Soft microbleeds (synth --soft-share): centre darkening (before voxel averaging), profile power, and a
+# weaker susceptibility than the drawn one, so that the smooth dip, not the dipole's blooming, is what shows.
+SOFT_DEPTH = (0.45, 0.97)
+SOFT_POWER = (1.5, 4.0)
+SOFT_CHI_SCALE = (0.1, 0.3)
 APPARENT_RANGE_MM = (2.0, 10.0)  # the clinical definition of a microbleed's apparent size
 # Edge microbleeds (--edge-share): centred this close to the brain's outer surface (the pial hull), so that
 # they abut the dark extra-cerebral space, the dura or a sinus's signal void. Drawn uniformly, only about 1 in
@@ -58,11 +63,12 @@ class SimulatedScan:
 
 def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False, n_cmb: int | None = None,
                   scan_id: str | None = None, mimic_level: float = 1.0, spacing_mm=None,
-                  site_seed: int | None = None, edge_share: float = 0.0) -> SimulatedScan:
+                  site_seed: int | None = None, edge_share: float = 0.0, soft_share: float = 0.0) -> SimulatedScan:
     """Simulate one scan. mimic_level scales the number of veins and calcifications; spacing_mm
     overrides the protocol's random voxel size (e.g. the benchmark's nominal 0.5 x 0.5 x 2 mm SWI);
     site_seed fixes acquisition and variation to that site's (domain.sample_site) instead of the scan's own;
-    edge_share: the share of microbleeds placed at the brain's edge (within EDGE_MM of its surface)."""
+    edge_share: the share of microbleeds placed at the brain's edge (within EDGE_MM of its surface).
+    soft_share: the share of microbleeds drawn soft (structures.soft_dip) instead of with a black core."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     variation_rng = np.random.default_rng([seed, 7])  # its own stream: nominal scans stay as they were
@@ -112,7 +118,7 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     if not cmb_free:
         count = n_cmb if n_cmb is not None else int(min(12, 1 + rng.geometric(0.35) - 1 + rng.integers(0, 2)))
         drawn += _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
-                                     variation, variation_rng, edge_share)
+                                     variation, variation_rng, edge_share, soft_share)
     drawn += _sample_calcifications(rng, head, deformation, acquired_affine, acquired_shape, acq,
                                     mean_count=1.2 * mimic_level)
     for sphere, voxel_factors in drawn:
@@ -150,6 +156,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
         truth["site_seed"] = int(site_seed)
     if edge_share > 0:
         truth["edge_share"] = float(edge_share)
+    if soft_share > 0:
+        truth["soft_share"] = float(soft_share)
     if variation.domain != "nominal":
         truth["variation"] = variation.to_dict()
     return SimulatedScan(scan_id, magnitude_volume, phase_volume, truth, brain_acquired >= anatomy.BRAIN)
@@ -282,10 +290,12 @@ def _region_map():
 
 
 def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
-                        variation=Variation(), variation_rng=None, edge_share: float = 0.0):
+                        variation=Variation(), variation_rng=None, edge_share: float = 0.0,
+                        soft_share: float = 0.0):
     """Microbleeds in tissue of a randomly chosen location class; with variation.lesion_parts > 1 each is
     irregular: its main sphere (the truth centre) plus smaller overlapping "microbleed part" spheres.
-    A share edge_share of them lie at the brain's edge (_edge_zone), in the classes that reach it.
+    A share edge_share of them lie at the brain's edge (_edge_zone), in the classes that reach it; a share
+    soft_share are soft (SOFT_DEPTH, SOFT_POWER, SOFT_CHI_SCALE; their parts too).
     Returns (sphere, voxel factors or None) pairs: the factors measured its apparent size and draw it too."""
     codes, atlas = _region_map()
     vein_points = np.concatenate([v.points for v in veins])
@@ -311,6 +321,9 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
         sphere = Sphere("microbleed", centre, rng.uniform(1.0, 5.0), float(np.exp(rng.uniform(np.log(chi_low), np.log(chi_high)))),
                         core_signal=rng.uniform(0.0, 0.1), region=region_name, lobe=lobe)
         sphere.extra["centre_mni"] = centre_mni[0].tolist()
+        if soft_share > 0 and rng.random() < soft_share:
+            sphere.soft_depth, sphere.soft_power = rng.uniform(*SOFT_DEPTH), rng.uniform(*SOFT_POWER)
+            sphere.chi_ppm *= rng.uniform(*SOFT_CHI_SCALE)
         voxel_factors = measured_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
         if APPARENT_RANGE_MM[0] <= sphere.apparent_diameter_mm <= APPARENT_RANGE_MM[1]:
             spheres.append((sphere, voxel_factors))
@@ -321,7 +334,8 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
             direction = variation_rng.normal(size=3)
             offset = direction / np.linalg.norm(direction) * radius * variation_rng.uniform(0.4, 0.9)
             parts.append(Sphere("microbleed part", sphere.centre + offset, sphere.diameter_mm * variation_rng.uniform(0.4, 0.8),
-                                sphere.chi_ppm * variation_rng.uniform(0.5, 1.2), core_signal=sphere.core_signal))
+                                sphere.chi_ppm * variation_rng.uniform(0.5, 1.2), core_signal=sphere.core_signal,
+                                soft_depth=sphere.soft_depth, soft_power=sphere.soft_power))
     return spheres + [(part, None) for part in parts]
 
 
@@ -375,7 +389,9 @@ def _truth(scan_id, seed, acq, spheres, veins, deformation, labels, affine, seco
         "shape": list(labels.shape),
         "microbleeds": [{"id": i + 1, "center_ras": ras(s.centre), "true_diameter_mm": round(s.diameter_mm, 3),
                          "apparent_diameter_mm": round(s.apparent_diameter_mm, 3), "chi_ppm": round(s.chi_ppm, 4),
-                         "region": s.region, "lobe": s.lobe, "center_mni": ras(s.extra["centre_mni"])}
+                         "region": s.region, "lobe": s.lobe, "center_mni": ras(s.extra["centre_mni"]),
+                         **({"soft_depth": round(s.soft_depth, 3), "soft_power": round(s.soft_power, 2)}
+                            if s.soft_depth else {})}
                         for i, s in enumerate(microbleeds)],
         "mimics": {
             "calcifications": [{"center_ras": ras(s.centre), "diameter_mm": round(s.diameter_mm, 3),
@@ -460,21 +476,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, help="simulate only the first LIMIT scans of the N-scan plan")
     parser.add_argument("--site-seed", type=int, help="one site: every scan shares the acquisition and settings "
                         "drawn from this seed (one protocol, not mixed or ood)")
+    parser.add_argument("--soft-share", type=float, default=0.0, help="share of microbleeds drawn soft: a smooth "
+                        "dip 45-97 %% deep at its centre instead of a black core (training data for lesions drawn "
+                        "unlike ours; default 0)")
     parser.add_argument("--edge-share", type=float, default=0.0, help="share of microbleeds placed at the brain's "
                         f"edge, within {EDGE_MM:g} mm of its surface (training data for lesions against dark "
                         "extra-cerebral space; default 0: anywhere in the tissue of their location class)")
 
 
-def simulate_and_write(job):
-    """(seed, protocol, cmb_free, out, mimic_level, preview, site_seed, edge_share) -> (scan_id, microbleeds,
-    seconds, magnitude path)."""
-    scan_seed, protocol, cmb_free, out, mimic_level, preview, site_seed, edge_share = job
-    scan = simulate_scan(scan_seed, protocol, cmb_free=cmb_free, mimic_level=mimic_level, site_seed=site_seed,
-                         edge_share=edge_share)
-    paths = write_scan(scan, out)
-    if preview:
+@dataclass(frozen=True)
+class SynthJob:
+    """One scan to simulate and write (a process pool's unit of work)."""
+
+    seed: int
+    protocol: str
+    cmb_free: bool
+    out: str
+    mimic_level: float = 1.0
+    preview: bool = False
+    site_seed: int | None = None
+    edge_share: float = 0.0
+    soft_share: float = 0.0
+
+
+def simulate_and_write(job: SynthJob):
+    """Simulate and write one scan -> (scan_id, microbleeds, seconds, magnitude path)."""
+    scan = simulate_scan(job.seed, job.protocol, cmb_free=job.cmb_free, mimic_level=job.mimic_level,
+                         site_seed=job.site_seed, edge_share=job.edge_share, soft_share=job.soft_share)
+    paths = write_scan(scan, job.out)
+    if job.preview:
         from .preview import write_gallery
-        write_gallery(scan, Path(out) / f"{scan.scan_id}_preview.png")
+        write_gallery(scan, Path(job.out) / f"{scan.scan_id}_preview.png")
     return scan.scan_id, len(scan.truth["microbleeds"]), scan.truth["simulation_seconds"], str(paths["magnitude"])
 
 
@@ -484,10 +516,11 @@ def run(args) -> int:
         raise CMBError("--mimic-level must not be negative")
     if args.site_seed is not None and args.acquisition in MIXES:
         raise CMBError("--site-seed needs one protocol: a site scans with one acquisition, not a mix")
-    if not 0.0 <= args.edge_share <= 1.0:
-        raise CMBError("--edge-share must be between 0 and 1")
-    jobs = [(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed, args.edge_share)
-            for seed, protocol, free in plan]
+    for name in ("edge_share", "soft_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise CMBError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    jobs = [SynthJob(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed,
+                     args.edge_share, args.soft_share) for seed, protocol, free in plan]
     if args.jobs > 1:
         from ..workers import process_pool
 
