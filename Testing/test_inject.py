@@ -58,3 +58,21 @@ def test_injection_is_repeatable_and_keeps_vendor_phase_units(head):
     result, _ = _inject(head, seed=9, count=3, phase=vendor)
     assert result.phase.array.min() >= vendor.array.min() - 0.5 and result.phase.array.max() <= vendor.array.max() + 0.5
     assert np.abs(result.phase.array - vendor.array).max() > 100  # changed, in vendor units, not radians
+
+
+@pytest.mark.parametrize("model", ["gaussian", "flat"])
+def test_look_only_lesions_are_dips_of_their_measured_contrast_and_leave_the_phase(head, model):
+    scan, prepared = head
+    result = inject.inject_microbleeds(scan.magnitude, scan.phase, prepared.mask, prepared.context,
+                                       np.random.default_rng(3), 5, lesion_model=model)
+    assert len(result.centres_ras) == 5 and len(result.contrast) == 5
+    assert (result.contrast >= inject.SOFT_MIN_CONTRAST).all() and (result.contrast <= inject.LOOK_DEPTH[1]).all()
+    ijk = np.round(scan.magnitude.ras_to_ijk(result.centres_ras)).astype(int)
+    before, after = scan.magnitude.array.astype(np.float32), result.magnitude.array
+    for point, contrast in zip(ijk, result.contrast):  # the darkest voxel near the centre has that contrast
+        box = tuple(slice(max(c - 2, 0), c + 3) for c in point)
+        assert np.isclose((after[box] / before[box]).min(), 1 - contrast, atol=1e-3)
+    assert np.array_equal(result.phase.array, scan.phase.array.astype(np.float32))
+    with pytest.raises(ValueError, match="lesion model"):
+        inject.inject_microbleeds(scan.magnitude, None, prepared.mask, prepared.context,
+                                  np.random.default_rng(3), 1, lesion_model="cube")

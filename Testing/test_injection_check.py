@@ -22,7 +22,9 @@ def test_microbleeds_injected_into_a_real_crop_are_found():
     repeats = injection_check.REPEATS
     assert result["repeats"] == repeats
     assert repeats <= result["lesions"] <= repeats * injection_check.COUNT[True]
-    for config in detectors:  # real veins and noise around them: most are still found, few other findings
+    assert len(result["contrast"]) == result["lesions"] and result["lesion_model"] == "sphere"
+    for config in detectors:
+        assert sum(result[config]["found_each"]) == result[config]["found"]  # real veins and noise around them: most are still found, few other findings
         assert result[config]["found"] >= 0.6 * result["lesions"], result
         assert result[config]["other_findings"] <= repeats, result
     assert injection_check.check(volume, detectors, crop=True) == result  # seeded: the same lesions every run
@@ -42,6 +44,10 @@ def test_the_command_reports_each_scan_and_writes_json(tmp_path):
     assert row["repeats"] == 2 and row["count"] == injection_check.COUNT[True]
     assert 2 <= row["lesions"] <= 2 * row["count"] and 0 <= row["found"] <= row["lesions"]
     assert row["findings_without_injection"] == 0
+    done = cli("inject-check", CROP, "--crop", "--repeats", 1, "--lesions", "flat", "--no-yolo", "--json", out)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["scans"][0]
+    assert row["lesion_model"] == "flat" and 1 <= row["lesions"] <= row["count"]
 
 
 def test_bad_arguments_and_missing_scans_are_refused_in_one_line(tmp_path):

@@ -9,6 +9,12 @@ The site's field strength, echo time, SWI processing and phase convention cannot
 files, so each lesion draws its own from wide ranges below. The sphere model works in the voxel frame
 with B0 along the third voxel axis (the slice axis of an axial acquisition; an approximation for oblique
 or sagittal scans).
+
+Two other lesion models draw a microbleed as someone else's simulator might, by its look alone (no
+physics, magnitude only): "gaussian", a Gaussian dip, and "flat", an ellipsoid of uniform darkening. Both
+are averaged over each voxel (a 2 mm lesion in a 5 mm slice keeps a fraction of its contrast) and kept only
+when their centre voxel is at least SOFT_MIN_CONTRAST darker than the tissue. `inject-check --lesions` and
+tools/lesion_model_probe.py ask whether the detector knows a microbleed or only the simulator's spheres.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from scipy import ndimage
 from ..image import Volume
 from ..phase import from_radians, to_radians, vendor_range
 from .physics import swi_magnitude
-from .structures import Sphere, measured_factors
+from .structures import SOFT_MIN_CONTRAST, Sphere, measured_factors
 from .synth import APPARENT_RANGE_MM
 
 B0_CHOICES_T = (1.5, 3.0)
@@ -35,6 +41,11 @@ CLEARANCE_MM = 8.0  # from the site's known microbleeds (accepted and added poin
 SEPARATION_MM = 10.0  # between injected lesions
 TISSUE_RANGE = (0.6, 1.4)  # normalised intensity at an injected centre: brain tissue, not CSF, vessel or edge
 EDGE_VOXELS = 3  # injected centres stay this many voxels inside the brain mask
+LESION_MODELS = ("sphere", "gaussian", "flat")
+LOOK_DEPTH = (0.3, 0.95)  # "gaussian" and "flat": darkening at the centre, before voxel averaging
+LOOK_DIAMETER_MM = (2.0, 5.0)  # "gaussian": full width at half depth; "flat": the ellipsoid's mean diameter
+FLAT_AXIS_RATIO = (0.7, 1.3)  # "flat": each semi-axis is the mean radius times this
+LOOK_SUBSAMPLES_MM = 0.25  # voxel averaging: sample points this far apart inside each voxel
 
 
 @dataclass
@@ -42,15 +53,19 @@ class Injected:
     magnitude: Volume
     phase: Volume | None
     centres_ras: np.ndarray  # (N, 3)
+    contrast: np.ndarray  # (N,) 1 - the darkest voxel's factor: how dark each lesion is on this grid
 
 
 def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray, normalised: np.ndarray,
-                       rng: np.random.Generator, count: int, avoid_ras=None) -> Injected:
+                       rng: np.random.Generator, count: int, avoid_ras=None, lesion_model: str = "sphere") -> Injected:
     """Up to `count` microbleeds in brain tissue of `magnitude` (and `phase`, radians or vendor units).
 
     mask: bool brain mask on the scan grid; normalised: the scan divided by its tissue level (preprocess's
-    `Prepared.context`), which picks tissue; avoid_ras: (M, 3) points the lesions keep CLEARANCE_MM from.
+    `Prepared.context`), which picks tissue; avoid_ras: (M, 3) points the lesions keep CLEARANCE_MM from;
+    lesion_model: one of LESION_MODELS (the look-only models leave the phase untouched).
     """
+    if lesion_model not in LESION_MODELS:
+        raise ValueError(f"lesion model must be one of {', '.join(LESION_MODELS)}, got {lesion_model!r}")
     spacing = magnitude.spacing
     grid = np.diag([*spacing, 1.0])  # the voxel frame in mm, as the sphere model needs (diagonal)
     inner = ndimage.binary_erosion(mask, iterations=EDGE_VOXELS)
@@ -60,7 +75,7 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
     signal = np.asarray(magnitude.array, dtype=np.float32).copy()
     units = None if phase is None else vendor_range(phase.array)  # vendor integer phase stays in its units
     radians = None if phase is None else to_radians(phase.array, units)
-    placed_ijk = []
+    placed_ijk, contrasts = [], []
     for _ in range(50 * count if len(sites) else 0):
         if len(placed_ijk) == count:
             break
@@ -69,6 +84,15 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
         if len(avoid) and np.linalg.norm(avoid - centre_ras, axis=1).min() < CLEARANCE_MM:
             continue
         if placed_ijk and np.linalg.norm((np.array(placed_ijk) - ijk) * spacing, axis=1).min() < SEPARATION_MM:
+            continue
+        if lesion_model != "sphere":
+            box, darkening = _look_factors(lesion_model, ijk, spacing, signal.shape, rng)
+            contrast = 1.0 - float(darkening.min())
+            if contrast < SOFT_MIN_CONTRAST:
+                continue
+            signal[box] *= darkening
+            placed_ijk.append(ijk)
+            contrasts.append(contrast)
             continue
         b0, te_s = float(rng.choice(B0_CHOICES_T)), rng.uniform(*TE_RANGE_MS) / 1000
         sphere = Sphere("microbleed", ijk * spacing, rng.uniform(*DIAMETER_RANGE_MM),
@@ -85,6 +109,32 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
         if radians is not None:
             radians[box] = np.angle(np.exp(1j * (radians[box] + sign * field_phase)))
         placed_ijk.append(ijk)
+        contrasts.append(1.0 - float(darkening.min()))
     centres = magnitude.ijk_to_ras(np.array(placed_ijk).reshape(-1, 3)) if placed_ijk else np.zeros((0, 3))
     injected_phase = None if phase is None else phase.with_array(from_radians(radians, units))
-    return Injected(magnitude.with_array(signal), injected_phase, centres)
+    return Injected(magnitude.with_array(signal), injected_phase, centres, np.array(contrasts, float))
+
+
+def _look_factors(model: str, centre_ijk: np.ndarray, spacing, shape, rng: np.random.Generator) -> tuple:
+    """(box slices, float32 darkening averaged over each voxel) of a "gaussian" or "flat" lesion."""
+    depth, diameter = rng.uniform(*LOOK_DEPTH), rng.uniform(*LOOK_DIAMETER_MM)
+    radii = np.full(3, diameter / 2)
+    if model == "flat":
+        radii = radii * rng.uniform(*FLAT_AXIS_RATIO, size=3)
+    half = np.ceil(2 * radii.max() / spacing).astype(int) + 1
+    centre = np.round(centre_ijk).astype(int)
+    lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, shape)
+    samples = np.maximum(1, np.ceil(spacing / LOOK_SUBSAMPLES_MM)).astype(int)
+    # per axis: mm from the lesion centre of every sample point, grouped by voxel
+    axes = [((np.arange(a, b)[:, None] - c) * s + ((np.arange(n) + 0.5) / n - 0.5)[None, :] * s).ravel()
+            for a, b, c, s, n in zip(lo, hi, centre_ijk, spacing, samples)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    if model == "gaussian":
+        sigma = diameter / (2 * np.sqrt(2 * np.log(2)))
+        fine = 1.0 - depth * np.exp(-(x ** 2 + y ** 2 + z ** 2) / (2 * sigma ** 2))
+    else:
+        fine = 1.0 - depth * ((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2 <= 1.0)
+    size = hi - lo
+    fine = np.broadcast_to(fine, tuple(size * samples)).reshape(size[0], samples[0], size[1], samples[1],
+                                                                 size[2], samples[2])
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), fine.mean(axis=(1, 3, 5)).astype(np.float32)
