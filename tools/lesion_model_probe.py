@@ -2,7 +2,7 @@
 """Does the detector know a microbleed, or only the simulator's spheres? Lesions of three models, injected.
 
     python tools/lesion_model_probe.py [--val bench-output/val] [--ood bench-output/ood] [--repeats 2]
-                                       [--table docs/lesion-probe.md] [--jobs 2]
+                                       [--table docs/lesion-probe.md] [--jobs 2] [--model CARD]
 
 Into every microbleed-free scan of the two benchmark sets (`make bench` makes them; simulated here when
 absent), `inject-check`'s injection draws up to 6 microbleeds per repeat with each lesion model of
@@ -32,14 +32,14 @@ COUNT = 6
 
 def probe_scan(job: tuple) -> dict:
     """Every lesion model injected into one microbleed-free scan: the check's per-lesion results."""
-    truth_file, repeats = job
+    truth_file, repeats, model_path = job
     from CMBDetectorLib.injection_check import check
     from CMBDetectorLib.io import read_volume
     from CMBDetectorLib.pipeline import Detector
 
     truth = json.loads(Path(truth_file).read_text())
     volume = read_volume(Path(truth_file).parent / truth["files"]["magnitude"])
-    detector = Detector()
+    detector = Detector(model_path or None)
     prepared = detector.detect(volume, locate=False).prepared
     results = {model: check(volume, {"full": detector}, repeats=repeats, count=COUNT, prepared=prepared,
                             lesion_model=model) for model in MODELS}
@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--table", default="docs/lesion-probe.md")
     parser.add_argument("--json", default="", help="also keep every lesion's result here")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--model", default="", help="stage-2 model (an ensemble card or weights with card); "
+                        "default: the active version")
     args = parser.parse_args()
     sets = (("in-distribution", Path(args.val), bench.VALIDATION), ("out-of-distribution", Path(args.ood),
                                                                      bench.OUT_OF_DISTRIBUTION))
@@ -86,7 +88,7 @@ def main() -> int:
             bench._simulate_set(folder, spec, args.jobs)  # the benchmark's own scans, made as bench makes them
         for truth_file in sorted(folder.glob("*.truth.json")):
             if not json.loads(truth_file.read_text())["microbleeds"]:
-                jobs.append((str(truth_file), args.repeats))
+                jobs.append((str(truth_file), args.repeats, args.model))
                 names.append(name)
     print(f"{len(jobs)} microbleed-free scans, {len(MODELS)} lesion models, {args.repeats} repeats", flush=True)
     with process_pool(args.jobs) as pool:
