@@ -42,9 +42,9 @@ class Sphere:
     apparent_diameter_mm: float = float("nan")
     extra: dict = field(default_factory=dict)
     # A soft microbleed (soft_depth > 0): its magnitude is a smooth dip, 1 - depth exp(-(r/s)^p / 2), half as
-    # dark at the sphere's radius, instead of a black core with a sharp edge; the dipole phase is kept. Other
-    # simulators and real partial-volumed lesions look like this; a detector that knows only black cores
-    # misses them.
+    # dark at the sphere's radius, instead of a black core with a sharp edge; the dipole phase is kept. Another
+    # simulator may well draw lesions like this, and models trained on black cores alone miss them
+    # (docs/lesion-probe.md).
     soft_depth: float = 0.0
     soft_power: float = 2.0
 
