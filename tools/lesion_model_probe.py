@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CMBDetector"))
 
-MODELS = ("sphere", "gaussian", "flat")
+from CMBDetectorLib.simulate.inject import LESION_MODELS as MODELS  # noqa: E402 (after the path insert)
+
 CONTRAST_BINS = ((0.3, 0.5), (0.5, 0.7), (0.7, 1.01))
 COUNT = 6
 
