@@ -2,11 +2,14 @@
 """Compare stage-2 weights on the benchmark's scans in minutes: stage 1 runs once, its patches are cached.
 
     python tools/compare_stage2.py cache --cache DIR [--val bench-output/val] [--ood bench-output/ood]
+                                         [--inject sphere|gaussian|flat] [--repeats 2]
     python tools/compare_stage2.py score --cache DIR WEIGHTS.pt [WEIGHTS.pt ...] [--views 8]
 
 `cache` runs the pipeline's preprocessing and stage 1 on every scan of both bench sets (the validation set
 with its phase, the out-of-distribution set from the magnitude alone, as `make bench` runs them) and keeps
-each scan's candidate centres, patches and true centres. `score` averages the given networks over the
+each scan's candidate centres, patches and true centres. With --inject, only the microbleed-free scans are
+cached, each --repeats times with up to 6 microbleeds of that lesion model drawn into its magnitude (seeded as
+tools/lesion_model_probe.py draws them), from the magnitude alone: the probe's question, CNN alone. `score` averages the given networks over the
 in-plane views, as the pipeline does, and prints per-lesion sensitivity and FP/scan at several thresholds,
 per set and per acquisition: the pipeline's threshold and merge, one-to-one matching within 5 mm
 (evaluate.match). No YOLO stage and no atlas step, so these are the CNN-alone numbers; `make bench` stays
@@ -16,6 +19,7 @@ the judge. For experiments only: choosing weights by these numbers tunes on the 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,19 +29,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CMBDetector"))
 
 DEFAULT_VAL, DEFAULT_OOD = "bench-output/val", "bench-output/ood"
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+INJECTED_PER_SCAN = 6  # as tools/lesion_model_probe.py
 
 
 def cache_one(job: tuple) -> str:
-    from CMBDetectorLib import classify
     from CMBDetectorLib.train import dataset
 
     truth_file, use_phase, out = job
     truth, _, prepared = dataset.read_scan(truth_file, with_phase=use_phase)  # as training and tuning read scans
+    _save(out, prepared, dataset.truth_points(truth), truth["acquisition"]["name"], use_phase)
+    return out
+
+
+def cache_injected(job: tuple) -> str:
+    """One microbleed-free scan with `lesion_model` lesions drawn in (seed `repeat`), magnitude alone."""
+    from CMBDetectorLib.preprocess import prepare
+    from CMBDetectorLib.simulate.inject import inject_microbleeds
+    from CMBDetectorLib.train import dataset
+
+    truth_file, lesion_model, repeat, out = job
+    truth, magnitude, prepared = dataset.read_scan(truth_file, with_phase=False)
+    injected = inject_microbleeds(magnitude, None, prepared.mask, prepared.context, np.random.default_rng(repeat),
+                                  INJECTED_PER_SCAN, lesion_model=lesion_model)
+    _save(out, prepare(injected.magnitude), injected.centres_ras, truth["acquisition"]["name"], False)
+    return out
+
+
+def _save(out, prepared, truths, acquisition: str, use_phase: bool) -> None:
+    from CMBDetectorLib import classify
+    from CMBDetectorLib.train import dataset
+
     centres = dataset.candidate_centres(prepared)
     patches = classify.extract_patches(prepared, centres, use_phase=use_phase)
-    np.savez_compressed(out, patches=patches.astype(np.float16), centres=centres,
-                        truths=dataset.truth_points(truth), acquisition=truth["acquisition"]["name"])
-    return out
+    np.savez_compressed(out, patches=patches.astype(np.float16), centres=centres, truths=truths,
+                        acquisition=acquisition)
 
 
 def cache(args) -> None:
@@ -46,14 +71,28 @@ def cache(args) -> None:
     jobs = []
     for name, scans, use_phase in (("val", args.val, True), ("ood", args.ood, False)):
         for truth_file in sorted(Path(scans).glob("*.truth.json")):
-            out = folder / f"{name}_{truth_file.name.replace('.truth.json', '')}.npz"
-            if not out.exists():
-                jobs.append((str(truth_file), use_phase, str(out)))
+            stem = f"{name}_{truth_file.name.replace('.truth.json', '')}"
+            if not args.inject:
+                out = folder / f"{stem}.npz"
+                if not out.exists():
+                    jobs.append((cache_one, (str(truth_file), use_phase, str(out))))
+                continue
+            if json.loads(truth_file.read_text())["microbleeds"]:
+                continue
+            for repeat in range(args.repeats):
+                out = folder / f"{stem}_{args.inject}{repeat}.npz"
+                if not out.exists():
+                    jobs.append((cache_injected, (str(truth_file), args.inject, repeat, str(out))))
     from CMBDetectorLib.workers import process_pool
 
     with process_pool(args.jobs) as pool:
-        for done in pool.map(cache_one, jobs):
+        for done in pool.map(_run, jobs):
             print(done, flush=True)
+
+
+def _run(job: tuple) -> str:
+    function, arguments = job
+    return function(arguments)
 
 
 def score(args) -> None:
@@ -97,6 +136,8 @@ def score(args) -> None:
 
 
 def main() -> None:
+    from CMBDetectorLib.simulate.inject import LESION_MODELS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("cache", help="stage 1 on both bench sets, patches kept in --cache")
@@ -104,6 +145,9 @@ def main() -> None:
     build.add_argument("--val", default=DEFAULT_VAL)
     build.add_argument("--ood", default=DEFAULT_OOD)
     build.add_argument("--jobs", type=int, default=2)
+    build.add_argument("--inject", choices=LESION_MODELS, default="",
+                       help="cache the microbleed-free scans with lesions of this model drawn in")
+    build.add_argument("--repeats", type=int, default=2, help="injections per scan (with --inject)")
     scoring = commands.add_parser("score", help="per-lesion numbers of these weights on the cached patches")
     scoring.add_argument("--cache", required=True)
     scoring.add_argument("weights", nargs="+", help="stage-2 state dicts (.pt); several are averaged")
