@@ -41,7 +41,7 @@ def scans(tmp_path_factory):
 def _args(data, out, **extra):
     values = dict(data=str(data), out=str(out), seed=5, steps=12, mine_every=5, val_fraction=0.25, hold_out="",
                   jobs=1, threads=1, card_only=False, tune_data=[], ensemble="", init="", lr=2e-3,
-                  data_extra=[], soften=0.0)
+                  data_extra=[])
     values.update(extra)
     return Namespace(**values)
 
@@ -74,10 +74,10 @@ def test_fine_tuning_starts_from_verified_weights_and_records_them(scans, tmp_pa
 
     base, tuned = tmp_path / "base" / "cnn.pt", tmp_path / "tuned" / "cnn.pt"
     assert train_cnn.run(_args(scans, base, steps=4)) == 0
-    assert train_cnn.run(_args(scans, tuned, steps=4, init=str(base), lr=1e-4, soften=0.5)) == 0
+    assert train_cnn.run(_args(scans, tuned, steps=4, init=str(base), lr=1e-4)) == 0
     card = classify.load_model(tuned).card
     assert card["initialised_from"] == {"file": "cnn.pt", "sha256": weights.sha256_of(base)}
-    assert f"--init {base} --lr 0.0001 --soften 0.5" in card["command"]
+    assert f"--init {base} --lr 0.0001" in card["command"]
     assert weights.sha256_of(tuned) != weights.sha256_of(base)
     base.write_bytes(base.read_bytes()[:-8] + b"\0" * 8)  # a tampered start is refused before any training
     with pytest.raises(WeightsError, match="do not match their model card"):
@@ -102,44 +102,6 @@ def test_ensemble_card_averages_members_tuned_on_scans_none_trained_on(scans, tm
     # Tuning on scans a member trained on is refused.
     with pytest.raises(CMBError, match="trained on 3 of the tuning scans"):
         train_cnn.run(_args(scans, ensemble_file, hold_out=held_out, ensemble=members_arg, tune_data=[str(scans)]))
-
-
-def _dark_sphere_patch(radius_mm: float = 2.0) -> np.ndarray:
-    """A (2, P, P, P) patch at tissue level 1 with a black sphere in the middle and a phase blob."""
-    offsets = classify.patch_offsets_mm()
-    inside = np.linalg.norm(offsets, axis=-1) < radius_mm
-    patch = np.ones((2,) + inside.shape, np.float32)
-    patch[0][inside] = 0.05
-    patch[1] = np.where(inside, 0.5, 0.0)
-    return patch
-
-
-def test_softening_turns_a_black_core_into_a_grey_dip_in_the_same_place():
-    rng = np.random.default_rng(3)
-    middle = classify.PATCH_SIZE // 2
-    cores = []
-    for _ in range(20):
-        softened = train_cnn.soften_patch(_dark_sphere_patch(), rng)
-        cores.append(softened[0, middle - 1:middle + 1, middle - 1:middle + 1, middle - 1:middle + 1].mean())
-        corner = softened[0, :4, :4, :4].mean()
-        assert 0.05 < cores[-1] < corner - 0.1  # less dark than the black core, still a dip in the middle
-        assert abs(np.median(softened[0]) - 1.0) < 0.05  # the tissue level is kept
-        assert 0 < softened[1].max() < 0.5 + 1e-6  # the phase weakens with the contrast
-    assert max(cores) > 0.5  # some become grey dips, half as dark as tissue or less
-
-
-def test_augmentation_softens_only_the_share_asked_for():
-    batch = np.stack([_dark_sphere_patch()] * 200)
-    middle = classify.PATCH_SIZE // 2
-
-    def softened_share(share):
-        out = train_cnn.augment(batch, np.random.default_rng(0), soften=share)
-        return np.mean(out[:, 0, middle, middle, middle] > 0.3)
-
-    assert softened_share(0.0) == 0.0
-    assert 0.35 < softened_share(0.5) < 0.65
-    assert np.array_equal(train_cnn.augment(batch[:3], np.random.default_rng(1)),
-                          train_cnn.augment(batch[:3], np.random.default_rng(1), soften=0.0))
 
 
 def test_in_plane_views_are_the_eight_turns_and_flips_about_z():

@@ -48,15 +48,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-extra", action="append", default=[],
                         help="another folder of training scans (repeatable); --hold-out and --val-fraction "
                              "apply to --data only")
-    parser.add_argument("--soften", type=float, default=0.0, help="share of training patches blurred and lowered "
-                        "in contrast, lesions and mimics alike (soften_patch; 0: none)")
     parser.add_argument("--jobs", type=int, default=2, help="processes for building patches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
-def augment(batch: np.ndarray, rng: np.random.Generator, soften: float = 0.0) -> np.ndarray:
-    """Flips in x and y, 90-degree turns about z (B0 stays along z), intensity scale, phase dropout; with
-    probability `soften` per patch, also `soften_patch` (0 draws nothing more: older commands still reproduce)."""
+def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flips in x and y, 90-degree turns about z (B0 stays along z), intensity scale, phase dropout."""
     out = batch.astype(np.float32).copy()
     for index in range(len(out)):
         patch = out[index]
@@ -66,39 +63,12 @@ def augment(batch: np.ndarray, rng: np.random.Generator, soften: float = 0.0) ->
             patch = patch[:, :, ::-1]
         patch = np.rot90(patch, k=int(rng.integers(4)), axes=(1, 2))
         patch = patch.copy()
-        if soften and rng.random() < soften:
-            patch = soften_patch(patch, rng)
         patch[0] *= rng.uniform(0.85, 1.15)
         patch[0] += rng.normal(0, 0.03, patch[0].shape)
         if rng.random() < 0.35:
             patch[1] = 0.0
         out[index] = patch
     return out
-
-
-# Softening ranges (per patch): in-plane and through-plane blur SD in patch voxels (0.8 mm), the share of its
-# contrast against the local tissue level that a patch keeps, and the noise SD added back.
-SOFTEN_BLUR_XY = (0.0, 0.8)
-SOFTEN_BLUR_Z = (0.0, 2.5)
-SOFTEN_KEEP = (0.3, 1.0)
-SOFTEN_NOISE = (0.0, 0.05)
-
-
-def soften_patch(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One (2, P, P, P) patch, positive or negative alike, made as a thicker-sliced, lower-contrast scan would
-    show it: blurred (more along z), its contrast against the patch's median pulled towards it, noise added.
-    Why: the simulator's microbleeds all have a black core, so darkness alone separates them from most
-    mimics there; on other scans (thick slices, partial volume, other lesion models) lesions are grey dips
-    and were missed (docs/lesion-probe.md). Softening the mimics too keeps a grey vein a negative."""
-    from scipy import ndimage
-
-    sigma = (rng.uniform(*SOFTEN_BLUR_XY), rng.uniform(*SOFTEN_BLUR_XY), rng.uniform(*SOFTEN_BLUR_Z))
-    keep = rng.uniform(*SOFTEN_KEEP)
-    magnitude = ndimage.gaussian_filter(patch[0], sigma, mode="nearest")
-    level = float(np.median(magnitude))
-    patch[0] = level + keep * (magnitude - level) + rng.normal(0, rng.uniform(*SOFTEN_NOISE), magnitude.shape)
-    patch[1] = keep * ndimage.gaussian_filter(patch[1], sigma, mode="nearest")
-    return patch
 
 
 def score_all(network, patches: np.ndarray, views: int = 1) -> np.ndarray:
@@ -129,15 +99,13 @@ def hard_weights(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def fit(network, patches: np.ndarray, labels: np.ndarray, steps: int, lr: float, rng: np.random.Generator,
         mine_every: int = 0, started: float | None = None, positives_per_batch: int = 24,
-        negatives_per_batch: int = 40, should_stop=None, freeze_batchnorm: bool = False,
-        soften: float = 0.0) -> None:
+        negatives_per_batch: int = 40, should_stop=None, freeze_batchnorm: bool = False) -> None:
     """Train `network` in place on (N, 2, P, P, P) patches with 0/1 labels: AdamW, one-cycle LR, batches of
     positives and negatives (drawn with replacement), the augmentation above, hard-example mining every
     `mine_every` steps. `train` and `finetune` both train through here. Leaves the network in eval mode.
     should_stop: called each step; True ends training early (a cancelled fine-tune).
     freeze_batchnorm: keep the BatchNorm running statistics as they are (a fine-tune: batches a third
-    positive from one site would otherwise replace statistics learnt on the whole training domain).
-    soften: the share of patches that `augment` softens (soften_patch)."""
+    positive from one site would otherwise replace statistics learnt on the whole training domain)."""
     import torch
 
     started = time.time() if started is None else started
@@ -167,7 +135,7 @@ def fit(network, patches: np.ndarray, labels: np.ndarray, steps: int, lr: float,
             training_mode()
         batch_index = np.concatenate([rng.choice(positives, positives_per_batch, p=positive_weights),
                                       rng.choice(negatives, negatives_per_batch, p=negative_weights)])
-        batch = torch.from_numpy(augment(patches[batch_index], rng, soften))
+        batch = torch.from_numpy(augment(patches[batch_index], rng))
         target = torch.from_numpy(labels[batch_index].astype(np.float32))
         loss = loss_function(network(batch)[:, 0], target)
         optimiser.zero_grad()
@@ -238,7 +206,6 @@ def _command(args, card_only: bool = False) -> str:
             f"--val-fraction {args.val_fraction}"
             + "".join(f" --data-extra {shlex.quote(str(folder))}" for folder in args.data_extra)
             + (f" --init {shlex.quote(str(args.init))}" if args.init else "") + f" --lr {args.lr}"
-            + (f" --soften {args.soften}" if args.soften else "")
             + (f" --hold-out {shlex.quote(args.hold_out)}" if args.hold_out else "")
             + "".join(f" --tune-data {shlex.quote(str(folder))}" for folder in args.tune_data)
             + (f" --ensemble {shlex.quote(args.ensemble)}" if args.ensemble else "")
@@ -278,10 +245,11 @@ def run(args) -> int:
     print(f"{len(positives)} positive and {len(negatives)} negative patches; stage-1 recall on training "
           f"scans {stage1_recall:.3f} ({time.time() - started:.0f} s)", flush=True)
 
+    torch.manual_seed(args.seed)  # again: building patches may load the brain-mask network, which draws from it
     network = build_model()
     if args.init:
         load_state_dict(network, args.init, "initial weights (--init)")
-    fit(network, patches, labels, args.steps, args.lr, rng, args.mine_every, started, soften=args.soften)
+    fit(network, patches, labels, args.steps, args.lr, rng, args.mine_every, started)
 
     metrics = held_out_metrics(network, val_items)
     threshold, tuning_record = _operating_threshold([network], val_files, args)
