@@ -66,7 +66,7 @@ def test_look_only_lesions_are_dips_of_their_measured_contrast_and_leave_the_pha
     result = inject.inject_microbleeds(scan.magnitude, scan.phase, prepared.mask, prepared.context,
                                        np.random.default_rng(3), 5, lesion_model=model)
     assert len(result.centres_ras) == 5 and len(result.contrast) == 5
-    assert (result.contrast >= inject.SOFT_MIN_CONTRAST).all() and (result.contrast <= inject.LOOK_DEPTH[1]).all()
+    assert (result.contrast >= inject.MIN_CONTRAST).all() and (result.contrast <= inject.LOOK_DEPTH[1]).all()
     ijk = np.round(scan.magnitude.ras_to_ijk(result.centres_ras)).astype(int)
     before, after = scan.magnitude.array.astype(np.float32), result.magnitude.array
     for point, contrast in zip(ijk, result.contrast):  # the darkest voxel near the centre has that contrast

@@ -269,7 +269,7 @@ def test_edge_share_places_microbleeds_against_the_brains_outer_surface():
 
 
 def test_soft_microbleed_is_a_smooth_dip_measured_at_half_its_contrast():
-    from CMBDetectorLib.simulate.structures import SOFT_MIN_CONTRAST, Sphere, apparent_diameter
+    from CMBDetectorLib.simulate.structures import MIN_CONTRAST, Sphere, apparent_diameter
 
     affine, shape = np.diag([1.0, 1.0, 1.0, 1.0]), (40, 40, 40)
     hard = Sphere("microbleed", np.array([20.2, 20.1, 20.3]), 3.0, 0.1, core_signal=0.0)
@@ -277,7 +277,7 @@ def test_soft_microbleed_is_a_smooth_dip_measured_at_half_its_contrast():
     _, hard_factors = sphere_voxel_factors(hard, affine, shape, 3.0, 0.02)
     _, soft_factors = sphere_voxel_factors(soft, affine, shape, 3.0, 0.02)
     assert np.abs(hard_factors).min() < 0.1  # the black core
-    assert 0.4 <= np.abs(soft_factors).min() <= 1 - SOFT_MIN_CONTRAST  # no core: 60 % deep, voxel-averaged
+    assert 0.4 <= np.abs(soft_factors).min() <= 1 - MIN_CONTRAST  # no core: 60 % deep, voxel-averaged
     # full width at half depth is about the sphere's diameter
     assert 2.0 <= apparent_diameter(soft, affine, shape, 3.0, 0.02) <= 4.0
     faint = Sphere("microbleed", hard.centre, 1.0, 0.1, core_signal=0.0, soft_depth=0.3)
@@ -296,3 +296,36 @@ def test_soft_share_draws_soft_microbleeds_and_records_them():
         around = magnitude[tuple(slice(max(i - 1, 0), i + 2) for i in ijk)]
         assert around.min() < 0.85 * level, lesion
     assert "soft_share" not in simulate_scan(seed=12, acquisition="gre15t", n_cmb=1, cmb_free=True).truth
+
+
+def test_half_contrast_sizing_keeps_a_faint_thick_slice_microbleed_the_darkness_rule_drops():
+    from CMBDetectorLib.simulate.structures import Sphere, apparent_diameter
+
+    affine, shape = np.diag([1.0, 1.0, 5.0, 1.0]), (40, 40, 12)  # 1.5 T GRE with 5 mm slices
+    centre = np.array([20.3, 19.8, 28.0])  # 2 mm off the middle of its slice
+
+    def sized(half_contrast_size):
+        sphere = Sphere("microbleed", centre, 3.0, 0.3, core_signal=0.0, half_contrast_size=half_contrast_size)
+        _, factors = sphere_voxel_factors(sphere, affine, shape, 1.5, 0.03)
+        return 1 - np.abs(factors).min(), apparent_diameter(sphere, affine, shape, 1.5, 0.03)
+
+    contrast, by_darkness = sized(False)
+    assert 0.3 < contrast < 0.5  # a plainly visible grey dot, never half as dark as tissue
+    assert by_darkness == 0.0
+    _, by_half_contrast = sized(True)
+    assert 2.0 <= by_half_contrast <= 5.0  # about its size, so it counts as a microbleed
+    dark = Sphere("microbleed", np.array([20.3, 19.8, 25.0]), 5.0, 2.0, core_signal=0.0)  # black in its slice
+    assert apparent_diameter(dark, affine, shape, 1.5, 0.03) == pytest.approx(  # a dark one: the same either way
+        apparent_diameter(Sphere("microbleed", dark.centre, 5.0, 2.0, core_signal=0.0, half_contrast_size=True),
+                          affine, shape, 1.5, 0.03))
+
+
+def test_faint_synthesis_records_each_microbleeds_contrast():
+    from CMBDetectorLib.simulate.structures import MIN_CONTRAST
+
+    scan = simulate_scan(seed=881, acquisition="gre15t", n_cmb=8, faint=True)
+    lesions = scan.truth["microbleeds"]
+    assert scan.truth["faint"] is True and len(lesions) >= 6
+    assert all(MIN_CONTRAST <= m["contrast"] <= 1.0 for m in lesions)
+    assert min(m["contrast"] for m in lesions) < 0.5  # at least one the darkness rule would have dropped
+    assert "faint" not in simulate_scan(seed=881, acquisition="gre15t", n_cmb=1, cmb_free=True).truth

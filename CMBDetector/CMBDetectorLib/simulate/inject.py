@@ -13,7 +13,7 @@ or sagittal scans).
 Two other lesion models draw a microbleed as someone else's simulator might, by its look alone (no
 physics, magnitude only): "gaussian", a Gaussian dip, and "flat", an ellipsoid of uniform darkening. Both
 are averaged over each voxel (a 2 mm lesion in a 5 mm slice keeps a fraction of its contrast) and kept only
-when their centre voxel is at least SOFT_MIN_CONTRAST darker than the tissue. `inject-check --lesions` and
+when their centre voxel is at least MIN_CONTRAST darker than the tissue. `inject-check --lesions` and
 tools/lesion_model_probe.py ask whether the detector knows a microbleed or only the simulator's spheres.
 """
 
@@ -27,7 +27,7 @@ from scipy import ndimage
 from ..image import Volume
 from ..phase import from_radians, to_radians, vendor_range
 from .physics import swi_magnitude
-from .structures import SOFT_MIN_CONTRAST, Sphere, measured_factors
+from .structures import MIN_CONTRAST, Sphere, measured_factors
 from .synth import APPARENT_RANGE_MM
 
 B0_CHOICES_T = (1.5, 3.0)
@@ -88,7 +88,7 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
         if lesion_model != "sphere":
             box, darkening = _look_factors(lesion_model, ijk, spacing, signal.shape, rng)
             contrast = 1.0 - float(darkening.min())
-            if contrast < SOFT_MIN_CONTRAST:
+            if contrast < MIN_CONTRAST:
                 continue
             signal[box] *= darkening
             placed_ijk.append(ijk)

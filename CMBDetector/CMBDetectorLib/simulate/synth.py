@@ -63,12 +63,15 @@ class SimulatedScan:
 
 def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False, n_cmb: int | None = None,
                   scan_id: str | None = None, mimic_level: float = 1.0, spacing_mm=None,
-                  site_seed: int | None = None, edge_share: float = 0.0, soft_share: float = 0.0) -> SimulatedScan:
+                  site_seed: int | None = None, edge_share: float = 0.0, soft_share: float = 0.0,
+                  faint: bool = False) -> SimulatedScan:
     """Simulate one scan. mimic_level scales the number of veins and calcifications; spacing_mm
     overrides the protocol's random voxel size (e.g. the benchmark's nominal 0.5 x 0.5 x 2 mm SWI);
     site_seed fixes acquisition and variation to that site's (domain.sample_site) instead of the scan's own;
     edge_share: the share of microbleeds placed at the brain's edge (within EDGE_MM of its surface).
-    soft_share: the share of microbleeds drawn soft (structures.soft_dip) instead of with a black core."""
+    soft_share: the share of microbleeds drawn soft (structures.soft_dip) instead of with a black core.
+    faint: size microbleeds at half their own contrast (Sphere.half_contrast_size), which keeps the faint
+    partial-volumed ones of thick slices; the truth then records each one's contrast."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     variation_rng = np.random.default_rng([seed, 7])  # its own stream: nominal scans stay as they were
@@ -118,7 +121,7 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     if not cmb_free:
         count = n_cmb if n_cmb is not None else int(min(12, 1 + rng.geometric(0.35) - 1 + rng.integers(0, 2)))
         drawn += _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
-                                     variation, variation_rng, edge_share, soft_share)
+                                     variation, variation_rng, edge_share, soft_share, faint)
     drawn += _sample_calcifications(rng, head, deformation, acquired_affine, acquired_shape, acq,
                                     mean_count=1.2 * mimic_level)
     for sphere, voxel_factors in drawn:
@@ -158,6 +161,8 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
         truth["edge_share"] = float(edge_share)
     if soft_share > 0:
         truth["soft_share"] = float(soft_share)
+    if faint:
+        truth["faint"] = True
     if variation.domain != "nominal":
         truth["variation"] = variation.to_dict()
     return SimulatedScan(scan_id, magnitude_volume, phase_volume, truth, brain_acquired >= anatomy.BRAIN)
@@ -291,11 +296,12 @@ def _region_map():
 
 def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, acquired_shape, acq,
                         variation=Variation(), variation_rng=None, edge_share: float = 0.0,
-                        soft_share: float = 0.0):
+                        soft_share: float = 0.0, faint: bool = False):
     """Microbleeds in tissue of a randomly chosen location class; with variation.lesion_parts > 1 each is
     irregular: its main sphere (the truth centre) plus smaller overlapping "microbleed part" spheres.
     A share edge_share of them lie at the brain's edge (_edge_zone), in the classes that reach it; a share
-    soft_share are soft (SOFT_DEPTH, SOFT_POWER, SOFT_CHI_SCALE; their parts too).
+    soft_share are soft (SOFT_DEPTH, SOFT_POWER, SOFT_CHI_SCALE; their parts too). faint: each is sized at half
+    its own contrast (Sphere.half_contrast_size), and its contrast (darkest voxel) is kept in sphere.extra.
     Returns (sphere, voxel factors or None) pairs: the factors measured its apparent size and draw it too."""
     codes, atlas = _region_map()
     vein_points = np.concatenate([v.points for v in veins])
@@ -319,12 +325,14 @@ def _sample_microbleeds(rng, head, deformation, veins, count, acquired_affine, a
             continue
         chi_low, chi_high = variation.lesion_chi_ppm
         sphere = Sphere("microbleed", centre, rng.uniform(1.0, 5.0), float(np.exp(rng.uniform(np.log(chi_low), np.log(chi_high)))),
-                        core_signal=rng.uniform(0.0, 0.1), region=region_name, lobe=lobe)
+                        core_signal=rng.uniform(0.0, 0.1), region=region_name, lobe=lobe, half_contrast_size=faint)
         sphere.extra["centre_mni"] = centre_mni[0].tolist()
         if soft_share > 0 and rng.random() < soft_share:
             sphere.soft_depth, sphere.soft_power = rng.uniform(*SOFT_DEPTH), rng.uniform(*SOFT_POWER)
             sphere.chi_ppm *= rng.uniform(*SOFT_CHI_SCALE)
         voxel_factors = measured_factors(sphere, acquired_affine, acquired_shape, acq.b0_t, acq.te_ms / 1000)
+        if faint and voxel_factors[0] is not None:
+            sphere.extra["contrast"] = round(1.0 - float(np.abs(voxel_factors[1]).min()), 3)
         if APPARENT_RANGE_MM[0] <= sphere.apparent_diameter_mm <= APPARENT_RANGE_MM[1]:
             spheres.append((sphere, voxel_factors))
     parts = []
@@ -391,7 +399,8 @@ def _truth(scan_id, seed, acq, spheres, veins, deformation, labels, affine, seco
                          "apparent_diameter_mm": round(s.apparent_diameter_mm, 3), "chi_ppm": round(s.chi_ppm, 4),
                          "region": s.region, "lobe": s.lobe, "center_mni": ras(s.extra["centre_mni"]),
                          **({"soft_depth": round(s.soft_depth, 3), "soft_power": round(s.soft_power, 2)}
-                            if s.soft_depth else {})}
+                            if s.soft_depth else {}),
+                         **({"contrast": s.extra["contrast"]} if "contrast" in s.extra else {})}
                         for i, s in enumerate(microbleeds)],
         "mimics": {
             "calcifications": [{"center_ras": ras(s.centre), "diameter_mm": round(s.diameter_mm, 3),
@@ -479,6 +488,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--soft-share", type=float, default=0.0, help="share of microbleeds drawn soft: a smooth "
                         "dip 45-97 %% deep at its centre instead of a black core (training data for lesions drawn "
                         "unlike ours; default 0)")
+    parser.add_argument("--faint", action="store_true", help="size microbleeds at half their own contrast, as a "
+                        "reader sizes a faint dot, and keep them down to 0.3 contrast: keeps the faint partial-"
+                        "volumed lesions of thick slices that the 50 %% darkness rule drops (default: that rule)")
     parser.add_argument("--edge-share", type=float, default=0.0, help="share of microbleeds placed at the brain's "
                         f"edge, within {EDGE_MM:g} mm of its surface (training data for lesions against dark "
                         "extra-cerebral space; default 0: anywhere in the tissue of their location class)")
@@ -497,12 +509,14 @@ class SynthJob:
     site_seed: int | None = None
     edge_share: float = 0.0
     soft_share: float = 0.0
+    faint: bool = False
 
 
 def simulate_and_write(job: SynthJob):
     """Simulate and write one scan -> (scan_id, microbleeds, seconds, magnitude path)."""
     scan = simulate_scan(job.seed, job.protocol, cmb_free=job.cmb_free, mimic_level=job.mimic_level,
-                         site_seed=job.site_seed, edge_share=job.edge_share, soft_share=job.soft_share)
+                         site_seed=job.site_seed, edge_share=job.edge_share, soft_share=job.soft_share,
+                         faint=job.faint)
     paths = write_scan(scan, job.out)
     if job.preview:
         from .preview import write_gallery
@@ -520,7 +534,7 @@ def run(args) -> int:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise CMBError(f"--{name.replace('_', '-')} must be between 0 and 1")
     jobs = [SynthJob(seed, protocol, free, args.out, args.mimic_level, args.preview, args.site_seed,
-                     args.edge_share, args.soft_share) for seed, protocol, free in plan]
+                     args.edge_share, args.soft_share, args.faint) for seed, protocol, free in plan]
     if args.jobs > 1:
         from ..workers import process_pool
 
