@@ -12,7 +12,7 @@ cached, each --repeats times with up to 6 microbleeds of that lesion model drawn
 tools/lesion_model_probe.py draws them), from the magnitude alone: the probe's question, CNN alone. `score` averages the given networks over the
 in-plane views, as the pipeline does, and prints per-lesion sensitivity and FP/scan at several thresholds,
 per set and per acquisition: the pipeline's threshold and merge, one-to-one matching within 5 mm
-(evaluate.match). No YOLO stage and no atlas step, so these are the CNN-alone numbers; `make bench` stays
+(evaluate.match), and how many microbleeds stage 1 reached at all. No YOLO stage and no atlas step, so these are the CNN-alone numbers; `make bench` stays
 the judge. For experiments only: choosing weights by these numbers tunes on the benchmark.
 """
 
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CMBDetector"))
 DEFAULT_VAL, DEFAULT_OOD = "bench-output/val", "bench-output/ood"
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 INJECTED_PER_SCAN = 6  # as tools/lesion_model_probe.py
+STAGE1_REACH_MM = 2.5  # a candidate this close puts the lesion in the middle of its patch
 
 
 def cache_one(job: tuple) -> str:
@@ -119,6 +120,12 @@ def score(args) -> None:
     for set_name in ("val", "ood"):
         if not any(name == set_name for name, *_ in scans):
             continue
+        reached = np.zeros(2, int)
+        for name, _, _, centres, truths in scans:
+            if name == set_name and len(truths):
+                near = [len(centres) > 0 and np.linalg.norm(centres - t, axis=1).min() <= STAGE1_REACH_MM for t in truths]
+                reached += [sum(near), len(truths)]
+        print(f"{set_name} stage 1: a candidate within {STAGE1_REACH_MM:g} mm of {reached[0]}/{reached[1]} microbleeds")
         for threshold in THRESHOLDS:
             totals, by_acquisition = np.zeros(4), {}
             for name, acquisition, scores, centres, truths in scans:
