@@ -8,12 +8,13 @@
 `cache` runs the pipeline's preprocessing and stage 1 on every scan of both bench sets (the validation set
 with its phase, the out-of-distribution set from the magnitude alone, as `make bench` runs them) and keeps
 each scan's candidate centres, patches and true centres. With --inject, only the microbleed-free scans are
-cached, each --repeats times with up to 6 microbleeds of that lesion model drawn into its magnitude (seeded as
-tools/lesion_model_probe.py draws them), from the magnitude alone: the probe's question, CNN alone. `score` averages the given networks over the
-in-plane views, as the pipeline does, and prints per-lesion sensitivity and FP/scan at several thresholds,
-per set and per acquisition: the pipeline's threshold and merge, one-to-one matching within 5 mm
-(evaluate.match), and how many microbleeds stage 1 reached at all. No YOLO stage and no atlas step, so these are the CNN-alone numbers; `make bench` stays
-the judge. For experiments only: choosing weights by these numbers tunes on the benchmark.
+cached, each --repeats times with microbleeds of that lesion model drawn into the magnitude (seeded, as
+inject-check and tools/lesion_model_probe.py draw them), from the magnitude alone: the probe's question, CNN
+alone. `score` averages the given networks over the in-plane views, as the pipeline does, and prints how
+many microbleeds stage 1 reached, then per-lesion sensitivity and FP/scan at several thresholds, per set and
+per acquisition: the pipeline's threshold and merge, one-to-one matching within 5 mm (evaluate.match). No
+YOLO stage and no atlas step, so these are the CNN-alone numbers; `make bench` stays the judge. Choosing
+weights by these numbers on the bench sets tunes on the benchmark: point --val / --ood at dev sets for that.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CMBDetector"))
 
 DEFAULT_VAL, DEFAULT_OOD = "bench-output/val", "bench-output/ood"
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-INJECTED_PER_SCAN = 6  # as tools/lesion_model_probe.py
 STAGE1_REACH_MM = 2.5  # a candidate this close puts the lesion in the middle of its patch
 
 
@@ -44,6 +44,7 @@ def cache_one(job: tuple) -> str:
 
 def cache_injected(job: tuple) -> str:
     """One microbleed-free scan with `lesion_model` lesions drawn in (seed `repeat`), magnitude alone."""
+    from CMBDetectorLib.injection_check import COUNT
     from CMBDetectorLib.preprocess import prepare
     from CMBDetectorLib.simulate.inject import inject_microbleeds
     from CMBDetectorLib.train import dataset
@@ -51,7 +52,7 @@ def cache_injected(job: tuple) -> str:
     truth_file, lesion_model, repeat, out = job
     truth, magnitude, prepared = dataset.read_scan(truth_file, with_phase=False)
     injected = inject_microbleeds(magnitude, None, prepared.mask, prepared.context, np.random.default_rng(repeat),
-                                  INJECTED_PER_SCAN, lesion_model=lesion_model)
+                                  COUNT[False], lesion_model=lesion_model)
     _save(out, prepare(injected.magnitude), injected.centres_ras, truth["acquisition"]["name"], False)
     return out
 
@@ -123,8 +124,8 @@ def score(args) -> None:
         reached = np.zeros(2, int)
         for name, _, _, centres, truths in scans:
             if name == set_name and len(truths):
-                near = [len(centres) > 0 and np.linalg.norm(centres - t, axis=1).min() <= STAGE1_REACH_MM for t in truths]
-                reached += [sum(near), len(truths)]
+                nearest = [np.linalg.norm(centres - t, axis=1).min() if len(centres) else np.inf for t in truths]
+                reached += [sum(d <= STAGE1_REACH_MM for d in nearest), len(truths)]
         print(f"{set_name} stage 1: a candidate within {STAGE1_REACH_MM:g} mm of {reached[0]}/{reached[1]} microbleeds")
         for threshold in THRESHOLDS:
             totals, by_acquisition = np.zeros(4), {}

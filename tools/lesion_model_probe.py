@@ -25,10 +25,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CMBDetector"))
 
-from CMBDetectorLib.simulate.inject import LESION_MODELS as MODELS  # noqa: E402 (after the path insert)
+from CMBDetectorLib.injection_check import COUNT as INJECTION_COUNTS  # noqa: E402 (after the path insert)
+from CMBDetectorLib.simulate.inject import LESION_MODELS as MODELS  # noqa: E402
 
 CONTRAST_BINS = ((0.3, 0.5), (0.5, 0.7), (0.7, 1.01))
-COUNT = 6
+COUNT = INJECTION_COUNTS[False]  # microbleeds per injection into a whole head, as inject-check draws them
 
 
 def probe_scan(job: tuple) -> dict:
