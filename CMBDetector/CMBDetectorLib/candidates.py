@@ -1,9 +1,8 @@
 """Stage 1: high-recall screening for small hypointense blobs.
 
 Multi-scale difference of Gaussians in millimetres (so anisotropic voxels are handled), local maxima
-inside the brain mask, ranked by response, each centred on its dark blob (and on the middle of a dark
-column along B0 or across slices). Its only job is not to miss microbleeds; the CNN rejects the veins,
-calcifications, iron and edges it lets through.
+inside the brain mask, ranked by response. Its only job is not to miss microbleeds; the CNN rejects
+the veins, calcifications, iron and edges it lets through.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ MAX_CANDIDATES = 800  # recall first: the strongest 800 blobs hold every microbl
 # noise dots near the 0.04 floor that the CNN never saw in training (it learns from the strongest 800).
 WIDEN_RESPONSE = 0.1
 HARD_CAP = 3000
-POSITIVE_MM = 2.5  # a candidate this close to a true centre is that microbleed (training, benchmark)
 
 
 @dataclass
@@ -82,7 +80,6 @@ def screen(prepared: Prepared, min_response: float = 0.04, max_candidates: int =
     peaks = (response == ndimage.maximum_filter(response, size=tuple(footprint))) & (response > min_response)
     peaks &= image < 0.9  # must be darker than tissue
     coordinates = np.argwhere(peaks)
-    column_axes = elongation_axes(prepared.volume)
     values = response[peaks]
     strong = int((values >= WIDEN_RESPONSE).sum())
     cap = max_candidates if strong <= max_candidates else min(strong, max(max_candidates, hard_cap))
@@ -93,7 +90,6 @@ def screen(prepared: Prepared, min_response: float = 0.04, max_candidates: int =
         native = np.round((coarse + 0.5) * factors - 0.5).astype(int)
         native = np.clip(native, 0, np.array(prepared.image.shape) - 1)
         centre = _refine(prepared.image, native, np.array(factors))
-        centre = recentre_column(prepared.unmasked, prepared.mask, centre, column_axes, prepared.spacing)
         candidates.append(Candidate(centre, float(values[index]), SIGMAS_MM[scale[tuple(coarse)]],
                                     float(image[tuple(coarse)])))
     report = {"peaks": int(len(values)), "kept": len(candidates), "cap": int(cap),
@@ -113,55 +109,6 @@ def centres_ras(prepared: Prepared, candidates: list) -> np.ndarray:
     if not candidates:
         return np.zeros((0, 3))
     return prepared.volume.ijk_to_ras(np.array([c.ijk for c in candidates]))
-
-
-# A microbleed's dark column along B0 (SWI's phase mask darkens the dipole's poles; a minimum-intensity
-# projection smears it across slices) is reached by the blob filter near its ends: recentred on its
-# middle when the column closes within this reach on both sides (a through-plane vein does not), and
-# only when that moves it by POSITIVE_MM or more: nearer, the CNN already learned it as that microbleed.
-COLUMN_REACH_MM = 16.0
-
-
-def elongation_axes(volume) -> tuple:
-    """Voxel axes along which microbleeds appear elongated: the one nearest S (B0 in a head scanner,
-    the dipole's axis) and the slice axis (a minimum-intensity projection's); one axis on axial scans."""
-    return tuple(sorted({volume.closest_ras_axes()[0].index(2), volume.slice_axis}))
-
-
-def recentre_column(image: np.ndarray, mask: np.ndarray, ijk: np.ndarray, axes, spacing) -> np.ndarray:
-    """`ijk` moved, along each of `axes`, to the darkness-weighted middle of the dark run through it.
-
-    The run holds the contiguous voxels darker than halfway from the centre's value to tissue (1). It must
-    end in the brain (`mask`) within COLUMN_REACH_MM on both sides, else the position is kept on that axis:
-    a vessel running on, or a dark column that leaves the brain (air-bone edges), has no middle to find.
-    """
-    centre = np.asarray(ijk, float).copy()
-    voxel = np.clip(np.round(centre).astype(int), 0, np.array(image.shape) - 1)
-    for axis in axes:
-        reach = int(np.ceil(COLUMN_REACH_MM / spacing[axis]))
-        lo, hi = max(voxel[axis] - reach, 0), min(voxel[axis] + reach + 1, image.shape[axis])
-        index = [slice(v, v + 1) for v in voxel]
-        index[axis] = slice(lo, hi)
-        profile = image[tuple(index)].reshape(-1)
-        here = voxel[axis] - lo
-        cut = 0.5 * (min(float(profile[here]), 1.0) + 1.0)
-        dark = profile < cut
-        if not dark[here]:
-            continue
-        first = here
-        while first > 0 and dark[first - 1]:
-            first -= 1
-        last = here
-        while last < len(profile) - 1 and dark[last + 1]:
-            last += 1
-        inside = mask[tuple(index)].reshape(-1)
-        if first == 0 or last == len(profile) - 1 or not inside[first:last + 1].all():
-            continue
-        weight = cut - profile[first:last + 1]
-        middle = lo + first + float(np.arange(len(weight)) @ weight / weight.sum())
-        if abs(middle - centre[axis]) * spacing[axis] >= POSITIVE_MM:
-            centre[axis] = middle
-    return centre
 
 
 def _refine(image: np.ndarray, ijk: np.ndarray, reach: np.ndarray) -> np.ndarray:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..candidates import POSITIVE_MM, centres_ras, find_candidates
+from ..candidates import centres_ras, find_candidates
 from ..classify import extract_patches
 from ..errors import CMBError
 from ..io import read_volume
 from ..preprocess import prepare
 
+POSITIVE_MM = 2.5  # a candidate this close to a true centre is that microbleed
 NEGATIVE_MM = 4.0  # candidates between the two radii are ambiguous and left out
 
 
