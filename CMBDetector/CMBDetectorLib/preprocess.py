@@ -21,6 +21,7 @@ from .image import Volume
 from .imagetype import blob_measures, check_image_type
 from .io import validate_brain_volume
 from .phase import homodyne_phase, to_radians, vendor_range
+from .projection import find_min_projection, undo
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,11 @@ def prepare(volume: Volume, phase: Volume | None = None, mask: Volume | None = N
         if phase.shape != volume.shape or not np.allclose(phase.affine, volume.affine, atol=1e-3):
             raise InputError("phase: its grid (shape or affine) differs from the magnitude's")
     warnings = []
+    projection = find_min_projection(volume.array, volume.slice_axis)
+    if projection is not None:  # every step below, brain mask included, sees the unprojected extent
+        volume = volume.with_array(undo(volume.array, projection, volume.slice_axis))
+        warnings.append(f"minimum-intensity projection over {projection.window} slices: undone for detection "
+                        "(each dark spot back to its own extent across the slices)")
     mask_method, registration = "provided", None
     # Registration holds one core (one ITK thread, so that it is repeatable: locate.register_to_mni); the
     # other core meanwhile computes what needs no brain mask: the high-passed phase and the not-a-head
