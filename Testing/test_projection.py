@@ -34,6 +34,9 @@ def test_acquired_images_are_not_projections():
     quantised = np.round(acquired() / 8).astype(np.int16)  # integer DICOM values repeat by chance, rarely
     assert find_min_projection(quantised, slice_axis=2) is None
     assert find_min_projection(np.zeros((40, 40, 30), np.float32), slice_axis=2) is None
+    phantom = np.zeros((40, 40, 30), np.float32)
+    phantom[5:35, 5:35, 3:27] = 1000  # piecewise constant: every slice repeats, yet nothing was projected
+    assert find_min_projection(phantom, slice_axis=2) is None
 
 
 def test_the_projection_is_looked_for_along_the_slice_axis_only():
