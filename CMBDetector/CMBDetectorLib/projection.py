@@ -58,8 +58,8 @@ def find_min_projection(array: np.ndarray, slice_axis: int) -> Projection | None
         # A window shifted along the slices makes the same image shifted (an erosion still): which one a
         # scanner used cannot be told, so the centred one is taken first (off by at most a slice when not).
         origins = sorted(range(-(window // 2), (window - 1) // 2 + 1), key=abs)
-        holding = next((Projection(window, origin) for origin in origins
-                        if _gives_back(data, bright, Projection(window, origin), slice_axis)), None)
+        tried = (Projection(window, origin) for origin in origins)
+        holding = next((projection for projection in tried if _gives_back(data, bright, projection, slice_axis)), None)
         if holding is None:
             break
         found = holding
