@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from CMBDetectorLib import classify, models, review
 from CMBDetectorLib.cli import main
@@ -81,9 +82,16 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     assert adaptation["base"] == {"version": "shipped", "file": "cmb_cnn_ensemble.json",
                                   "sha256": classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]}
     assert adaptation["command"].startswith(f"cmbdetector finetune --reviews {reviews} --base shipped "
-                                            "--out-version site-1 --steps 8")
-    assert adaptation["seed"] == 3 and adaptation["base_weight"] == finetune.BASE_WEIGHT
-    assert adaptation["batchnorm"].startswith("frozen")
+                                            f"--out-version site-1 --layers head --head-l2 {finetune.HEAD_L2}")
+    assert adaptation["seed"] == 3 and adaptation["layers"] == "head" and adaptation["head_l2"] == finetune.HEAD_L2
+    assert adaptation["batchnorm"].startswith("frozen") and "base_weight" not in adaptation
+    # only the last layer of each member moved; its convolutions are the shipped member's
+    shipped = classify.load_model(classify.DEFAULT_MODEL, "cpu").networks
+    site = classify.load_model(models.model_path("site-1"), "cpu").networks
+    for before, after in zip(shipped, site):
+        before_state, after_state = before.state_dict(), after.state_dict()
+        moved = {name for name in before_state if not torch.equal(before_state[name], after_state[name])}
+        assert moved and moved <= {"final.1.weight", "final.1.bias"}
     # cross-fitted: 3 complete reviews in 3 folds, each checked by a fine-tune on the other two; the model
     # written trained on all three, and every review's lesions are held-out checks
     calibration = adaptation["calibration"]
@@ -130,9 +138,12 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
             (flipped / path.name).write_text(json.dumps(document))
         else:
             (flipped / path.name).symlink_to(path)
-    code = main(["finetune", "--reviews", str(flipped), "--out-version", "flipped", "--steps", "40", "--lr", "0.003",
-                 "--seed", "3", "--threads", "1", "--hold-out", honest[: -len("_review.json")]]
-                + (["--inject", inject] if inject else ["--jobs", "2"]))  # reading workers: spawned (workers.py)
+    code = main(["finetune", "--reviews", str(flipped), "--out-version", "flipped", "--seed", "3", "--threads", "1",
+                 "--hold-out", honest[: -len("_review.json")]]
+                # every weight, from the reviews alone; the head (default), with injected microbleeds and
+                # reading workers (spawned: workers.py)
+                + (["--inject", inject, "--layers", "all", "--steps", "40", "--lr", "0.003"] if inject
+                   else ["--jobs", "2"]))
     output = capsys.readouterr().out
     assert code == 0 and "NOT ACTIVATED: " in output and "than its base shipped" in output, output
     assert models.active_version() == models.SHIPPED
@@ -142,6 +153,7 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
     assert not card["adaptation"]["activation"]["allowed"]
     assert card["adaptation"]["scans"]["held_out"] == [honest[: -len("_review.json")]]
     assert card["adaptation"]["injected"]["per_scan"] == (int(inject) if inject else finetune.INJECT_PER_SCAN)
+    assert card["adaptation"]["layers"] == ("all" if inject else "head")
 
 
 def test_the_site_model_keeps_the_base_batchnorm_statistics_and_averages_weights_with_the_base_and_the_folds():
@@ -330,3 +342,31 @@ def test_bench_adapt_pools_its_test_sets_and_judges_each_against_the_bar():
     assert bench_adapt.meets_bar(second)  # 15 -> 6 false positives, one lesion more
     assert not bench_adapt.meets_bar(both)  # pooled: 67 -> 66 lesions
     assert not bench_adapt.meets_bar({"shipped": counts(30, 10, 45), "site model": counts(30, 6, 45)})  # 40 % fewer
+
+
+def test_a_head_fine_tune_moves_only_the_last_layer_and_as_far_as_its_pull_allows():
+    base = classify.load_model(classify.DEFAULT_MODEL, "cpu").networks[0]
+    rng = np.random.default_rng(0)
+    patches = rng.normal(0, 1, (24, 2, classify.PATCH_SIZE, classify.PATCH_SIZE, classify.PATCH_SIZE)).astype(np.float16)
+    features = finetune.head_features(base, patches)
+    assert features.shape[:2] == (24, classify.VIEWS)
+    # the head on those features is the network's own score: mean over the views of the sigmoid
+    linear = base.final[-1]
+    logits = features.astype(np.float32) @ linear.weight.detach().numpy()[0] + float(linear.bias)
+    assert np.allclose((1 / (1 + np.exp(-logits.astype(np.float64)))).mean(axis=1),
+                       classify.probabilities(base, patches), atol=1e-4)
+    # labels a direction of the features decides, not the base: a free head learns them, a held one barely moves
+    direction = rng.normal(0, 1, features.shape[-1])
+    labels = (features.astype(np.float32).mean(axis=1) @ direction > np.median(features.astype(np.float32).mean(axis=1) @ direction)).astype(np.uint8)
+    base_state = {name: value.clone() for name, value in base.state_dict().items()}
+    moved = {}
+    for l2 in (1e-4, 1e4):
+        tuned = finetune.tuned_head(base, features, labels, l2)
+        state = tuned.state_dict()
+        assert all(torch.equal(state[name], base_state[name]) for name in base_state if not name.startswith("final."))
+        moved[l2] = float((state["final.1.weight"] - base_state["final.1.weight"]).norm())
+        scores = classify.probabilities(tuned, patches)
+        if l2 < 1:
+            assert scores[labels == 1].min() > scores[labels == 0].max()  # separated
+    assert moved[1e4] < 0.01 * moved[1e-4]
+    assert all(torch.equal(base.state_dict()[name], value) for name, value in base_state.items())  # base untouched

@@ -65,7 +65,9 @@ def add_arguments(parser) -> None:
                         f"test sets, each --test-scans scans (default {' '.join(map(str, TEST_SEEDS))})")
     parser.add_argument("--val-scans", type=int, default=0, help="score only the first N validation scans "
                         "(0: all 30; a smaller N is said in the table)")
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps per ensemble member")
+    parser.add_argument("--layers", choices=finetune.LAYERS, default=finetune.LAYERS[0],
+                        help="what the fine-tune changes (finetune --layers)")
+    parser.add_argument("--steps", type=int, default=400, help="with --layers all: fine-tuning steps per network")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
     parser.add_argument("--jobs", type=int, default=2, help="processes for simulating and reading scans")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -200,7 +202,8 @@ def _command(args) -> str:
             f"--train-seed {' '.join(map(str, args.train_seed))} "
             f"--test-scans {args.test_scans} --test-seed {' '.join(map(str, args.test_seed))} "
             f"--val-scans {args.val_scans} "
-            f"--steps {args.steps} --seed {args.seed} --jobs {args.jobs} --threads {args.threads}")
+            f"--layers {args.layers}" + (f" --steps {args.steps}" if args.layers == "all" else "")
+            + f" --seed {args.seed} --jobs {args.jobs} --threads {args.threads}")
 
 
 def run(args) -> int:
@@ -234,7 +237,8 @@ def run(args) -> int:
     if model_dir.exists():
         raise CMBError(f"{model_dir} exists from an earlier run: remove it (or choose another --out)")
     finetune_arguments = ["finetune", "--reviews", str(site_train), "--base", "shipped", "--out", str(model_dir),
-                          "--steps", str(args.steps), "--seed", str(args.seed), "--jobs", str(args.jobs),
+                          "--layers", args.layers, *(["--steps", str(args.steps)] if args.layers == "all" else []),
+                          "--seed", str(args.seed), "--jobs", str(args.jobs),
                           "--threads", str(args.threads)]
     print("cmbdetector " + " ".join(shlex.quote(a) for a in finetune_arguments), flush=True)
     code = cli_main(finetune_arguments)

@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, models, review
-from ..classify import ARCHITECTURE, VIEWS, ensemble_digest, extract_patches, load_model, mean_probabilities
+from ..classify import (ARCHITECTURE, BATCH_SIZE, VIEWS, ensemble_digest, extract_patches, in_plane_views,
+                        load_model, mean_probabilities)
 from ..errors import CMBError
 from ..vocabulary import INPUT_SUFFIXES, REVIEW_JSON_SUFFIX, safe_stem
 from ..weights import card_path, sha256_of
@@ -72,6 +73,15 @@ FOLDS = 4
 # sets of bench-adapt's site it never had more false positives at equal sensitivity than the fine-tune on all
 # reviews alone, and on one set fewer (0.60 against 0.80 FP/scan).
 SOUP = "uniform weight average of the fold fine-tunes and the fine-tune on every review (a model soup)"
+# What a fine-tune changes. "head": the last layer of each member only (its Linear on the pooled features),
+# fitted as a logistic regression held near the base's weights by HEAD_L2: the features the base learnt from
+# thousands of simulated scans stay as they are, and the site's few hundred patches move one weight vector
+# (linear probing; on little data, full fine-tuning distorts the learnt features and does worse on new scans:
+# Kumar et al., ICLR 2022). "all": every weight (train_cnn.fit), then averaged with the base (--base-weight).
+LAYERS = ("head", "all")
+# Pull of the head toward the base's: HEAD_L2 * ||w - w_base||^2 beside the mean log-loss of the patches.
+HEAD_L2 = 1e-4
+HEAD_ITERATIONS = 200  # L-BFGS iterations of the head's fit (a convex problem: it converges well within)
 # Fewest reviewed microbleeds the held-out check needs before a site model may be activated. A sensitivity
 # counted on n lesions is uncertain by about +-1.96 sqrt(p(1-p)/n): +-0.14 at 46, +-0.09 at 100 (p = 0.65).
 # In `make bench-adapt` a check on 46 lesions showed no loss (0.652 -> 0.652) for a model that lost 0.106
@@ -140,6 +150,7 @@ class ScanData:
     injected_tiles: object = None  # checked: their YOLO tiles (scored in the main process: workers run no torch)
     new_cnn: np.ndarray = None  # checked: the fine-tuned CNN's candidate scores, from a model that never saw it
     new_injected: np.ndarray = None  # and its scores of the injected microbleeds
+    head_features: list = None  # --layers head: per base member, head_features of the training patches
 
 
 def _read(scan: ReviewedScan) -> tuple:
@@ -326,7 +337,12 @@ def add_arguments(parser) -> None:
     target.add_argument("--out-version", help="name of the new site model (kept in the user data folder, "
                         "see `cmbdetector models where`)")
     target.add_argument("--out", help="folder to write the new model to instead (not a managed version)")
-    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per ensemble member")
+    parser.add_argument("--layers", choices=LAYERS, default=LAYERS[0], help="what the fine-tune changes: 'head', "
+                        "the last layer of each network (its convolutions kept as the base learnt them; default), or "
+                        "'all' its weights (--steps, --lr, --base-weight)")
+    parser.add_argument("--head-l2", type=float, default=HEAD_L2, help="with --layers head: how strongly the last "
+                        f"layer is held at the base's (default {HEAD_L2})")
+    parser.add_argument("--steps", type=int, default=400, help="with --layers all: optimiser steps per network")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (small: a fine-tune)")
     parser.add_argument("--base-weight", type=float, default=BASE_WEIGHT, help="share of the base's weights in "
                         "the site model's (0: the fine-tuned weights alone)")
@@ -350,8 +366,10 @@ def command_line(args) -> str:
     target = (f"--out-version {shlex.quote(args.out_version)}" if args.out_version
               else f"--out {shlex.quote(str(args.out))}")
     return (f"cmbdetector finetune --reviews {shlex.quote(str(args.reviews))}"
-            + (f" --base {shlex.quote(args.base)}" if args.base else "") + f" {target} --steps {args.steps}"
-            f" --lr {args.lr} --base-weight {args.base_weight} --inject {args.inject} --seed {args.seed}"
+            + (f" --base {shlex.quote(args.base)}" if args.base else "") + f" {target} --layers {args.layers}"
+            + (f" --head-l2 {args.head_l2}" if args.layers == "head" else
+               f" --steps {args.steps} --lr {args.lr} --base-weight {args.base_weight}")
+            + f" --inject {args.inject} --seed {args.seed}"
             f" --folds {args.folds} --held-out-fraction {args.held_out_fraction}"
             + (f" --hold-out {shlex.quote(args.hold_out)}" if getattr(args, "hold_out", "") else "")
             + (" --no-activate" if args.no_activate else ""))
@@ -405,6 +423,8 @@ def run(args) -> int:
         raise CMBError("--inject must be 0 or more")
     if args.folds < 1:
         raise CMBError("--folds must be at least 1")
+    if args.head_l2 < 0:
+        raise CMBError("--head-l2 must be 0 or more")
     if not 0.0 <= args.base_weight < 1.0:
         raise CMBError("--base-weight must be at least 0 and below 1 (1 would be the base itself)")
     # everything that can refuse does so before any work
@@ -442,6 +462,10 @@ def run(args) -> int:
     if n_positive == 0 or n_negative == 0:
         raise CMBError("the training reviews gave no microbleed or no mimic: accept, add or reject some points, "
                        "or mark reviews complete")
+    if args.layers == "head":  # the convolutions stay the base's: what they see is computed once, for every fold
+        _progress(20, "reading the patches through the base's networks")
+        for d in train_data:
+            d.head_features = [head_features(member, d.patches) for member in base.networks]
 
     if cross_fit:
         ingredients = []
@@ -506,9 +530,13 @@ def fold_of(scans: list, rng: np.random.Generator, folds: int) -> dict:
 
 
 def fine_tune(base, data: list, args, rng: np.random.Generator, started: float) -> list:
-    """Every member of the base fine-tuned on the training patches of `data`, then averaged with the base."""
-    patches = np.concatenate([d.patches for d in data])
+    """Every member of the base fine-tuned on the training patches of `data`: its head alone (--layers head,
+    from the features head_features stored on each ScanData), or every weight, then averaged with the base."""
     labels = np.concatenate([d.labels for d in data])
+    if args.layers == "head":
+        return [tuned_head(member, np.concatenate([d.head_features[m] for d in data]), labels, args.head_l2)
+                for m, member in enumerate(base.networks)]
+    patches = np.concatenate([d.patches for d in data])
     networks = []
     for member in base.networks:
         network = copy.deepcopy(member)
@@ -516,6 +544,56 @@ def fine_tune(base, data: list, args, rng: np.random.Generator, started: float) 
             freeze_batchnorm=True)
         networks.append(averaged(member, network, args.base_weight))
     return networks
+
+
+def head_features(network, patches: np.ndarray) -> np.ndarray:
+    """float16 (N, VIEWS, F): what the network's last layer sees of each patch in each test-time view (the
+    flattened output of its convolutions); the head is fitted on every view, as the pipeline scores them all."""
+    import torch
+
+    body = network.net
+    features = None
+    with torch.inference_mode():
+        for start in range(0, len(patches), BATCH_SIZE):
+            stop = min(start + BATCH_SIZE, len(patches))
+            for view_index, view in enumerate(in_plane_views(patches[start:stop].astype(np.float32), VIEWS)):
+                values = torch.flatten(body(torch.from_numpy(view)), 1).numpy()
+                if features is None:
+                    features = np.zeros((len(patches), VIEWS, values.shape[1]), np.float16)
+                features[start:stop, view_index] = values
+    return features if features is not None else np.zeros((0, VIEWS, 0), np.float16)
+
+
+def tuned_head(member, features: np.ndarray, labels: np.ndarray, l2: float):
+    """A copy of `member` whose last Linear is refitted on (N, VIEWS, F) features: logistic regression, each
+    view one sample, microbleeds and mimics weighted half and half (the reviews' share of each is no prior),
+    plus l2 * ||w - w_member||^2 (the bias is free: the threshold is recalibrated anyway); L-BFGS from the
+    member's own head. The convolutions and BatchNorm statistics are the member's."""
+    import torch
+
+    tuned = copy.deepcopy(member).eval()
+    linear = tuned.final[-1]
+    x = torch.from_numpy(features.reshape(-1, features.shape[-1]).astype(np.float32))
+    y = torch.from_numpy(np.repeat(labels, features.shape[1]).astype(np.float32))
+    positive = float(y.mean())
+    sample_weight = torch.where(y == 1, 0.5 / max(positive, 1e-9), 0.5 / max(1 - positive, 1e-9)) / len(y)
+    start = linear.weight.detach().clone()
+    weight, bias = start.clone().requires_grad_(True), linear.bias.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=HEAD_ITERATIONS, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def loss():
+        optimiser.zero_grad()
+        value = (sample_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+            x @ weight[0] + bias[0], y, reduction="none")).sum() + l2 * ((weight - start) ** 2).sum()
+        value.backward()
+        return value
+
+    optimiser.step(loss)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return tuned
 
 
 def score_checks(networks: list, data: list) -> None:
@@ -680,7 +758,8 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
         card_path(weights).write_text(json.dumps({
             "name": "CMBDetector stage-2 3D CNN, site fine-tune", "version": __version__, "file": weights.name,
             "sha256": digest, "architecture": ARCHITECTURE, "command": command, "seed": args.seed,
-            "steps": args.steps, "initialised_from": {"file": member["file"], "sha256": member["sha256"],
+            "layers": args.layers, **({"steps": args.steps} if args.layers == "all" else {}),
+            "initialised_from": {"file": member["file"], "sha256": member["sha256"],
                                                       "model_version": base_version},
             "test_time_views": VIEWS}, indent=2))
     stage3 = evaluation["stage3"]
@@ -703,10 +782,14 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
             "base": {"version": base_version, "file": base_path.name, "sha256": base.sha256},
             "command": command,
             "seed": args.seed,
-            "steps": args.steps,
-            "learning_rate": args.lr,
+            "layers": args.layers,
+            **({"head_l2": args.head_l2,
+                "head_fit": "last Linear of each network refitted by L-BFGS logistic regression on every test-time "
+                            "view of the training patches, microbleeds and mimics weighted half and half, "
+                            "head_l2 * ||w - w_base||^2; convolutions unchanged"}
+               if args.layers == "head" else
+               {"steps": args.steps, "learning_rate": args.lr, "base_weight": args.base_weight}),
             "batchnorm": "frozen (the base's running statistics)",
-            "base_weight": args.base_weight,
             "reviews": str(Path(args.reviews).resolve()),
             "scans": {"train": [s.name for s in train_scans], "held_out": [s.name for s in held_scans],
                       "complete_reviews": sum(s.complete for s in every)},
