@@ -156,7 +156,6 @@ class CMBDetectorParameterNode:
     partialBrain: bool = False
     sampleSeed: Annotated[int, WithinRange(0, 999999)] = 7
     reader: str = ""
-    finetuneSteps: Annotated[int, WithinRange(1, 10000)] = 400  # Model section: steps per network
 
 
 # =============================================================================================
@@ -744,15 +743,15 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         return datetime.datetime.now().strftime("site-%Y%m%d-%H%M%S")
 
     @staticmethod
-    def finetune_arguments(reviews_dir, version: str, steps: Optional[int] = None) -> list:
-        arguments = ["finetune", "--reviews", str(reviews_dir), "--out-version", version]
-        return arguments + (["--steps", str(int(steps))] if steps else [])
+    def finetune_arguments(reviews_dir, version: str) -> list:
+        """The fine-tune's defaults: the last layer of each network, refitted in about a minute a scan."""
+        return ["finetune", "--reviews", str(reviews_dir), "--out-version", version]
 
-    def start_finetune(self, reviews_dir, version: str, steps: Optional[int] = None) -> BackgroundProcess:
+    def start_finetune(self, reviews_dir, version: str) -> BackgroundProcess:
         """`cmbdetector finetune` in the background, through the same runner as detection; poll it."""
         if not Path(reviews_dir).is_dir():
             raise InputError(f"choose the folder of exported reviews first (not found: {reviews_dir})")
-        return self.start_cli(self.finetune_arguments(reviews_dir, version, steps))
+        return self.start_cli(self.finetune_arguments(reviews_dir, version))
 
     @staticmethod
     def finetune_result(process) -> dict:
@@ -773,9 +772,9 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             return text + " " + _("Not activated: {why}").format(why=result["refused"])
         return text + " " + _("Now active: {name}").format(name=result["version"])
 
-    def run_finetune(self, reviews_dir, version: str, steps: Optional[int] = None, timeout_s: float = 3600.0) -> dict:
+    def run_finetune(self, reviews_dir, version: str, timeout_s: float = 3600.0) -> dict:
         """Blocking path (tests, scripts): run the fine-tune and return its result."""
-        process = self.start_finetune(reviews_dir, version, steps)
+        process = self.start_finetune(reviews_dir, version)
         _check_finished(process, process.wait(timeout_s), "fine-tuning")
         return self.finetune_result(process)
 
@@ -1242,8 +1241,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.appendLog(_("Fine-tuning needs the packages listed above; nothing was installed."))
                 return
             version = self.logic.new_version_name()
-            process = self.logic.start_finetune(self.ui.reviewsDirectoryButton.directory, version,
-                                                self._parameterNode.finetuneSteps)
+            process = self.logic.start_finetune(self.ui.reviewsDirectoryButton.directory, version)
             self.ui.modelResultLabel.setText(_("Improving the model from your reviews (on this computer)..."))
             self.ui.modelProgressBar.setValue(0)
             self._startProcess(process, None, lambda: self._finetuneDone(process))

@@ -1,6 +1,6 @@
 """The module's Model section (issue #16) on slicer-core, without Qt: the active model's line, a real
 `cmbdetector finetune` run in the background through the detection's process runner on a tiny folder of
-crop reviews (a few steps), its before/after numbers, and one call back to the shipped model.
+crop reviews, its before/after numbers, and one call back to the shipped model.
 The widget itself is exercised in test_module_widget.py."""
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ def test_improve_the_model_from_reviews_then_go_back_to_the_shipped_one(module, 
     logic = module.CMBDetectorLogic(scene=None)
     assert logic.active_model_text().startswith("Active model: shipped (SHA-256 ")
     write_crop_reviews(tmp_path / "reviews")
-    process = logic.start_finetune(tmp_path / "reviews", "site-test", steps=3)
-    assert process.command[3:] == ["finetune", "--reviews", str(tmp_path / "reviews"), "--out-version", "site-test",
-                                   "--steps", "3"]
+    process = logic.start_finetune(tmp_path / "reviews", "site-test")
+    assert process.command[3:] == ["finetune", "--reviews", str(tmp_path / "reviews"), "--out-version", "site-test"]
     assert process.wait(600) == 0, "\n".join(process.lines[-10:])
     assert process.progress == 1.0  # PROGRESS lines reached the runner
     result = logic.finetune_result(process)

@@ -416,12 +416,10 @@ def test_improve_the_model_from_my_reviews_runs_in_the_background_and_one_click_
     assert ui.activeModelLabel.text().startswith("Active model: shipped")
     write_crop_reviews(tmp_path / "reviews")
     ui.reviewsDirectoryButton.directory = str(tmp_path / "reviews")
-    ui.modelStepsSpinBox.setValue(2)
-    assert harness.widget._parameterNode.finetuneSteps == 2
 
     harness.click(ui.improveModelButton)  # started, then cancelled: nothing becomes a version
     process = harness.widget._process
-    assert process.command[3:5] == ["finetune", "--reviews"] and process.command[-2:] == ["--steps", "2"]
+    assert process.command[3:5] == ["finetune", "--reviews"] and process.command[-2:] == ["--out-version", process.command[-1]]
     assert ui.modelCancelButton.isEnabled() and not ui.improveModelButton.isEnabled()
     harness.click(ui.modelCancelButton)
     wait_until(lambda: harness.widget._process is None, 60, "the cancelled fine-tune to end")
