@@ -10,9 +10,11 @@
    a model that never saw it. The model written is the uniform weight average of those fold fine-tunes and
    one on all reviews (a model soup): the threshold is calibrated on the folds, and the soup is their
    average. (--folds 1, or --hold-out: one held-out share instead, never trained on.)
-4. Fine-tunes every member of the base ensemble from its weights (train_cnn.fit: the same optimiser,
-   augmentation and mining as `train`, BatchNorm statistics frozen), averages the result with the base's
-   weights (--base-weight), then recalibrates the operating threshold on the held-out checks.
+4. Fine-tunes every member of the base ensemble: by default (--layers head) only its last layer, a logistic
+   regression on what the base's convolutions make of each training patch in every test-time view, held near
+   the base's head (--head-l2); with --layers all every weight (train_cnn.fit: the same optimiser,
+   augmentation and mining as `train`, BatchNorm statistics frozen), then averaged with the base's weights
+   (--base-weight). Then recalibrates the operating threshold on the held-out checks.
    Synthetic microbleeds injected into the site's own scans (simulate/inject.py, --inject per scan) add
    positives to learn from, and on the held-out scans a second, steadier sensitivity check: the threshold
    keeps the base's sensitivity on the held-out reviews' microbleeds *and* on the injected ones.
