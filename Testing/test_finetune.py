@@ -198,6 +198,9 @@ def test_recalibration_keeps_the_base_sensitivity_when_it_can():
     assert finetune.recalibrate(points, 0.9) == 0.5  # no threshold within the FP budget keeps 0.9: fewest FP
     assert finetune.recalibrate(points, 0.8) == 0.7  # within the budget and as sensitive as the base
     assert finetune.recalibrate(points, 0.95) == 0.7  # none as sensitive: the ordinary rule
+    flat = {"0.60": {"sensitivity": 0.65, "fp_per_scan": 0.5}, "0.70": {"sensitivity": 0.65, "fp_per_scan": 0.25},
+            "0.80": {"sensitivity": 0.65, "fp_per_scan": 0.2}}
+    assert finetune.recalibrate(flat, 0.65) == 0.7  # a flat curve: the lowest threshold within the budget
     injected = {"0.30": 0.95, "0.50": 0.85, "0.70": 0.6}  # share of injected microbleeds found at each threshold
     assert finetune.recalibrate(points, 0.8, injected, 0.8) == 0.5  # 0.70 loses injected lesions the base finds
     assert finetune.recalibrate(points, 0.8, injected, 0.5) == 0.7
