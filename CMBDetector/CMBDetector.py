@@ -744,7 +744,7 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def finetune_arguments(reviews_dir, version: str) -> list:
-        """The fine-tune's defaults: the last layer of each network, refitted in about a minute a scan."""
+        """The fine-tune's defaults (finetune --layers head: the last layer of each network refitted)."""
         return ["finetune", "--reviews", str(reviews_dir), "--out-version", version]
 
     def start_finetune(self, reviews_dir, version: str) -> BackgroundProcess:

@@ -419,7 +419,8 @@ def test_improve_the_model_from_my_reviews_runs_in_the_background_and_one_click_
 
     harness.click(ui.improveModelButton)  # started, then cancelled: nothing becomes a version
     process = harness.widget._process
-    assert process.command[3:5] == ["finetune", "--reviews"] and process.command[-2:] == ["--out-version", process.command[-1]]
+    assert process.command[3:5] == ["finetune", "--reviews"] and "--steps" not in process.command
+    assert process.command[-2] == "--out-version" and process.command[-1].startswith("site-")
     assert ui.modelCancelButton.isEnabled() and not ui.improveModelButton.isEnabled()
     harness.click(ui.modelCancelButton)
     wait_until(lambda: harness.widget._process is None, 60, "the cancelled fine-tune to end")

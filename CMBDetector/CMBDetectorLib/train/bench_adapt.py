@@ -201,9 +201,13 @@ def _command(args) -> str:
             f"--val {shlex.quote(str(args.val))} --train-scans {args.train_scans} "
             f"--train-seed {' '.join(map(str, args.train_seed))} "
             f"--test-scans {args.test_scans} --test-seed {' '.join(map(str, args.test_seed))} "
-            f"--val-scans {args.val_scans} "
-            f"--layers {args.layers}" + (f" --steps {args.steps}" if args.layers == "all" else "")
-            + f" --seed {args.seed} --jobs {args.jobs} --threads {args.threads}")
+            f"--val-scans {args.val_scans} " + " ".join(_finetune_options(args)))
+
+
+def _finetune_options(args) -> list:
+    """The fine-tune's own options, as bench-adapt passes them on (and names them in its command)."""
+    return ["--layers", args.layers, *(["--steps", str(args.steps)] if args.layers == "all" else []),
+            "--seed", str(args.seed), "--jobs", str(args.jobs), "--threads", str(args.threads)]
 
 
 def run(args) -> int:
@@ -237,9 +241,7 @@ def run(args) -> int:
     if model_dir.exists():
         raise CMBError(f"{model_dir} exists from an earlier run: remove it (or choose another --out)")
     finetune_arguments = ["finetune", "--reviews", str(site_train), "--base", "shipped", "--out", str(model_dir),
-                          "--layers", args.layers, *(["--steps", str(args.steps)] if args.layers == "all" else []),
-                          "--seed", str(args.seed), "--jobs", str(args.jobs),
-                          "--threads", str(args.threads)]
+                          *_finetune_options(args)]
     print("cmbdetector " + " ".join(shlex.quote(a) for a in finetune_arguments), flush=True)
     code = cli_main(finetune_arguments)
     if code != 0:

@@ -289,10 +289,7 @@ def recalibrate(points: dict, base_sensitivity: float, injected: dict | None = N
     if not keep:
         return tuning.choose_threshold(points)
     within = {key: point for key, point in keep.items() if point["fp_per_scan"] <= tuning.FP_BUDGET}
-    if not within:
-        return max(float(key) for key in keep)
-    best = max(point["sensitivity"] for point in within.values())
-    return min(float(key) for key, point in within.items() if point["sensitivity"] == best)
+    return tuning.choose_threshold(within, lowest_on_ties=True) if within else max(float(key) for key in keep)
 
 
 def not_worse(after: dict, before: dict) -> bool:
@@ -564,17 +561,13 @@ def head_features(network, patches: np.ndarray) -> np.ndarray:
     flattened output of its convolutions); the head is fitted on every view, as the pipeline scores them all."""
     import torch
 
-    body = network.net
-    features = None
+    features = np.zeros((len(patches), VIEWS, network.final[-1].in_features), np.float16)
     with torch.inference_mode():
         for start in range(0, len(patches), BATCH_SIZE):
             stop = min(start + BATCH_SIZE, len(patches))
             for view_index, view in enumerate(in_plane_views(patches[start:stop].astype(np.float32), VIEWS)):
-                values = torch.flatten(body(torch.from_numpy(view)), 1).numpy()
-                if features is None:
-                    features = np.zeros((len(patches), VIEWS, values.shape[1]), np.float16)
-                features[start:stop, view_index] = values
-    return features if features is not None else np.zeros((0, VIEWS, 0), np.float16)
+                features[start:stop, view_index] = torch.flatten(network.net(torch.from_numpy(view)), 1).numpy()
+    return features
 
 
 def tuned_head(member, features: np.ndarray, labels: np.ndarray, l2: float):

@@ -32,12 +32,13 @@ def split_scans(files: list, rng: np.random.Generator, val_fraction: float, hold
     return [f for f in files if f not in held], held
 
 
-def choose_threshold(points: dict, fp_budget: float = FP_BUDGET) -> float:
+def choose_threshold(points: dict, fp_budget: float = FP_BUDGET, lowest_on_ties: bool = False) -> float:
     """The threshold with the highest sensitivity at <= fp_budget FP/scan; among equals the highest
-    threshold (fewest FP)."""
+    threshold (fewest FP), or with lowest_on_ties the lowest (a margin for lesions the points do not hold)."""
     within = {key: point for key, point in points.items() if point["fp_per_scan"] <= fp_budget} or points
     best = max(point["sensitivity"] for point in within.values())
-    return max(float(key) for key, point in within.items() if point["sensitivity"] == best)
+    pick = min if lowest_on_ties else max
+    return pick(float(key) for key, point in within.items() if point["sensitivity"] == best)
 
 
 @dataclass
