@@ -53,6 +53,19 @@ def test_labels_follow_the_decisions_and_unmarked_candidates_count_only_in_compl
     assert labels.tolist() == [1, 0, 0, 0, 0] and sorted(points[:4, 0].tolist()) == [0.0, 20.0, 40.0, 60.0]
 
 
+def test_injected_microbleeds_check_held_out_scans_and_never_train(reviews):
+    """The simulator's spheres drawn into a reviewed scan are a sensitivity check on it when it is held out;
+    its training patches are its reviewed points alone, with or without injection."""
+    scan = finetune.reviewed_scans(reviews)[0][0]
+    plain = finetune.scan_data(scan, np.random.default_rng(5), train=True, check=False, inject=0)
+    for check in (False, True):
+        data = finetune.scan_data(scan, np.random.default_rng(5), train=True, check=check, inject=6)
+        assert np.array_equal(data.labels, plain.labels) and np.array_equal(data.patches, plain.patches)
+        assert (data.injected is not None) is check
+    assert data.injected.shape[1:] == data.candidate_patches.shape[1:] and 1 <= len(data.injected) <= 6
+    assert len(data.injected_tiles) == len(data.injected)
+
+
 def test_reviews_are_found_with_their_scans_and_incomplete_ones_never_held_out(reviews, tmp_path):
     scans, warnings = finetune.reviewed_scans(reviews)
     assert len(scans) == 3 and warnings == [] and all(s.complete and s.phase_path for s in scans)
@@ -105,7 +118,8 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     assert adaptation["injected"]["per_scan"] == finetune.INJECT_PER_SCAN and injected["lesions"] >= 18
     chosen = adaptation["held_out"]["configurations"][card["stage3"]]
     assert chosen["injected_sensitivity"] >= injected["base_sensitivity"]
-    assert adaptation["points"]["positive_patches"] > 5 * 9  # the reviews' 9 lesions alone give 5 patches each
+    # the reviews' 9 lesions give 5 patches each (and candidates beside them): no injected microbleed trains
+    assert 5 * 9 <= adaptation["points"]["positive_patches"] < 5 * 9 + injected["lesions"]
     assert card["stage3"] in ("off", "kept") and "YOLO not retrained" in adaptation["stage3_choice"]
     assert card["sha256"] != classify.read_ensemble_card(classify.DEFAULT_MODEL)["sha256"]
     result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
@@ -123,9 +137,9 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
 def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path, capsys, inject):
     """Every decision of the reviews it learns from flipped; held out: one review as the reader made it (a
     check from the same flipped reader could not tell: see the README's limits), one where the shipped model
-    missed nothing (no added microbleed), so that a worse model shows. From the reviews alone (--inject 0) or
-    with the default injected microbleeds, which keep teaching what a microbleed is, the model is no better
-    than its base on the honest review (worse, or equal): refused either way."""
+    missed nothing (no added microbleed), so that a worse model shows. Every weight without the injected check
+    (--inject 0), or the head (default) with it: the model is no better than its base on the honest review
+    (worse, or equal), refused either way."""
     flipped = tmp_path / "flipped"
     flipped.mkdir()
     honest = next(p.name for p in sorted(reviews.glob("*_review.json"))
