@@ -325,6 +325,20 @@ def test_bench_adapt_refuses_review_sets_it_cannot_keep_apart_or_fill(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything was simulated
 
 
+def test_bench_adapt_names_the_pull_and_the_development_set_it_ran_with(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench_adapt.add_arguments(parser)
+    default = parser.parse_args([])
+    assert bench_adapt._finetune_options(default)[:4] == ["--layers", "head", "--head-l2", f"{finetune.HEAD_L2:g}"]
+    assert "--val-seed" not in bench_adapt._command(default)  # the benchmark's own in-distribution set
+    dev = parser.parse_args(["--head-l2", "0.0003", "--val-seed", "31", "--layers", "head"])
+    assert "--head-l2 0.0003" in bench_adapt._command(dev) and "--val-seed 31" in bench_adapt._command(dev)
+    whole = parser.parse_args(["--layers", "all", "--steps", "50"])
+    assert "--head-l2" not in bench_adapt._finetune_options(whole)  # only the head has that pull
+
+
 def test_bench_adapt_table_names_its_review_sets_and_why_activation_was_refused():
     from pathlib import Path
 

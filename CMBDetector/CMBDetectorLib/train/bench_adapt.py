@@ -7,7 +7,8 @@
    (seed 41; --train-seed 41 48 --train-scans 40 reviews two sets, for a learning curve) and three test
    sets of 20 others (seeds 45, 46, 47: one 20-scan set holds about 50 lesions, so one lesion moves its
    sensitivity by 0.02; each set is judged alone and all are pooled), plus bench's
-   in-distribution validation set (seed 2, 30 scans; reused when `bench` made it already).
+   in-distribution validation set (seed 2, 30 scans; reused when `bench` made it already; --val-seed draws a
+   development set instead, to choose a recipe without scoring the benchmark's scans).
 2. A simulated reader reviews each of those site scans as the shipped model presents it (the pipeline's
    scores and operating threshold): accepts the findings within 5 mm of a true lesion, rejects the rest,
    adds the lesions it missed, and marks the review complete. Reviews are written as the Slicer export
@@ -65,9 +66,14 @@ def add_arguments(parser) -> None:
                         f"test sets, each --test-scans scans (default {' '.join(map(str, TEST_SEEDS))})")
     parser.add_argument("--val-scans", type=int, default=0, help="score only the first N validation scans "
                         "(0: all 30; a smaller N is said in the table)")
+    parser.add_argument("--val-seed", type=int, default=None, help="simulate the in-distribution set from this seed "
+                        "instead of bench's (seed 2): a development set, to choose a recipe without scoring the "
+                        "benchmark's own scans")
     parser.add_argument("--layers", choices=finetune.LAYERS, default=finetune.LAYERS[0],
                         help="what the fine-tune changes (finetune --layers)")
     parser.add_argument("--steps", type=int, default=400, help="with --layers all: fine-tuning steps per network")
+    parser.add_argument("--head-l2", type=float, default=finetune.HEAD_L2,
+                        help=f"with --layers head: finetune --head-l2 (default {finetune.HEAD_L2:g})")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
     parser.add_argument("--jobs", type=int, default=2, help="processes for simulating and reading scans")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -201,12 +207,14 @@ def _command(args) -> str:
             f"--val {shlex.quote(str(args.val))} --train-scans {args.train_scans} "
             f"--train-seed {' '.join(map(str, args.train_seed))} "
             f"--test-scans {args.test_scans} --test-seed {' '.join(map(str, args.test_seed))} "
-            f"--val-scans {args.val_scans} " + " ".join(_finetune_options(args)))
+            f"--val-scans {args.val_scans} " + (f"--val-seed {args.val_seed} " if args.val_seed is not None else "")
+            + " ".join(_finetune_options(args)))
 
 
 def _finetune_options(args) -> list:
     """The fine-tune's own options, as bench-adapt passes them on (and names them in its command)."""
-    return ["--layers", args.layers, *(["--steps", str(args.steps)] if args.layers == "all" else []),
+    return ["--layers", args.layers,
+            *(["--steps", str(args.steps)] if args.layers == "all" else ["--head-l2", f"{args.head_l2:g}"]),
             "--seed", str(args.seed), "--jobs", str(args.jobs), "--threads", str(args.threads)]
 
 
@@ -219,6 +227,7 @@ def run(args) -> int:
     site = {"acquisition": args.site_protocol, "site_seed": args.site_seed}
     out = Path(args.out) / f"site{args.site_seed}-{args.site_protocol}"
     site_train, val = out / "train", Path(args.val)
+    validation = VALIDATION if args.val_seed is None else {**VALIDATION, "seed": args.val_seed}
     if set(args.train_seed) & set(args.test_seed):
         raise CMBError("a --train-seed is also a --test-seed: the site model would be tested on scans it learnt from")
     if not 0 < args.train_scans <= SITE_TRAIN["n"] * len(args.train_seed):
@@ -227,7 +236,7 @@ def run(args) -> int:
     train_specs = [{**SITE_TRAIN, **site, "seed": seed} for seed in args.train_seed]
     site_tests = {seed: (out / f"test-{seed}", {**SITE_TEST, **site, "n": args.test_scans, "seed": seed})
                   for seed in args.test_seed}
-    for folder, spec in (*((site_train, spec) for spec in train_specs), *site_tests.values(), (val, VALIDATION)):
+    for folder, spec in (*((site_train, spec) for spec in train_specs), *site_tests.values(), (val, validation)):
         folder.mkdir(parents=True, exist_ok=True)
         _simulate_set(folder, spec, args.jobs)
     shipped = {"shipped": DEFAULT_MODEL}  # the shipped model, whatever version the user made active
@@ -259,13 +268,14 @@ def run(args) -> int:
               "refused": not card["adaptation"]["activation"]["allowed"], "stage3": card["stage3"],
               "activation_reason": card["adaptation"]["activation"].get("reason", ""),
               "held_out_reviews": card["adaptation"]["held_out"]["chosen"], "sets": {}}
-    val_files = _set_files(val, VALIDATION)[: args.val_scans or None]
+    val_files = _set_files(val, validation)[: args.val_scans or None]
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)
     sets = [(f"site test seed {seed} ({args.test_scans} scans never reviewed)", _set_files(folder, spec))
             for seed, (folder, spec) in site_tests.items()]
     site_names = [name for name, _ in sets]
-    sets.append((f"in-distribution (bench validation, {len(val_files)} of {VALIDATION['n']} scans)", val_files))
+    val_name = "bench validation" if args.val_seed is None else f"development set, seed {args.val_seed}"
+    sets.append((f"in-distribution ({val_name}, {len(val_files)} of {validation['n']} scans)", val_files))
     for name, files in sets:
         print(f"scoring {name}", flush=True)
         report["sets"][name] = score_set(files, model_paths, args.jobs)
