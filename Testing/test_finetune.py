@@ -259,12 +259,17 @@ def test_the_activation_check_counts_each_fold_at_a_threshold_chosen_without_it(
     assert (fused["tp"], fused["fp"]) == (1, 1)  # a: kept at 0.5 misses (0.3); b: off at 0.4 finds it, one FP
 
 
-def test_stage3_is_the_configuration_with_fewer_false_positives_at_the_base_sensitivity():
-    alone, fused = {"sensitivity": 0.9, "fp_per_scan": 2.17}, {"sensitivity": 0.8, "fp_per_scan": 0.67}
-    assert finetune._preferred(fused, alone, 0.8) and not finetune._preferred(alone, fused, 0.8)
-    assert finetune._preferred(alone, fused, 0.9)  # only the CNN alone keeps a base sensitivity of 0.9
-    assert finetune.stage3_of({"off": alone, "kept": fused}, 0.8) == "kept"
-    assert finetune.stage3_of({"off": alone, "kept": fused}, 0.9) == "off" == finetune.stage3_of({"off": fused}, 0.8)
+def test_stage3_stays_on_unless_the_cnn_alone_is_clearly_better_at_the_base_sensitivity():
+    def point(sensitivity, fp):
+        return {"sensitivity": sensitivity, "fp": fp, "fp_per_scan": fp / 40}
+
+    fused = point(0.72, 22)
+    assert finetune.stage3_of({"off": point(0.72, 19)}, 0.66) == "off"  # no YOLO stage to keep
+    assert finetune.stage3_of({"off": point(0.72, 19), "kept": fused}, 0.66) == "kept"  # 3 fewer of 22: noise
+    assert finetune.stage3_of({"off": point(0.72, 12), "kept": fused}, 0.66) == "off"  # 22 - 2 sqrt(22) = 12.6
+    assert finetune.stage3_of({"off": point(0.70, 5), "kept": fused}, 0.66) == "off"  # a lesion < 17 FP
+    assert finetune.stage3_of({"off": point(0.70, 30), "kept": fused}, 0.71) == "kept"  # only the fusion keeps it
+    assert finetune.stage3_of({"off": point(0.72, 30), "kept": point(0.70, 5)}, 0.71) == "off"  # only off keeps it
 
 
 def test_activation_needs_held_out_microbleeds_and_no_loss():
