@@ -330,7 +330,7 @@ def test_bench_adapt_refuses_review_sets_it_cannot_keep_apart_or_fill(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything was simulated
 
 
-def test_bench_adapt_names_the_pull_and_the_development_set_it_ran_with(tmp_path):
+def test_bench_adapt_names_the_pull_and_the_development_set_it_ran_with():
     import argparse
 
     parser = argparse.ArgumentParser()
