@@ -34,9 +34,17 @@ def reviews(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def reference_scans(tmp_path_factory):
+    """One folder of in-distribution reference scans (finetune --replay) for the module: simulated once."""
+    return tmp_path_factory.mktemp("reference")
+
+
 @pytest.fixture()
-def data_dir(tmp_path, monkeypatch):
+def data_dir(tmp_path, monkeypatch, reference_scans):
     monkeypatch.setenv(models.DATA_DIR_ENV, str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reference").symlink_to(reference_scans)
     return tmp_path / "data"
 
 
@@ -88,7 +96,7 @@ def test_reviews_are_found_with_their_scans_and_incomplete_ones_never_held_out(r
 
 def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(reviews, data_dir, capsys):
     code = main(["finetune", "--reviews", str(reviews), "--base", "shipped", "--out-version", "site-1",
-                 "--steps", "8", "--seed", "3", "--threads", "1"])
+                 "--steps", "8", "--seed", "3", "--threads", "1", "--replay", "2"])
     output = capsys.readouterr().out
     card = models.verify("site-1")  # every hash checks out
     adaptation = card["adaptation"]
@@ -98,6 +106,15 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
                                             f"--out-version site-1 --layers head --head-l2 {finetune.HEAD_L2}")
     assert adaptation["seed"] == 3 and adaptation["layers"] == "head" and adaptation["head_l2"] == finetune.HEAD_L2
     assert adaptation["batchnorm"].startswith("frozen") and "base_weight" not in adaptation
+    # in-distribution replay: the first 2 reference scans, simulated into the user data folder, labelled from
+    # their truth (4 jittered copies of each microbleed and the candidates at it) and fitted beside the reviews
+    replay = adaptation["replay"]
+    assert f"--replay 2 --replay-weight {finetune.REPLAY_WEIGHT:g}" in adaptation["command"]
+    assert replay["scans"] == 2 and replay["set"] == finetune.REFERENCE and replay["weight"] == finetune.REPLAY_WEIGHT
+    assert replay["microbleeds"] > 0 and replay["positive_patches"] >= 4 * replay["microbleeds"]
+    assert replay["negative_patches"] > 0
+    kept = list(finetune.reference_folder().glob("*.npz"))  # their labelled patches, kept for the next fine-tune
+    assert len(kept) == 1 and "2scans-rng3" in kept[0].name
     # only the last layer of each member moved; its convolutions are the shipped member's
     shipped = classify.load_model(classify.DEFAULT_MODEL, "cpu").networks
     site = classify.load_model(models.model_path("site-1"), "cpu").networks
@@ -157,7 +174,7 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
                 # every weight, from the reviews alone; the head (default), with injected microbleeds and
                 # reading workers (spawned: workers.py)
                 + (["--inject", inject, "--layers", "all", "--steps", "40", "--lr", "0.003"] if inject
-                   else ["--jobs", "2"]))
+                   else ["--jobs", "2", "--replay", "2"]))
     output = capsys.readouterr().out
     assert code == 0 and "NOT ACTIVATED: " in output and "than its base shipped" in output, output
     assert models.active_version() == models.SHIPPED
@@ -168,6 +185,7 @@ def test_a_finetune_on_flipped_decisions_is_refused(reviews, data_dir, tmp_path,
     assert card["adaptation"]["scans"]["held_out"] == [honest[: -len("_review.json")]]
     assert card["adaptation"]["injected"]["per_scan"] == (int(inject) if inject else finetune.INJECT_PER_SCAN)
     assert card["adaptation"]["layers"] == ("all" if inject else "head")
+    assert (card["adaptation"]["replay"] == "none") is bool(inject)  # only the head replays
 
 
 def test_the_site_model_keeps_the_base_batchnorm_statistics_and_averages_weights_with_the_base_and_the_folds():
@@ -340,8 +358,10 @@ def test_bench_adapt_names_the_pull_and_the_development_set_it_ran_with():
     assert "--val-seed" not in bench_adapt._command(default)  # the benchmark's own in-distribution set
     dev = parser.parse_args(["--head-l2", "0.0003", "--val-seed", "31", "--layers", "head"])
     assert "--head-l2 0.0003" in bench_adapt._command(dev) and "--val-seed 31" in bench_adapt._command(dev)
-    whole = parser.parse_args(["--layers", "all", "--steps", "50"])
+    whole = parser.parse_args(["--layers", "all", "--steps", "50", "--replay", "5"])
     assert "--head-l2" not in bench_adapt._finetune_options(whole)  # only the head has that pull
+    assert "--replay" not in bench_adapt._finetune_options(whole) + bench_adapt._finetune_options(default)
+    assert "--replay 5" in bench_adapt._command(parser.parse_args(["--replay", "5"]))  # and only the head replays
 
 
 def test_bench_adapt_table_names_its_review_sets_and_why_activation_was_refused():
@@ -409,3 +429,32 @@ def test_a_head_fine_tune_moves_only_the_last_layer_and_as_far_as_its_pull_allow
             assert scores[labels == 1].min() > scores[labels == 0].max()  # separated
     assert moved[1e4] < 0.01 * moved[1e-4]
     assert all(torch.equal(base.state_dict()[name], value) for name, value in base_state.items())  # base untouched
+
+
+def _ranked_above(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Share of (microbleed, mimic) pairs the scores put in the right order (the area under the ROC curve)."""
+    return float((scores[labels == 1][:, None] > scores[labels == 0][None]).mean())
+
+
+def test_replay_keeps_what_the_base_knew_of_the_reference_while_the_head_learns_the_site():
+    base = classify.load_model(classify.DEFAULT_MODEL, "cpu").networks[0]
+    rng = np.random.default_rng(1)
+    size = classify.PATCH_SIZE
+    patches = rng.normal(0, 1, (64, 2, size, size, size)).astype(np.float16)
+    features = finetune.head_features(base, patches)
+    pooled = features.astype(np.float32).mean(axis=1)
+    site, reference = slice(0, 32), slice(32, 64)
+    # the site's labels follow a direction the base never used; the reference's are what the base itself ranks
+    direction = rng.normal(0, 1, features.shape[-1])
+    site_labels = (pooled[site] @ direction > np.median(pooled[site] @ direction)).astype(np.uint8)
+    base_scores = classify.probabilities(base, patches[reference])
+    reference_labels = (base_scores > np.median(base_scores)).astype(np.uint8)
+    alone = finetune.tuned_head(base, features[site], site_labels, 1e-4)
+    replayed = finetune.tuned_head(base, features[site], site_labels, 1e-4, (features[reference], reference_labels))
+    kept = {name: _ranked_above(classify.probabilities(model, patches[reference]), reference_labels)
+            for name, model in (("alone", alone), ("replayed", replayed))}
+    assert kept["replayed"] > kept["alone"] and kept["replayed"] >= 0.9
+    assert _ranked_above(classify.probabilities(replayed, patches[site]), site_labels) >= 0.9  # the site is learnt too
+    # no reference: the same fit as before replay existed
+    assert torch.equal(finetune.tuned_head(base, features[site], site_labels, 1e-4, None).final[-1].weight,
+                       alone.final[-1].weight)

@@ -12,6 +12,7 @@ import pytest
 from helpers import write_crop_reviews
 
 from CMBDetectorLib import models
+from CMBDetectorLib.train import finetune
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "CMBDetector" / "CMBDetector.py"
 
@@ -26,8 +27,9 @@ def module():
 
 
 @pytest.fixture()
-def data_dir(tmp_path, monkeypatch):
+def data_dir(tmp_path, monkeypatch, small_reference):
     monkeypatch.setenv(models.DATA_DIR_ENV, str(tmp_path / "data"))  # inherited by the background process
+    small_reference(tmp_path / "data")
     return tmp_path / "data"
 
 
@@ -46,6 +48,7 @@ def test_improve_the_model_from_reviews_then_go_back_to_the_shipped_one(module, 
     assert "sensitivity" in summary and "false positives per scan" in summary
     card = models.verify("site-test")
     assert card["adaptation"]["scans"]["held_out"] and card["adaptation"]["points"]["rejected"] == 3
+    assert card["adaptation"]["replay"]["scans"] == finetune.REPLAY_SCANS  # the default replay, from its kept patches
     # three crops cannot pin the outcome; the RESULT line, the card, the active model and the panel agree on it
     allowed = card["adaptation"]["activation"]["allowed"]
     assert bool(result["refused"]) is not allowed and result["refused"] == models.activation_refusal(card)

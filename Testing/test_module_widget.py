@@ -403,7 +403,8 @@ def test_the_reader_marks_a_review_complete_and_the_export_records_it(harness, t
 
 
 def test_improve_the_model_from_my_reviews_runs_in_the_background_and_one_click_goes_back(harness, tmp_path,
-                                                                                           monkeypatch):
+                                                                                           monkeypatch,
+                                                                                           small_reference):
     """Issue #16: the Model section runs `cmbdetector finetune` through the panel's process runner (progress,
     Cancel), shows the before/after numbers and the active model, and one click goes back to the shipped one."""
     from helpers import write_crop_reviews
@@ -411,6 +412,7 @@ def test_improve_the_model_from_my_reviews_runs_in_the_background_and_one_click_
     from CMBDetectorLib import models
 
     monkeypatch.setenv(models.DATA_DIR_ENV, str(tmp_path / "data"))  # the background process inherits it
+    small_reference(tmp_path / "data")
     ui = harness.ui
     harness.widget.refreshModelSection()
     assert ui.activeModelLabel.text().startswith("Active model: shipped")

@@ -31,6 +31,7 @@ from .classify import DEFAULT_MODEL
 from .errors import CMBError
 from .evaluate import DEFAULT_TOLERANCE_MM
 from .train.dataset import POSITIVE_MM
+from .simulate.synth import simulate_set
 from .workers import process_pool
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
@@ -56,34 +57,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="evaluate the validation predictions already in OUT instead of detecting again "
                              "(the timing scan is always run again, alone)")
-
-
-def _simulate_set(folder: Path, spec: dict, jobs: int) -> list:
-    """Simulate the scans of `spec` missing from `folder`; return every magnitude path of the set."""
-    from .simulate.synth import SynthJob, scan_plan, simulate_and_write
-
-    plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])
-    names = [f"sim{seed:06d}_{protocol}" for seed, protocol, _ in plan]
-    site_seed = spec.get("site_seed")
-
-    def made(name):  # already simulated, for the same site (or none)
-        truth = folder / f"{name}.truth.json"
-        return truth.is_file() and json.loads(truth.read_text()).get("site_seed") == site_seed
-
-    todo = [SynthJob(seed, protocol, free, str(folder), spec["mimic_level"], site_seed=site_seed)
-            for (seed, protocol, free), name in zip(plan, names) if not made(name)]
-    magnitudes = [folder / f"{name}.nii.gz" for name in names]
-    if not todo:
-        return magnitudes
-    print(f"simulating {len(todo)} scans into {folder} ...", flush=True)
-    if jobs > 1:
-        with process_pool(jobs) as pool:
-            for result in pool.map(simulate_and_write, todo):
-                print("  {} : {} microbleeds, {:.1f} s".format(*result[:3]), flush=True)
-    else:
-        for job in todo:
-            print("  {} : {} microbleeds, {:.1f} s".format(*simulate_and_write(job)[:3]), flush=True)
-    return magnitudes
 
 
 def _simulate_timing_scan(folder: Path) -> Path:
@@ -213,7 +186,7 @@ def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list,
     summaries in the same order, prediction folders by configuration)."""
     truth_dir = out / folder
     truth_dir.mkdir(parents=True, exist_ok=True)
-    scans = _simulate_set(truth_dir, spec, args.jobs)
+    scans = simulate_set(truth_dir, spec, args.jobs)
     prefix = "pred" if folder == "val" else f"pred-{folder}"  # the in-distribution folders keep their old names
     pred_dirs = {config: out / f"{prefix}-{config}" for config in configs}
     for pred in pred_dirs.values():

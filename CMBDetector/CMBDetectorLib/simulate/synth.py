@@ -524,6 +524,49 @@ def simulate_and_write(job: SynthJob):
     return scan.scan_id, len(scan.truth["microbleeds"]), scan.truth["simulation_seconds"], str(paths["magnitude"])
 
 
+def set_names(spec: dict, limit: int | None = None) -> list:
+    """The scan names of a set {"n", "seed", "acquisition", "cmb_free_fraction"}, in plan order (the first
+    `limit`: the same scans as in the whole set)."""
+    plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])[:limit]
+    return [f"sim{seed:06d}_{protocol}" for seed, protocol, _ in plan]
+
+
+def set_truth_files(folder, spec: dict, limit: int | None = None) -> list:
+    """The truth files of exactly the set `spec` (a folder may hold more scans)."""
+    return [Path(folder) / f"{name}.truth.json" for name in set_names(spec, limit)]
+
+
+def simulate_set(folder, spec: dict, jobs: int = 1, limit: int | None = None) -> list:
+    """Simulate the scans of `spec` (set_names; "mimic_level", optional "site_seed"; the first `limit`) missing
+    from `folder`; return every magnitude path of those. Seeded: a scan already there is the same scan."""
+    from ..workers import process_pool
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])[:limit]
+    names = set_names(spec, limit)
+    site_seed = spec.get("site_seed")
+
+    def made(name):  # already simulated, for the same site (or none)
+        truth = folder / f"{name}.truth.json"
+        return truth.is_file() and json.loads(truth.read_text()).get("site_seed") == site_seed
+
+    todo = [SynthJob(seed, protocol, free, str(folder), spec["mimic_level"], site_seed=site_seed)
+            for (seed, protocol, free), name in zip(plan, names) if not made(name)]
+    magnitudes = [folder / f"{name}.nii.gz" for name in names]
+    if not todo:
+        return magnitudes
+    print(f"simulating {len(todo)} scans into {folder} ...", flush=True)
+    if jobs > 1:
+        with process_pool(jobs) as pool:
+            for result in pool.map(simulate_and_write, todo):
+                print("  {} : {} microbleeds, {:.1f} s".format(*result[:3]), flush=True)
+    else:
+        for job in todo:
+            print("  {} : {} microbleeds, {:.1f} s".format(*simulate_and_write(job)[:3]), flush=True)
+    return magnitudes
+
+
 def run(args) -> int:
     plan = scan_plan(args.n, args.seed, args.acquisition, args.cmb_free_fraction)[: args.limit]
     if args.mimic_level < 0:

@@ -35,6 +35,7 @@ from .. import review
 from ..errors import CMBError
 from ..findings import Finding
 from ..simulate.domain import HELD_OUT_PROTOCOLS, sample_site
+from ..simulate.synth import set_truth_files, simulate_set
 from . import dataset, finetune, tuning
 
 # 3 T 2D GRE with thick slices: the commonest clinical microbleed sequence, at settings no training scan used
@@ -74,6 +75,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=400, help="with --layers all: fine-tuning steps per network")
     parser.add_argument("--head-l2", type=float, default=finetune.HEAD_L2,
                         help=f"with --layers head: finetune --head-l2 (default {finetune.HEAD_L2:g})")
+    parser.add_argument("--replay", type=int, default=None, help="with --layers head: finetune --replay (default: "
+                        "finetune's)")
+    parser.add_argument("--replay-weight", type=float, default=None, help="with --layers head: finetune "
+                        "--replay-weight (default: finetune's)")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
     parser.add_argument("--jobs", type=int, default=2, help="processes for simulating and reading scans")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -193,14 +198,6 @@ def meets_bar(results: dict) -> bool:
     return site["sensitivity"] >= shipped["sensitivity"] and site["fp_per_scan"] <= shipped["fp_per_scan"] / 2
 
 
-def _set_files(folder: Path, spec: dict) -> list:
-    """The truth files of exactly the set `spec` plans (a folder may hold more scans)."""
-    from ..simulate.synth import scan_plan
-
-    return [folder / f"sim{seed:06d}_{protocol}.truth.json"
-            for seed, protocol, _ in scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])]
-
-
 def _command(args) -> str:
     return (f"cmbdetector bench-adapt --out {shlex.quote(str(args.out))} --table {shlex.quote(str(args.table))} "
             f"--site-protocol {args.site_protocol} --site-seed {args.site_seed} "
@@ -215,11 +212,14 @@ def _finetune_options(args) -> list:
     """The fine-tune's own options, as bench-adapt passes them on (and names them in its command)."""
     return ["--layers", args.layers,
             *(["--steps", str(args.steps)] if args.layers == "all" else ["--head-l2", f"{args.head_l2:g}"]),
+            *(["--replay", str(args.replay)] if args.layers == "head" and args.replay is not None else []),
+            *(["--replay-weight", f"{args.replay_weight:g}"] if args.layers == "head" and args.replay_weight is not None
+              else []),
             "--seed", str(args.seed), "--jobs", str(args.jobs), "--threads", str(args.threads)]
 
 
 def run(args) -> int:
-    from ..bench import VALIDATION, _simulate_set
+    from ..bench import VALIDATION
     from ..classify import DEFAULT_MODEL
     from ..cli import main as cli_main
 
@@ -238,12 +238,12 @@ def run(args) -> int:
                   for seed in args.test_seed}
     for folder, spec in (*((site_train, spec) for spec in train_specs), *site_tests.values(), (val, validation)):
         folder.mkdir(parents=True, exist_ok=True)
-        _simulate_set(folder, spec, args.jobs)
+        simulate_set(folder, spec, args.jobs)
     shipped = {"shipped": DEFAULT_MODEL}  # the shipped model, whatever version the user made active
     print(f"simulated reader: reviewing the {args.train_scans} site scans", flush=True)
     for stale in site_train.glob("*_review.json"):  # finetune reads every review in the folder
         stale.unlink()
-    reviewed = [path for spec in train_specs for path in _set_files(site_train, spec)][: args.train_scans]
+    reviewed = [path for spec in train_specs for path in set_truth_files(site_train, spec)][: args.train_scans]
     in_workers(_review_job, reviewed, shipped, args.jobs)
 
     model_dir = out / f"model-{args.train_scans}reviews-seed{args.seed}"
@@ -268,10 +268,10 @@ def run(args) -> int:
               "refused": not card["adaptation"]["activation"]["allowed"], "stage3": card["stage3"],
               "activation_reason": card["adaptation"]["activation"].get("reason", ""),
               "held_out_reviews": card["adaptation"]["held_out"]["chosen"], "sets": {}}
-    val_files = _set_files(val, validation)[: args.val_scans or None]
+    val_files = set_truth_files(val, validation)[: args.val_scans or None]
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)
-    sets = [(f"site test seed {seed} ({args.test_scans} scans never reviewed)", _set_files(folder, spec))
+    sets = [(f"site test seed {seed} ({args.test_scans} scans never reviewed)", set_truth_files(folder, spec))
             for seed, (folder, spec) in site_tests.items()]
     site_names = [name for name, _ in sets]
     val_name = "bench validation" if args.val_seed is None else f"development set, seed {args.val_seed}"
