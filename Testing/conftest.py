@@ -73,23 +73,15 @@ def small_reference(tmp_path_factory):
     about 10 minutes): the real labelled patches of its first 2 scans (finetune.reference_patches), made once.
     `install(data_dir)` puts them where a default fine-tune (seed 0) looks for the whole reference, so a test
     runs the default path on a smaller reference."""
-    import os
     import shutil
 
     from CMBDetectorLib import models
     from CMBDetectorLib.train import finetune
 
-    folder = tmp_path_factory.mktemp("small-reference")
-    previous = os.environ.get(models.DATA_DIR_ENV)
-    os.environ[models.DATA_DIR_ENV] = str(folder)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(models.DATA_DIR_ENV, str(tmp_path_factory.mktemp("small-reference")))
         finetune.reference_patches(2, 0)
         made = finetune.reference_cache(2, 0)
-    finally:
-        if previous is None:
-            os.environ.pop(models.DATA_DIR_ENV)
-        else:
-            os.environ[models.DATA_DIR_ENV] = previous
 
     def install(data_dir) -> None:
         target = data_dir / "reference" / finetune.reference_cache(finetune.REPLAY_SCANS, 0).name

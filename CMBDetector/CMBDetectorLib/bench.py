@@ -30,8 +30,8 @@ import numpy as np
 from .classify import DEFAULT_MODEL
 from .errors import CMBError
 from .evaluate import DEFAULT_TOLERANCE_MM
-from .train.dataset import POSITIVE_MM
 from .simulate.synth import simulate_set
+from .train.dataset import POSITIVE_MM
 from .workers import process_pool
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}

@@ -524,11 +524,19 @@ def simulate_and_write(job: SynthJob):
     return scan.scan_id, len(scan.truth["microbleeds"]), scan.truth["simulation_seconds"], str(paths["magnitude"])
 
 
+def _set_plan(spec: dict, limit: int | None = None) -> list:
+    """scan_plan of a set {"n", "seed", "acquisition", "cmb_free_fraction"}: its first `limit` scans are the
+    same scans as in the whole set."""
+    return scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])[:limit]
+
+
+def _scan_name(seed: int, protocol: str) -> str:
+    return f"sim{seed:06d}_{protocol}"
+
+
 def set_names(spec: dict, limit: int | None = None) -> list:
-    """The scan names of a set {"n", "seed", "acquisition", "cmb_free_fraction"}, in plan order (the first
-    `limit`: the same scans as in the whole set)."""
-    plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])[:limit]
-    return [f"sim{seed:06d}_{protocol}" for seed, protocol, _ in plan]
+    """The scan names of a set (_set_plan), in plan order."""
+    return [_scan_name(seed, protocol) for seed, protocol, _ in _set_plan(spec, limit)]
 
 
 def set_truth_files(folder, spec: dict, limit: int | None = None) -> list:
@@ -543,8 +551,8 @@ def simulate_set(folder, spec: dict, jobs: int = 1, limit: int | None = None) ->
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    plan = scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])[:limit]
-    names = set_names(spec, limit)
+    plan = _set_plan(spec, limit)
+    names = [_scan_name(seed, protocol) for seed, protocol, _ in plan]
     site_seed = spec.get("site_seed")
 
     def made(name):  # already simulated, for the same site (or none)

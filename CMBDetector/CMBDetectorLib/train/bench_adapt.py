@@ -237,8 +237,7 @@ def run(args) -> int:
     site_tests = {seed: (out / f"test-{seed}", {**SITE_TEST, **site, "n": args.test_scans, "seed": seed})
                   for seed in args.test_seed}
     for folder, spec in (*((site_train, spec) for spec in train_specs), *site_tests.values(), (val, validation)):
-        folder.mkdir(parents=True, exist_ok=True)
-        simulate_set(folder, spec, args.jobs)
+        simulate_set(folder, spec, args.jobs)  # makes the folder
     shipped = {"shipped": DEFAULT_MODEL}  # the shipped model, whatever version the user made active
     print(f"simulated reader: reviewing the {args.train_scans} site scans", flush=True)
     for stale in site_train.glob("*_review.json"):  # finetune reads every review in the folder
