@@ -780,6 +780,20 @@ def test_peak_memory_is_in_mib_on_linux_and_macos(monkeypatch):
     assert sysinfo.peak_rss_mb() == pytest.approx(linux / 1024, abs=0.1)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux carries ru_maxrss over exec")
+def test_a_process_started_by_a_larger_one_reports_its_own_peak_memory():
+    # as a detect started by Slicer or a batch worker: the parent holds 1.5 GB when it starts the child
+    parent = textwrap.dedent('''
+        import subprocess, sys
+        held = bytearray(1500 * 2 ** 20)
+        child = "from CMBDetectorLib import sysinfo; print(sysinfo.peak_rss_mb())"
+        print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
+    ''')
+    result = subprocess.run([sys.executable, "-c", parent], capture_output=True, encoding="utf-8")
+    assert result.returncode == 0, result.stderr
+    assert 10 < float(result.stdout) < 500  # the child's own few tens of MiB, not the parent's 1.5 GB
+
+
 def test_each_process_has_its_own_ultralytics_settings(tmp_path):
     code = ("import os\nfrom CMBDetectorLib import yolo\nfolder = yolo.configure_offline()\n"
             "print(folder, (folder / 'settings.json').is_file())\n")

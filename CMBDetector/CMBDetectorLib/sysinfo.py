@@ -33,7 +33,17 @@ def use_private_config_dirs_if_home_unusable() -> None:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MiB; None when the platform cannot say."""
+    """Peak resident memory of this process in MiB; None when the platform cannot say.
+
+    On Linux the high-water mark of this process image (/proc/self/status, VmHWM): getrusage's ru_maxrss
+    is carried over exec from the process that started this one, so a detect started by Slicer, a batch
+    worker or a test runner would report that parent's peak when it is larger."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1)
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass  # a /proc that does not say: getrusage below
     try:
         import resource
     except ImportError:  # Windows
