@@ -413,7 +413,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--hold-out", default="", help="comma-separated review names (NAME of NAME_review.json) "
                         "to hold out instead of a random share, e.g. a second reader's reviews")
     parser.add_argument("--no-activate", action="store_true", help="write the version, do not make it active")
-    parser.add_argument("--jobs", type=int, default=1, help="processes for reading scans")
+    parser.add_argument("--jobs", type=int, default=2, help="processes for reading and simulating scans")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
