@@ -411,7 +411,7 @@ def test_a_head_fine_tune_moves_only_the_last_layer_and_as_far_as_its_pull_allow
     assert features.shape[:2] == (24, classify.VIEWS)
     # the head on those features is the network's own score: mean over the views of the sigmoid
     linear = base.final[-1]
-    logits = features.astype(np.float32) @ linear.weight.detach().numpy()[0] + float(linear.bias)
+    logits = features.astype(np.float32) @ linear.weight.detach().numpy()[0] + float(linear.bias.detach())
     assert np.allclose((1 / (1 + np.exp(-logits.astype(np.float64)))).mean(axis=1),
                        classify.probabilities(base, patches), atol=1e-4)
     # labels a direction of the features decides, not the base: a free head learns them, a held one barely moves
