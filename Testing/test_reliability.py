@@ -785,7 +785,7 @@ def test_a_process_started_by_a_larger_one_reports_its_own_peak_memory():
     # as a detect started by Slicer or a batch worker: the parent holds 1.5 GB when it starts the child
     parent = textwrap.dedent('''
         import subprocess, sys
-        held = bytearray(1500 * 2 ** 20)
+        held = bytearray(b"\x01") * (1500 * 2 ** 20)  # written, so resident
         child = "from CMBDetectorLib import sysinfo; print(sysinfo.peak_rss_mb())"
         print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
     ''')
