@@ -70,7 +70,7 @@ def _private_model_versions(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_reference(tmp_path_factory):
     """Stand-in for the 20-scan in-distribution reference a default `finetune` replays (simulating it takes
-    about 10 minutes): the real labelled patches of its first 2 scans (finetune.reference_patches), made once.
+    about 5 minutes on 2 cores): the real labelled patches of its first 2 scans (finetune.reference_patches), made once.
     `install(data_dir)` puts them where a default fine-tune (seed 0) looks for the whole reference, so a test
     runs the default path on a smaller reference."""
     import shutil

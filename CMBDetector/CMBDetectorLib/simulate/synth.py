@@ -61,6 +61,11 @@ class SimulatedScan:
     brain: np.ndarray | None = None  # bool (I, J, K) true brain mask on the acquired grid (pial hull)
 
 
+def _scan_name(seed: int, protocol: str) -> str:
+    """The name of a simulated scan (its files' stem): what simulate_scan writes and a set's helpers look for."""
+    return f"sim{seed:06d}_{protocol}"
+
+
 def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False, n_cmb: int | None = None,
                   scan_id: str | None = None, mimic_level: float = 1.0, spacing_mm=None,
                   site_seed: int | None = None, edge_share: float = 0.0, soft_share: float = 0.0,
@@ -84,7 +89,7 @@ def simulate_scan(seed: int, acquisition: str = "swi3t", cmb_free: bool = False,
     if spacing_mm is not None:
         acq = dataclasses.replace(acq, spacing_mm=tuple(float(v) for v in spacing_mm))
     head = anatomy.head_model()
-    scan_id = scan_id or f"sim{seed:06d}_{acq.name}"
+    scan_id = scan_id or _scan_name(seed, acq.name)
 
     occupied = np.argwhere(head.labels != anatomy.AIR)
     bounds = head.points_mm(np.stack([occupied.min(axis=0), occupied.max(axis=0)]).astype(float))
@@ -528,10 +533,6 @@ def _set_plan(spec: dict, limit: int | None = None) -> list:
     """scan_plan of a set {"n", "seed", "acquisition", "cmb_free_fraction"}: its first `limit` scans are the
     same scans as in the whole set."""
     return scan_plan(spec["n"], spec["seed"], spec["acquisition"], spec["cmb_free_fraction"])[:limit]
-
-
-def _scan_name(seed: int, protocol: str) -> str:
-    return f"sim{seed:06d}_{protocol}"
 
 
 def set_names(spec: dict, limit: int | None = None) -> list:
