@@ -17,15 +17,16 @@
    all every weight (train_cnn.fit: the same optimiser, augmentation and mining as `train`, BatchNorm
    statistics frozen), then averaged with the base's weights (--base-weight). Then recalibrates the operating
    threshold on the held-out checks.
-   Synthetic microbleeds injected into the held-out scans (simulate/inject.py, --inject per scan) are a
-   second, steadier sensitivity check: the threshold keeps the base's sensitivity on the held-out reviews'
-   microbleeds *and* on the injected ones. They are not learnt from: as positives, the simulator's spheres
-   taught the head that a round dark blob is a microbleed, and the site's veins came back (INJECT_PER_SCAN).
+   Synthetic microbleeds injected into the held-out scans (simulate/inject.py, --inject per scan) make the
+   sensitivity check steadier: the threshold must find as many microbleeds as the base, the held-out reviews'
+   and the injected ones counted together (POOLED_CHECK). They are not learnt from: as positives, the
+   simulator's spheres taught the head that a round dark blob is a microbleed, and the site's veins came back
+   (INJECT_PER_SCAN).
 5. Stage 3: the YOLO stage is not retrained (a few hundred site patches cannot retrain a detector of whole
    slices). Its fusion band is kept as shipped and only the threshold is recalibrated; whether the fine-tuned
-   CNN runs with that fusion or alone is decided on the held-out reviews: the fusion, unless only the CNN alone
-   keeps the base's sensitivity there, or it has clearly fewer false positives (STAGE3_FP_SDS) ("stage3" in
-   the card: "kept" or "off").
+   CNN runs with that fusion or alone is decided on the held-out checks: the fusion, unless only the CNN alone
+   finds as many microbleeds as the base there, or it has clearly fewer false positives (STAGE3_FP_SDS)
+   ("stage3" in the card: "kept" or "off").
 6. Writes the new version (models.py: DATA_DIR/models/NAME, or --out) with its card: base hash, scans and
    points, the exact command, the seed, the held-out metrics before and after. It is activated only if the
    held-out reviews show it better than its base: not less sensitive, no more false positives, and better
@@ -66,14 +67,16 @@ from .train_cnn import fit
 # features) the refitted head needed 0.47 FP/scan at the base's sensitivity with them, 0.15 without, and it
 # still found as many of them (docs/benchmark-adapt.md).
 INJECT_PER_SCAN = 12
-# Share of the injected microbleeds a recalibrated threshold may lose against the base: 1 %, two spheres in
-# 240, well inside the check's sampling noise (one standard error is about 0.023 at 240 spheres, p = 0.85).
-# Without it, both `make bench-adapt` runs stopped one threshold step low for two lost spheres. Chosen on the
-# dev sets (seeds 42, 43; trial, a scratch script on the committed 20- and 40-review models): the step it
-# allows gave 0.698 at 0.17 FP/scan for both, against 0.708 at 0.33 and 0.698 at 0.23 (shipped: 0.688 at
-# 0.50). On the test sets (docs/benchmark-adapt*.md): 20 reviews 0.674 at 0.33 -> 0.667 at 0.28, 40 reviews
-# 0.720 at 0.33 -> 0.697 at 0.25 (shipped: 0.682 at 0.60).
-INJECTED_MARGIN = 0.01
+# How the recalibrated threshold keeps the base's sensitivity: it finds at least as many microbleeds as the base
+# at its own threshold, the held-out reviews' and the injected ones counted together. The reviewed lesions
+# alone are too few to hold a threshold (46 in bench-adapt's 20 reviews: one lesion scoring between 0.35
+# and 0.40 held the 20-review model at 0.35, where its curve on fresh site scans halves the false positives
+# only at 0.45); the 240 injected spheres are many but are not the site's own lesions. Counted together
+# neither decides alone. Chosen on the dev sets (site seeds 42 and 43, 96 microbleeds; in-distribution seed
+# 31), before the fresh test sets 52-54 were scored: the earlier rule (each check on its own, the injected
+# share allowed 1 % less) chose 0.35 for 20 reviews, 0.729 at 0.48 FP/scan; this one 0.45, 0.708 at 0.30
+# (shipped 0.688 at 0.50; in distribution 0.923 at 0.10 at both); for 40 reviews both chose 0.60.
+POOLED_CHECK = "reviewed + injected microbleeds found >= the base's"
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 # The site model's weights: this share of the base's, the rest fine-tuned (weight-space ensembling, as in
@@ -308,22 +311,18 @@ def at_threshold(held_out: list, scores: list, threshold: float) -> dict:
                                                                   threshold)}
 
 
-def recalibrate(points: dict, base_sensitivity: float, injected: dict | None = None,
-                base_injected: float = 0.0) -> float:
-    """The operating threshold on held-out reviews: among the thresholds as sensitive as the base, the most
-    sensitive at <= FP_BUDGET FP/scan and, among equals, the lowest; when none of those is within the
-    budget, the highest of them (the fewest false positives that keep the base's sensitivity).
+def recalibrate(points: dict, base_found: int) -> float:
+    """The operating threshold on held-out checks: among the thresholds that find as many microbleeds as the
+    base (POOLED_CHECK; points: {threshold key: counts with "found", the reviewed and injected microbleeds
+    found there}), the most sensitive on the reviews at <= FP_BUDGET FP/scan and, among equals, the lowest;
+    when none of those is within the budget, the highest of them (the fewest false positives that keep the
+    base's count).
 
     Why the lowest: a few dozen reviewed lesions leave the curve flat over a range of thresholds, and the
     lesions of new scans that fall inside that range are not among them. On bench-adapt's site the highest
     of a flat range (0.80, where 0.70 was within the budget too) lost 0.08 of the dev sets' sensitivity
-    (seeds 42 and 43, trial; 0.70 lost 0.01).
-
-    injected: {threshold key: share of the held-out scans' injected microbleeds scoring at or above it};
-    with it, a threshold must also keep the base's share `base_injected` (many lesions, a steadier check),
-    less INJECTED_MARGIN."""
-    keep = {key: point for key, point in points.items() if point["sensitivity"] >= base_sensitivity
-            and (injected is None or injected[key] >= base_injected - INJECTED_MARGIN)}
+    (seeds 42 and 43, trial; 0.70 lost 0.01)."""
+    keep = {key: point for key, point in points.items() if point["found"] >= base_found}
     if not keep:
         return tuning.choose_threshold(points)
     within = {key: point for key, point in keep.items() if point["fp_per_scan"] <= tuning.FP_BUDGET}
@@ -355,15 +354,16 @@ def activation(before: dict, after: dict, base_version: str, n_scans: int) -> tu
     return True, ""
 
 
-def stage3_of(afters: dict, base_sensitivity: float) -> str:
-    """The configuration kept, of {"off": counts[, "kept": counts]} each at its recalibrated threshold: the
-    shipped fusion, unless the CNN alone keeps the base's sensitivity where the fusion does not, or, both
-    keeping it, has clearly fewer false positives (STAGE3_FP_SDS). What a site model is for is fewer false
-    positives at the base's sensitivity: one more held-out lesion does not outweigh them."""
+def stage3_of(afters: dict, base_found: int) -> str:
+    """The configuration kept, of {"off": counts[, "kept": counts]} each at its recalibrated threshold (counts
+    with "found", as recalibrate): the shipped fusion, unless only the CNN alone finds as many microbleeds as
+    the base (base_found), or, both finding as many, it has clearly fewer false positives (STAGE3_FP_SDS). What
+    a site model is for is fewer false positives at the base's sensitivity: one more held-out lesion does not
+    outweigh them."""
     if "kept" not in afters:
         return "off"
     kept, off = afters["kept"], afters["off"]
-    keeps_kept, keeps_off = (point["sensitivity"] >= base_sensitivity for point in (kept, off))
+    keeps_kept, keeps_off = (point["found"] >= base_found for point in (kept, off))
     if keeps_kept != keeps_off:
         return "kept" if keeps_kept else "off"
     return "off" if off["fp"] < kept["fp"] - STAGE3_FP_SDS * np.sqrt(kept["fp"]) else "kept"
@@ -794,27 +794,34 @@ def evaluate(base_path: Path, held_data: list, groups: dict | None = None) -> di
     def share(values, threshold: float) -> float:
         return round(float((values >= threshold).mean()), 4) if len(values) else 0.0
 
-    def base_sensitivity(rows: list) -> float:
-        """The base's sensitivity at its own threshold on the checked scans `rows` (indices of held_data)."""
-        return at_threshold([held_data[i] for i in rows], [base_scores[i] for i in rows],
-                            base.operating_threshold)["sensitivity"]
+    def injected_found(name: str, rows: list, threshold: float) -> int:
+        """Injected microbleeds of the checked scans `rows` (indices of held_data) scoring >= threshold."""
+        if injected_of is None:
+            return 0
+        return int(sum((injected_of[name][i] >= threshold).sum() for i in rows))
+
+    def found(name: str, rows: list, counts: dict) -> dict:
+        """Lesion counts of configuration `name` at counts["threshold"] on `rows`, with "found" (POOLED_CHECK)."""
+        return {**counts, "found": counts["tp"] + injected_found(name, rows, counts["threshold"])}
+
+    def base_found(rows: list) -> int:
+        """What the base finds on the checked scans `rows` at its own threshold (POOLED_CHECK)."""
+        return found("base", rows, at_threshold([held_data[i] for i in rows], [base_scores[i] for i in rows],
+                                                base.operating_threshold))["found"]
 
     def calibrated(name: str, rows: list) -> float:
         """recalibrate on the checked scans `rows` alone."""
         points = operating_points([held_data[i] for i in rows], [configs[name][i] for i in rows])
-        if injected_of is None:
-            return recalibrate(points, base_sensitivity(rows))
-        new_values, base_values = (np.concatenate([injected_of[key][i] for i in rows]) for key in (name, "base"))
-        return recalibrate(points, base_sensitivity(rows), {f"{t:.2f}": share(new_values, t) for t in THRESHOLDS},
-                           share(base_values, base.operating_threshold))
+        points = {key: found(name, rows, {**point, "threshold": float(key)}) for key, point in points.items()}
+        return recalibrate(points, base_found(rows))
 
     def choose(rows: list) -> tuple:
         """(configuration, threshold) the rule picks on the checked scans `rows` alone: each configuration
-        recalibrated there, then the one that keeps the base's sensitivity with fewer false positives."""
+        recalibrated there, then the one that keeps the base's count with fewer false positives."""
         data = [held_data[i] for i in rows]
         thresholds = {name: calibrated(name, rows) for name in configs}
-        name = stage3_of({name: at_threshold(data, [configs[name][i] for i in rows], threshold)
-                          for name, threshold in thresholds.items()}, base_sensitivity(rows))
+        name = stage3_of({name: found(name, rows, at_threshold(data, [configs[name][i] for i in rows], threshold))
+                          for name, threshold in thresholds.items()}, base_found(rows))
         return name, thresholds[name]
 
     every = list(range(len(held_data)))
@@ -830,7 +837,8 @@ def evaluate(base_path: Path, held_data: list, groups: dict | None = None) -> di
                          "points": operating_points(held_data, scores)}
         if check:
             results[name]["injected_sensitivity"] = check["curves"][name][f"{threshold:.2f}"]
-    stage3 = stage3_of({name: result["after"] for name, result in results.items()}, before["sensitivity"])
+    stage3 = stage3_of({name: found(name, every, result["after"]) for name, result in results.items()},
+                       base_found(every))
     return {"before": before, "base_configuration": "cnn+yolo fusion" if base.yolo is not None else "cnn alone",
             "base_sha256": base.model.sha256, "configurations": results, "stage3": stage3,
             "chosen": {"before": before, "after": cross_checked(held_data, configs, results[stage3], groups, choose)},
@@ -919,10 +927,10 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
                       "the stage-1 candidates nobody marked: mimics; pending points: never labels",
             "stage3_choice": ("YOLO not retrained; its fusion band kept as shipped, threshold recalibrated. On "
                               "the held-out reviews the fine-tuned CNN alone "
-                              + ("was not clearly better than with the fusion (the base's sensitivity kept, then "
+                              + ("was not clearly better than with the fusion (as many microbleeds found as the base, then "
                                  f"fewer FP by more than {STAGE3_FP_SDS:g} Poisson sd), so stage 3 is kept"
                                  if stage3 == "kept" else
-                                 "kept the base's sensitivity where the fusion did not, or had clearly fewer "
+                                 "found as many microbleeds as the base where the fusion did not, or had clearly fewer "
                                  f"FP (by more than {STAGE3_FP_SDS:g} Poisson sd), so stage 3 is off")),
             "held_out": {"rule": "per lesion: pipeline threshold and 3 mm merge, one-to-one 5 mm matching to the "
                                  "accepted and added points of complete reviews (not the outside-brain drop)",
@@ -935,8 +943,9 @@ def write_version(target: Path, args, base, base_path: Path, base_version: str, 
                          "injected": evaluation["injected"]},
             "injected": {"per_scan": args.inject, "model": "simulate/inject.py: the simulator's sphere model in "
                          "the site's own scans, field strength, echo time, SWI darkening and phase sign drawn per "
-                         "lesion, in the held-out scans only: a sensitivity the recalibrated threshold must keep "
-                         f"(the base's, at its own threshold, less {INJECTED_MARGIN}); never training positives"},
+                         "lesion, in the held-out scans only: counted with the reviewed microbleeds, the "
+                         f"recalibrated threshold must find as many as the base ({POOLED_CHECK}); never training "
+                         "positives"},
             "activation": {"allowed": allowed, "rule": "not less sensitive and no more FP/scan than the base on "
                                                        "the held-out reviews, and better in one of the two, on at "
                                                        f"least {MIN_CHECK_MICROBLEEDS} reviewed microbleeds",
