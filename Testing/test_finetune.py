@@ -98,6 +98,12 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     code = main(["finetune", "--reviews", str(reviews), "--base", "shipped", "--out-version", "site-1",
                  "--steps", "8", "--seed", "3", "--threads", "1", "--replay", "2"])
     output = capsys.readouterr().out
+    # the reference scans were simulated by this run: the progress bar moves with each, never back
+    progress = [line.split(" ", 2)[1:] for line in output.splitlines() if line.startswith("PROGRESS ")]
+    percents = [int(percent.rstrip("%")) for percent, _ in progress]
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert ["36%", "reference scan 1/2 simulated"] in progress and ["48%", "reference scan 2/2 simulated"] in progress
+    assert ["50%", "fine-tuning fold 1/3"] in progress  # the folds start where the reference ends
     card = models.verify("site-1")  # every hash checks out
     adaptation = card["adaptation"]
     assert adaptation["base"] == {"version": "shipped", "file": "cmb_cnn_ensemble.json",

@@ -10,6 +10,7 @@ Pipeline per scan (seeded, so a seed always gives the same scan):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -545,9 +546,10 @@ def set_truth_files(folder, spec: dict, limit: int | None = None) -> list:
     return [Path(folder) / f"{name}.truth.json" for name in set_names(spec, limit)]
 
 
-def simulate_set(folder, spec: dict, jobs: int = 1, limit: int | None = None) -> list:
+def simulate_set(folder, spec: dict, jobs: int = 1, limit: int | None = None, on_scan=None) -> list:
     """Simulate the scans of `spec` (set_names; "mimic_level", optional "site_seed"; the first `limit`) missing
-    from `folder`; return every magnitude path of those. Seeded: a scan already there is the same scan."""
+    from `folder`; return every magnitude path of those. Seeded: a scan already there is the same scan.
+    on_scan(done, total), if given, is called as each missing scan is written (for a progress bar)."""
     from ..workers import process_pool
 
     folder = Path(folder)
@@ -566,13 +568,13 @@ def simulate_set(folder, spec: dict, jobs: int = 1, limit: int | None = None) ->
     if not todo:
         return magnitudes
     print(f"simulating {len(todo)} scans into {folder} ...", flush=True)
-    if jobs > 1:
-        with process_pool(jobs) as pool:
-            for result in pool.map(simulate_and_write, todo):
-                print("  {} : {} microbleeds, {:.1f} s".format(*result[:3]), flush=True)
-    else:
-        for job in todo:
-            print("  {} : {} microbleeds, {:.1f} s".format(*simulate_and_write(job)[:3]), flush=True)
+    with contextlib.ExitStack() as stack:
+        results = (stack.enter_context(process_pool(jobs)).map(simulate_and_write, todo) if jobs > 1
+                   else map(simulate_and_write, todo))
+        for done, result in enumerate(results, 1):
+            print("  {} : {} microbleeds, {:.1f} s".format(*result[:3]), flush=True)
+            if on_scan is not None:
+                on_scan(done, len(todo))
     return magnitudes
 
 

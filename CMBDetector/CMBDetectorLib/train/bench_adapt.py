@@ -338,6 +338,12 @@ def _is_default(report: dict) -> bool:
     return report["site_scans"][0] == SITE_TRAIN["n"] and report["seeds"] == [list(TRAIN_SEEDS), list(TEST_SEEDS)]
 
 
+def _found(counts: dict, injected: dict, share: float) -> int:
+    """Held-out microbleeds found, reviewed and injected together (finetune.POOLED_CHECK), from a card's lesion
+    counts and injected share (a share of injected["lesions"], rounded to 4 places in the card)."""
+    return counts["tp"] + round(share * injected["lesions"])
+
+
 def markdown(report: dict, card: dict) -> str:
     adaptation = card["adaptation"]
     lines = [
@@ -383,7 +389,7 @@ def markdown(report: dict, card: dict) -> str:
               "learnt something, or only moved along the curve.", ""]
     for set_name, results in report["sets"].items():
         lines += [*_curve_lines(set_name, results), ""]
-    held = report["held_out_reviews"]
+    held, injected = report["held_out_reviews"], adaptation["held_out"].get("injected")
     lines += [
         "",
         f"Fine-tune's own check on its held-out reviews: sensitivity {held['before']['sensitivity']:.3f} -> "
@@ -397,13 +403,19 @@ def markdown(report: dict, card: dict) -> str:
                                                                    if report.get("activation_reason") else ""))
         + ".",
         "",
-        "The fine-tune's held-out curve (sensitivity / FP per scan at each threshold; the rule keeps the base's "
-        "sensitivity, so a single lost lesion on a small held-out set pushes the threshold down):",
+        "The fine-tune's held-out curve (sensitivity / FP per scan at each threshold) and, where microbleeds were "
+        "injected into the held-out scans, the microbleeds found there, reviewed and injected together: the "
+        f"threshold rule ({finetune.POOLED_CHECK}) keeps the thresholds that find at least as many as the base"
+        + (f" ({_found(held['before'], injected, injected['base_sensitivity'])} at its own threshold)"
+           if injected else "") + ":",
         "",
         "| stage 3 | " + " | ".join(adaptation["held_out"]["points"]["off"]) + " |",
         "|---|" + "---|" * len(adaptation["held_out"]["points"]["off"]),
         *("| " + name + " | " + " | ".join(f"{p['sensitivity']:.2f} / {p['fp_per_scan']:.2f}" for p in points.values())
           + " |" for name, points in adaptation["held_out"]["points"].items()),
+        *(("| " + name + ": found | " + " | ".join(str(_found(p, injected, injected["curves"][name][key]))
+                                                  for key, p in points.items()) + " |"
+           for name, points in adaptation["held_out"]["points"].items()) if injected else ()),
         "",
         f"Total time {report['seconds'] / 60:.0f} min on this machine. Raw numbers: "
         f"[{report['json']}]({report['json']}).",
