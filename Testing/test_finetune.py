@@ -141,10 +141,8 @@ def test_finetune_writes_a_verified_version_with_its_card_and_activates_it(revie
     assert adaptation["injected"]["per_scan"] == finetune.INJECT_PER_SCAN and injected["lesions"] >= 18
     chosen = adaptation["held_out"]["configurations"][card["stage3"]]
     # the threshold finds as many microbleeds as the base, reviewed and injected counted together
-    def found(counts, injected_share):
-        return counts["tp"] + round(injected_share * injected["lesions"])
-
-    assert found(chosen["after"], chosen["injected_sensitivity"]) >= found(held["before"], injected["base_sensitivity"])
+    assert (bench_adapt._found(chosen["after"], injected, chosen["injected_sensitivity"])
+            >= bench_adapt._found(held["before"], injected, injected["base_sensitivity"]))
     # the reviews' 9 lesions give 5 patches each (and candidates beside them): no injected microbleed trains
     assert 5 * 9 <= adaptation["points"]["positive_patches"] < 5 * 9 + injected["lesions"]
     assert card["stage3"] in ("off", "kept") and "YOLO not retrained" in adaptation["stage3_choice"]
@@ -347,7 +345,7 @@ def test_bench_adapt_refuses_review_sets_it_cannot_keep_apart_or_fill(tmp_path):
             bench_adapt.run(args)
         return str(raised.value)
 
-    assert "also a --test-seed" in refusal("--train-seed", "41", "46")
+    assert "also a --test-seed" in refusal("--train-seed", "41", str(bench_adapt.TEST_SEEDS[1]))
     assert "--train-scans must be 1-20" in refusal("--train-scans", "21")
     assert "--train-scans must be 1-40" in refusal("--train-seed", "41", "48", "--train-scans", "41")
     assert not any(tmp_path.iterdir())  # refused before anything was simulated
@@ -373,16 +371,20 @@ def test_bench_adapt_table_names_its_review_sets_and_why_activation_was_refused(
     from pathlib import Path
 
     report = json.loads((Path(__file__).parents[1] / "docs" / "benchmark-adapt.json").read_text())
-    point = {"sensitivity": 0.5, "fp_per_scan": 1.0}
+    point = {"sensitivity": 0.5, "fp_per_scan": 1.0, "tp": 5}
+    injected = {"lesions": 100, "base_sensitivity": 0.8, "curves": {"off": {"0.50": 0.75}}}
     card = {"adaptation": {"points": {"positive_patches": 10, "negative_patches": 20}, "seconds": 60.0,
                            "stage3_choice": "off", "calibration": {}, "scans": {"held_out": ["a"]},
-                           "held_out": {"points": {"off": {"0.50": point}}}}}
+                           "held_out": {"points": {"off": {"0.50": point}}, "injected": injected}}}
     report.update(seeds=[[41, 48], [45, 46, 47]], site_scans=[40, 20], refused=True,
                   activation_reason="no better than its base shipped on the 40 held-out reviews: sensitivity ...")
     text = bench_adapt.markdown(report, card)
     assert "scan seeds 41, 48 (reviewed) and 45, 46, 47 (tested)" in text
     assert "reviewed 40 scans" in text and "(`make bench-adapt`)" not in text  # not the default run
     assert "activation **refused** (no better than its base shipped on the 40 held-out reviews)." in text
+    # the threshold rule's count on the held-out checks: reviewed (tp) and injected found, for the base and the curve
+    base_tp = report["held_out_reviews"]["before"]["tp"]
+    assert f"as many as the base ({base_tp + 80} at its own threshold):" in text and "| off: found | 80 |" in text
 
 
 def test_bench_adapt_pools_its_test_sets_and_judges_each_against_the_bar():
