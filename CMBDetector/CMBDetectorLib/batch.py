@@ -58,6 +58,7 @@ class Settings:
     model_path: str = str(DEFAULT_MODEL)
     device: str = "auto"
     use_yolo: bool = True
+    use_criteria: bool = True
     yolo_path: str | None = None
     threshold: float | None = None
     locate: bool = True
@@ -66,7 +67,8 @@ class Settings:
     def result_key(self) -> dict:
         """What must match for an earlier result to stand (the model hashes are compared apart; the device
         and the PNG do not change the findings)."""
-        return {"threshold": self.threshold, "use_yolo": self.use_yolo, "locate": self.locate}
+        return {"threshold": self.threshold, "use_yolo": self.use_yolo, "use_criteria": self.use_criteria,
+                "locate": self.locate}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,12 +135,12 @@ def warm_detector(settings: Settings):
     """This process's Detector for `settings` (built on first use) and the seconds building it took now."""
     from .pipeline import Detector
 
-    key = (settings.model_path, settings.device, settings.use_yolo, settings.yolo_path)
+    key = (settings.model_path, settings.device, settings.use_yolo, settings.use_criteria, settings.yolo_path)
     with _detectors_lock:
         if key in _detectors:
             return _detectors[key], 0.0
         detector = Detector(settings.model_path, settings.device, use_yolo=settings.use_yolo,
-                            yolo_path=settings.yolo_path)
+                            yolo_path=settings.yolo_path, use_criteria=settings.use_criteria)
         _detectors[key] = detector
         return detector, detector.load_seconds
 
@@ -510,7 +512,7 @@ def run(args) -> int:
     # resolved here, once: every worker loads the same model even if the active version changes meanwhile
     model_path = args.model if args.model is not None else active_model_path()
     settings = Settings(model_path=str(model_path), device=args.device, use_yolo=not args.no_yolo,
-                        threshold=args.threshold, locate=not args.no_locate, png=not args.no_png)
+                        use_criteria=not args.no_criteria, threshold=args.threshold, locate=not args.no_locate, png=not args.no_png)
     model_hashes = expected_model_hashes(settings)
     started = time.perf_counter()
 

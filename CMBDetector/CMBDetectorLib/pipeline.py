@@ -1,7 +1,7 @@
 """The detection pipeline and the `cmbdetector detect` command.
 
 volume -> preprocess -> stage 1 candidates -> stage 2 CNN scores -> (stage 3 YOLO, when shipped)
-       -> threshold + merge -> size -> location (registration to MNI) -> Finding list -> files.
+       -> reading criteria (criteria.py) -> threshold + merge -> size -> location (registration to MNI) -> Finding list -> files.
 Each stage is timed; the summary JSON records the timings, versions and the weights' SHA-256.
 """
 
@@ -20,6 +20,7 @@ from . import __version__
 from .candidates import MAX_CANDIDATES, centres_ras, screen
 from .brain_model import shared_brain_model
 from .classify import choose_device, extract_patches, load_model, score_patches
+from .criteria import meets_criteria
 from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
 from .image import Volume
@@ -120,10 +121,13 @@ class Detector:
     model_path: None takes the active model version (models.py: the shipped model unless the user chose a
     site model). use_yolo: consult the YOLO stage for candidates in its uncertainty band when its weights
     ship (yolo_path, default Resources/Models/cmb_yolo.pt) and the model's card does not turn it off (a
-    site model whose fine-tune measured the CNN alone better); False runs the 3D CNN alone.
+    site model whose fine-tune measured the CNN alone better); False runs the 3D CNN alone. use_criteria:
+    keep a candidate the networks score below the operating threshold when it meets the reading criteria
+    (criteria.py), at that threshold; False gives the networks' scores alone.
     """
 
-    def __init__(self, model_path=None, device: str = "auto", use_yolo: bool = True, yolo_path=None):
+    def __init__(self, model_path=None, device: str = "auto", use_yolo: bool = True, yolo_path=None,
+                 use_criteria: bool = True):
         from . import models
 
         started = time.perf_counter()
@@ -132,6 +136,7 @@ class Detector:
         self.model = load_model(self.model_path, device)
         self.brain_model = shared_brain_model()  # checked now: a bad file is named before any scan runs
         self.yolo = None
+        self.use_criteria = use_criteria
         self.warnings = []
         if use_yolo and self.model.card.get("stage3") == "off":
             use_yolo = False  # the fine-tune measured this CNN alone better than with the shipped fusion
@@ -192,7 +197,8 @@ class Detector:
         _progress(progress, 50, f"stage 2: CNN on {len(candidates)} candidates")
         tick = time.perf_counter()
         centres = centres_ras(prepared, candidates)
-        cnn_scores = score_patches(self.model, extract_patches(prepared, centres, use_phase=cnn_phase))
+        patches = extract_patches(prepared, centres, use_phase=cnn_phase)
+        cnn_scores = score_patches(self.model, patches)
         timings["cnn"] = time.perf_counter() - tick
         scores, yolo_scores, yolo_info = cnn_scores, np.full(len(cnn_scores), np.nan), {"used": False}
         if self.yolo is not None:
@@ -200,13 +206,22 @@ class Detector:
             tick = time.perf_counter()
             scores, yolo_scores, yolo_info = self._consult_yolo(prepared, centres, cnn_scores)
             timings["yolo"] = time.perf_counter() - tick
+        by_criteria = np.zeros(len(scores), bool)
+        if self.use_criteria:
+            tick = time.perf_counter()
+            doubted = np.nonzero(scores < self.operating_threshold)[0]
+            by_criteria[doubted] = meets_criteria(patches[doubted, 0])
+            scores = np.where(by_criteria, np.float32(self.operating_threshold), scores)
+            timings["criteria"] = time.perf_counter() - tick
+        del patches
 
         passing = np.nonzero(scores >= threshold)[0]
         kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing
         findings = [Finding(label="", position_ras=tuple(float(v) for v in centres[index]),
                             score=float(scores[index]),
                             diameter_mm=apparent_diameter_mm(prepared, candidates[index].ijk),
-                            stage_scores=_stage_scores(candidates[index], cnn_scores[index], yolo_scores[index]))
+                            stage_scores=_stage_scores(candidates[index], cnn_scores[index], yolo_scores[index],
+                                                       by_criteria[index]))
                     for index in kept]
 
         registration_info, dropped = {"done": False}, []
@@ -244,6 +259,8 @@ class Detector:
             "model": {"version": self.model_version, "file": self.model_path.name, "sha256": self.model.sha256,
                       "device": self.model.device},
             "yolo": yolo_info,
+            "criteria": {"used": self.use_criteria, "lifted": int(by_criteria.sum()),
+                         "kept": sum(bool(f.stage_scores.get("criteria")) for f in findings)},
             "versions": _versions(),
             "warnings": warnings,
             "findings": [f.to_dict() for f in findings],
@@ -293,11 +310,11 @@ def _place(prepared: Prepared, findings: list, mask, keep_outside: bool) -> tupl
 def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = None,
            threshold: float | None = None, crop: bool = False, model_path=None,
            device: str = "auto", locate: bool = True, keep_outside: bool = False, use_yolo: bool = True,
-           yolo_path=None, cnn_phase: bool = True, progress=None) -> Detection:
+           yolo_path=None, cnn_phase: bool = True, use_criteria: bool = True, progress=None) -> Detection:
     """One volume with freshly loaded models (see Detector; a cohort keeps one Detector instead)."""
     check_fits_in_memory(volume.shape)  # before the models load: a refusal costs no time
     _progress(progress, 5, "loading model")
-    detector = Detector(model_path, device, use_yolo=use_yolo, yolo_path=yolo_path)
+    detector = Detector(model_path, device, use_yolo=use_yolo, yolo_path=yolo_path, use_criteria=use_criteria)
     detection = detector.detect(volume, phase, mask, threshold=threshold, crop=crop, locate=locate,
                                 keep_outside=keep_outside, cnn_phase=cnn_phase, progress=progress)
     timings = detection.summary["timings_s"]
@@ -306,10 +323,12 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
     return detection
 
 
-def _stage_scores(candidate, cnn_score, yolo_score) -> dict:
+def _stage_scores(candidate, cnn_score, yolo_score, by_criteria: bool) -> dict:
     scores = {"candidate": round(candidate.response, 4), "cnn": round(float(cnn_score), 4)}
     if np.isfinite(yolo_score):
         scores["yolo"] = round(float(yolo_score), 4)
+    if by_criteria:  # kept by the reading criteria (criteria.py), scored at the operating threshold
+        scores["criteria"] = True
     return scores
 
 
@@ -370,6 +389,8 @@ def add_detector_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="stage-2 model: an ensemble card (.json) or one network's "
                         "weights (.pt with its .json card); default: the active version (`cmbdetector models`)")
     parser.add_argument("--no-yolo", action="store_true", help="skip the YOLO stage (3D CNN alone)")
+    parser.add_argument("--no-criteria", action="store_true", help="the networks' scores alone: do not keep "
+                        "doubted candidates that meet the reading criteria (round, isolated dark spots)")
     parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")
 
@@ -441,7 +462,8 @@ def run(args) -> int:
 
     detection = detect(volume, phase, mask, threshold=args.threshold, crop=args.crop, model_path=args.model,
                        device=device, locate=not args.no_locate, keep_outside=args.keep_outside,
-                       use_yolo=not args.no_yolo, cnn_phase=not args.no_cnn_phase, progress=report)
+                       use_yolo=not args.no_yolo, cnn_phase=not args.no_cnn_phase,
+                       use_criteria=not args.no_criteria, progress=report)
     for warning in detection.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     detection.warnings[:0] = early_warnings  # the same list as the summary's
