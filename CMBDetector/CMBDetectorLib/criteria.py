@@ -48,9 +48,11 @@ def meets_criteria(magnitude_patches: np.ndarray) -> np.ndarray:
     result = np.zeros(len(patches), bool)
     if not len(patches):
         return result
-    inside = np.where(patches > TISSUE_FLOOR, patches, np.nan).reshape(len(patches), -1)
-    with np.errstate(all="ignore"):
-        tissue = np.nan_to_num(np.nanmedian(inside, axis=1), nan=0.0)
+    values = patches.reshape(len(patches), -1)
+    inside = values > TISSUE_FLOOR
+    tissue = np.zeros(len(patches), np.float32)
+    some = inside.any(axis=1)
+    tissue[some] = np.nanmedian(np.where(inside[some], values[some], np.nan), axis=1)
     centre = patches[:, _CENTRE, _CENTRE, _CENTRE].reshape(len(patches), -1).min(axis=1)
     deep = (tissue > TISSUE_FLOOR) & (1.0 - centre / np.maximum(tissue, TISSUE_FLOOR) >= MIN_DEPTH)
     for index in np.nonzero(deep)[0]:  # the cheap test first: most candidates stop here
