@@ -6,6 +6,9 @@ import pytest
 
 from CMBDetectorLib import criteria
 from CMBDetectorLib.classify import PATCH_MM, PATCH_SIZE, patch_offsets_mm
+from CMBDetectorLib.evaluate import match
+from CMBDetectorLib.pipeline import Detector
+from helpers import small_swi_crop
 
 OFFSETS = patch_offsets_mm()  # (P, P, P, 3) mm from the patch centre; the last axis is B0
 
@@ -62,3 +65,43 @@ def test_zero_padding_outside_the_image_is_not_tissue_and_empty_input_is_fine():
 def test_the_width_bounds_are_in_millimetres_of_the_patch_grid():
     # the patch grid is fixed (0.8 mm), so the bounds hold whatever the scan's voxel size
     assert criteria.MIN_WIDTH_MM / PATCH_MM >= 3 and criteria.MAX_LENGTH_MM < PATCH_SIZE * PATCH_MM
+
+
+LOOK_ONLY_VOXELS = ((50, 25, 30), (25, 45, 12))  # away from small_swi_crop's own spheres
+
+
+def ras_of_voxels(volume, voxels):
+    ijk = np.c_[np.array(voxels, float), np.ones(len(voxels))]
+    return (ijk @ volume.affine.T)[:, :3]
+
+
+def crop_with_look_only_lesions():
+    """small_swi_crop with two microbleeds drawn by their look alone: Gaussian dips 5 mm across, 50 % deep,
+    which the shipped networks score near zero (they learnt the simulator's blooming sphere)."""
+    volume = small_swi_crop(0)
+    grid = np.meshgrid(*(np.arange(n) for n in volume.shape), indexing="ij")
+    sigma = 5.0 / 2.3548
+    for centre in LOOK_ONLY_VOXELS:
+        r2 = sum(((axis - c) * s) ** 2 for axis, c, s in zip(grid, centre, volume.spacing))
+        volume.array *= (1 - 0.5 * np.exp(-r2 / (2 * sigma ** 2))).astype(np.float32)
+    return volume
+
+
+@pytest.mark.parametrize("use_yolo", [True, False])  # operating thresholds 0.4 and 0.7 (0.7 is not a float32)
+def test_the_detector_keeps_doubted_spots_that_meet_the_criteria_at_its_operating_threshold(use_yolo):
+    volume = crop_with_look_only_lesions()
+    centres = ras_of_voxels(volume, LOOK_ONLY_VOXELS)
+    detector = Detector(device="cpu", use_yolo=use_yolo)
+    found = detector.detect(volume, crop=True)
+    lifted = [f for f in found.findings if f.stage_scores.get("criteria")]
+    assert len(lifted) == 2 and len(match(centres, np.array([f.position_ras for f in lifted]), 2.5)) == 2
+    for finding in lifted:  # the CNN doubted it; the criteria keep it at the operating point
+        assert finding.score == detector.operating_threshold  # exactly: it must pass that threshold
+        assert finding.stage_scores["cnn"] < 0.1
+    assert found.summary["criteria"] == {"used": True, "lifted": 2, "kept": 2}
+
+    alone = Detector(device="cpu", use_yolo=use_yolo, use_criteria=False).detect(volume, crop=True)
+    assert alone.summary["criteria"]["used"] is False
+    assert not any(f.stage_scores.get("criteria") for f in alone.findings)
+    assert sorted(f.position_ras for f in alone.findings) == sorted(
+        f.position_ras for f in found.findings if not f.stage_scores.get("criteria"))

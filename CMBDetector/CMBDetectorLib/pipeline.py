@@ -211,7 +211,8 @@ class Detector:
             tick = time.perf_counter()
             doubted = np.nonzero(scores < self.operating_threshold)[0]
             by_criteria[doubted] = meets_criteria(patches[doubted, 0])
-            scores = np.where(by_criteria, np.float32(self.operating_threshold), scores)
+            # float64: a float32 0.7 is below 0.7, and the lifted finding would miss its own threshold
+            scores = np.where(by_criteria, self.operating_threshold, scores.astype(np.float64))
             timings["criteria"] = time.perf_counter() - tick
         del patches
 
