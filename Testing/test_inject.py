@@ -76,3 +76,24 @@ def test_look_only_lesions_are_dips_of_their_measured_contrast_and_leave_the_pha
     with pytest.raises(ValueError, match="lesion model"):
         inject.inject_microbleeds(scan.magnitude, None, prepared.mask, prepared.context,
                                   np.random.default_rng(3), 1, lesion_model="cube")
+
+
+def test_a_projected_scan_gets_its_lesions_projected_so_that_undoing_the_projection_keeps_them(head):
+    # Drawn into a 3-slice minimum-intensity projection as it stands, a lesion on one or two slices would be
+    # erased by preprocessing's undo (a dilation along the slices) before stage 1 saw it.
+    from scipy import ndimage
+
+    from CMBDetectorLib.projection import find_min_projection, undo
+
+    scan, prepared = head
+    axis = scan.magnitude.slice_axis
+    projected = scan.magnitude.with_array(ndimage.minimum_filter1d(scan.magnitude.array.astype(np.float32), 3,
+                                                                   axis=axis))
+    result = inject.inject_microbleeds(projected, None, prepared.mask, prepared.context,
+                                       np.random.default_rng(4), 5, lesion_model="gaussian")
+    projection = find_min_projection(result.magnitude.array, axis)
+    assert projection is not None and projection.window == 3  # still the scanner's projection
+    ijk = tuple(np.round(scan.magnitude.ras_to_ijk(result.centres_ras)).astype(int).T)
+    before = undo(projected.array, projection, axis)[ijk]
+    after = undo(result.magnitude.array, projection, axis)[ijk]
+    assert len(result.centres_ras) == 5 and np.all(after <= (1 - 0.8 * result.contrast) * before)

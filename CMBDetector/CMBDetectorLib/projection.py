@@ -68,9 +68,14 @@ def find_min_projection(array: np.ndarray, slice_axis: int) -> Projection | None
 
 def _gives_back(data, bright, projection: Projection, slice_axis: int) -> bool:
     """Whether eroding the projection's dilation gives `data` back on (nearly) every bright voxel."""
-    again = ndimage.minimum_filter1d(undo(data, projection, slice_axis), projection.window, axis=slice_axis,
-                                     origin=projection.origin)
+    again = project(undo(data, projection, slice_axis), projection, slice_axis)
     return float((again == data)[bright].mean()) >= EXACT_SHARE
+
+
+def project(array: np.ndarray, projection: Projection, slice_axis: int) -> np.ndarray:
+    """The sliding mIP itself (an erosion along the slice axis), as the scanner made it (float32)."""
+    return ndimage.minimum_filter1d(np.asarray(array, np.float32), projection.window, axis=slice_axis,
+                                    origin=projection.origin)
 
 
 def undo(array: np.ndarray, projection: Projection, slice_axis: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from ..image import Volume
 from ..phase import from_radians, to_radians, vendor_range
+from ..projection import find_min_projection, project, undo
 from .physics import swi_magnitude
 from .structures import MIN_CONTRAST, Sphere, measured_factors
 from .synth import APPARENT_RANGE_MM
@@ -73,6 +74,12 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
     sites = np.argwhere(inner)
     avoid = np.zeros((0, 3)) if avoid_ras is None else np.asarray(avoid_ras, float).reshape(-1, 3)
     signal = np.asarray(magnitude.array, dtype=np.float32).copy()
+    # A scan made into a minimum-intensity projection gets lesions as its scanner would draw them: into the
+    # unprojected image, then projected with it. Drawn into the projection, a lesion thinner than the window
+    # would be erased when preprocessing undoes it (projection.py), and never reach the detector.
+    projection = find_min_projection(signal, magnitude.slice_axis)
+    if projection is not None:
+        signal = undo(signal, projection, magnitude.slice_axis)
     units = None if phase is None else vendor_range(phase.array)  # vendor integer phase stays in its units
     radians = None if phase is None else to_radians(phase.array, units)
     placed_ijk, contrasts = [], []
@@ -110,6 +117,8 @@ def inject_microbleeds(magnitude: Volume, phase: Volume | None, mask: np.ndarray
             radians[box] = np.angle(np.exp(1j * (radians[box] + sign * field_phase)))
         placed_ijk.append(ijk)
         contrasts.append(1.0 - float(darkening.min()))
+    if projection is not None:
+        signal = project(signal, projection, magnitude.slice_axis)
     centres = magnitude.ijk_to_ras(np.array(placed_ijk).reshape(-1, 3)) if placed_ijk else np.zeros((0, 3))
     injected_phase = None if phase is None else phase.with_array(from_radians(radians, units))
     return Injected(magnitude.with_array(signal), injected_phase, centres, np.array(contrasts, float))
