@@ -8,7 +8,8 @@ Into every microbleed-free scan of the two benchmark sets (`make bench` makes th
 absent), `inject-check`'s injection draws up to 6 microbleeds per repeat with each lesion model of
 simulate/inject.py: "sphere" (the simulator's own physics), "gaussian" and "flat" (drawn by their look
 alone, as another simulator might). The shipped pipeline (CNN + YOLO, its operating threshold, magnitude
-alone) is asked to find them. Reported per set, acquisition and model: sensitivity, by the contrast the
+alone) is asked to find them, with the reading criteria (criteria.py, the default) and without (the networks
+alone). Reported per set, acquisition and model: sensitivity, by the contrast the
 lesion has on the scan's grid, and the other findings per injected scan. Seeded: a rerun gives the same table.
 The lesions go into benchmark scans, so choose nothing by this table; use dev sets (--val/--ood) for that.
 """
@@ -42,8 +43,9 @@ def probe_scan(job: tuple) -> dict:
     truth = json.loads(Path(truth_file).read_text())
     volume = read_volume(Path(truth_file).parent / truth["files"]["magnitude"])
     detector = Detector(model_path or None)
+    detectors = {"full": detector, "networks": Detector(model_path or None, use_criteria=False)}
     prepared = detector.detect(volume, locate=False).prepared
-    results = {model: check(volume, {"full": detector}, repeats=repeats, count=COUNT, prepared=prepared,
+    results = {model: check(volume, detectors, repeats=repeats, count=COUNT, prepared=prepared,
                             lesion_model=model) for model in MODELS}
     return {"scan": truth["scan_id"], "acquisition": truth["acquisition"]["name"], "results": results,
             "model_version": detector.model_version, "threshold": detector.operating_threshold}
@@ -56,20 +58,24 @@ def table(rows: list, set_name: str) -> list:
         for model in MODELS:
             contrast = np.concatenate([row["results"][model]["contrast"] for row in chosen])
             found = np.concatenate([row["results"][model]["full"]["found_each"] for row in chosen]).astype(bool)
+            alone = np.concatenate([row["results"][model]["networks"]["found_each"] for row in chosen]).astype(bool)
             injections = sum(row["results"][model]["repeats"] for row in chosen)
             other = sum(row["results"][model]["full"]["other_findings"] for row in chosen) / max(injections, 1)
+            other_alone = sum(row["results"][model]["networks"]["other_findings"] for row in chosen) / max(injections, 1)
             cells = []
             for low, high in CONTRAST_BINS:
                 inside = (contrast >= low) & (contrast < high)
                 cells.append(f"{found[inside].sum()} / {inside.sum()}" if inside.any() else "-")
             overall = f"{found.mean():.2f} ({found.sum()} / {len(found)})" if len(found) else "-"
-            lines.append(f"| {set_name} | {acquisition} | {len(chosen)} | {model} | {overall} | " + " | ".join(cells)
-                         + f" | {other:.2f} |")
+            networks = f"{alone.mean():.2f} ({alone.sum()} / {len(alone)})" if len(alone) else "-"
+            lines.append(f"| {set_name} | {acquisition} | {len(chosen)} | {model} | {networks} | {overall} | "
+                         + " | ".join(cells) + f" | {other_alone:.2f} | {other:.2f} |")
     return lines
 
 
 def main() -> int:
     from CMBDetectorLib import bench
+    from CMBDetectorLib.simulate.synth import simulate_set
     from CMBDetectorLib.workers import process_pool
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,7 +93,7 @@ def main() -> int:
     jobs, names = [], []
     for name, folder, spec in sets:
         if folder == Path(f"bench-output/{'val' if name.startswith('in') else 'ood'}"):
-            bench._simulate_set(folder, spec, args.jobs)  # the benchmark's own scans, made as bench makes them
+            simulate_set(folder, spec, args.jobs)  # the benchmark's own scans, made as bench makes them
         for truth_file in sorted(folder.glob("*.truth.json")):
             if not json.loads(truth_file.read_text())["microbleeds"]:
                 jobs.append((str(truth_file), args.repeats, args.model))
@@ -97,7 +103,8 @@ def main() -> int:
         rows = list(pool.map(probe_scan, jobs))
     for row, name in zip(rows, names):
         row["set"] = name
-        print(row["scan"], {m: f"{sum(row['results'][m]['full']['found_each'])}/{row['results'][m]['lesions']}"
+        print(row["scan"], {m: f"{sum(row['results'][m]['networks']['found_each'])}->"
+                            f"{sum(row['results'][m]['full']['found_each'])}/{row['results'][m]['lesions']}"
                             for m in MODELS}, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
@@ -106,7 +113,9 @@ def main() -> int:
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {bench._machine()}, commit {bench._commit()}, "
         f"model {rows[0]['model_version']} (CNN + YOLO at its operating threshold {rows[0]['threshold']:g}, "
-        "magnitude alone). Rerun with `python tools/lesion_model_probe.py` (seeded).",
+        "magnitude alone), without and with the reading criteria (criteria.py: the default pipeline keeps a "
+        "doubted candidate that is a round, isolated dark spot). Rerun with `python tools/lesion_model_probe.py` "
+        "(seeded).",
         "",
         f"Into each microbleed-free scan of the benchmark's two sets, {args.repeats} injections of up to {COUNT} "
         "microbleeds per lesion model (simulate/inject.py): *sphere*, the simulator's own physics (a black core "
@@ -114,11 +123,13 @@ def main() -> int:
         "ellipsoid of uniform darkening 30-95 %, axes 0.7-1.3 x its 2-5 mm diameter. Each is averaged over "
         "the scan's voxels, so a small lesion in a thick slice keeps a fraction of its depth: *contrast* is 1 - "
         "the darkest voxel's factor, and a lesion below 0.3 is not drawn. Found: a finding within 5 mm "
-        "(one-to-one). Other findings: per injected scan, those not matching an injected lesion.",
+        "(one-to-one). Other findings: per injected scan, those not matching an injected lesion. A scan made "
+        "into a minimum-intensity projection gets its lesions projected with it (simulate/inject.py).",
         "",
-        "| set | acquisition | scans | lesion model | sensitivity | found, contrast 0.3-0.5 | 0.5-0.7 | 0.7-1 "
-        "| other findings per scan |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| set | acquisition | scans | lesion model | sensitivity, networks alone | sensitivity, with the criteria "
+        "| found with the criteria, contrast 0.3-0.5 | 0.5-0.7 | 0.7-1 | other findings per scan, networks alone "
+        "| with the criteria |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines = header
     for name, _, _ in sets:

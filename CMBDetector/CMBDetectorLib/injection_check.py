@@ -88,7 +88,7 @@ def run(args) -> int:
     device, warning = choose_device(args.device)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    detector = Detector(args.model, device, use_yolo=not args.no_yolo)
+    detector = Detector(args.model, device, use_yolo=not args.no_yolo, use_criteria=not args.no_criteria)
     rows = []
     for path, volume in volumes:
         clean = detector.detect(volume, threshold=args.threshold, crop=args.crop)
