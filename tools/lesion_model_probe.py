@@ -60,8 +60,8 @@ def table(rows: list, set_name: str) -> list:
             found = np.concatenate([row["results"][model]["full"]["found_each"] for row in chosen]).astype(bool)
             alone = np.concatenate([row["results"][model]["networks"]["found_each"] for row in chosen]).astype(bool)
             injections = sum(row["results"][model]["repeats"] for row in chosen)
-            other = sum(row["results"][model]["full"]["other_findings"] for row in chosen) / max(injections, 1)
-            other_alone = sum(row["results"][model]["networks"]["other_findings"] for row in chosen) / max(injections, 1)
+            other, other_alone = (sum(row["results"][model][name]["other_findings"] for row in chosen)
+                                  / max(injections, 1) for name in ("full", "networks"))
             cells = []
             for low, high in CONTRAST_BINS:
                 inside = (contrast >= low) & (contrast < high)

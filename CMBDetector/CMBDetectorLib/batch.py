@@ -513,7 +513,8 @@ def run(args) -> int:
     # resolved here, once: every worker loads the same model even if the active version changes meanwhile
     model_path = args.model if args.model is not None else active_model_path()
     settings = Settings(model_path=str(model_path), device=args.device, use_yolo=not args.no_yolo,
-                        use_criteria=not args.no_criteria, threshold=args.threshold, locate=not args.no_locate, png=not args.no_png)
+                        use_criteria=not args.no_criteria, threshold=args.threshold, locate=not args.no_locate,
+                        png=not args.no_png)
     model_hashes = expected_model_hashes(settings)
     started = time.perf_counter()
 

@@ -1,7 +1,8 @@
 """The detection pipeline and the `cmbdetector detect` command.
 
 volume -> preprocess -> stage 1 candidates -> stage 2 CNN scores -> (stage 3 YOLO, when shipped)
-       -> reading criteria (criteria.py) -> threshold + merge -> size -> location (registration to MNI) -> Finding list -> files.
+       -> reading criteria (criteria.py) -> threshold + merge -> size -> location (registration to MNI)
+       -> Finding list -> files.
 Each stage is timed; the summary JSON records the timings, versions and the weights' SHA-256.
 """
 
@@ -200,21 +201,21 @@ class Detector:
         patches = extract_patches(prepared, centres, use_phase=cnn_phase)
         cnn_scores = score_patches(self.model, patches)
         timings["cnn"] = time.perf_counter() - tick
+        spots = np.zeros(len(cnn_scores), bool)
+        if self.use_criteria:  # read off the same patches now, so that they need not outlive stage 2
+            tick = time.perf_counter()
+            spots = meets_criteria(patches[:, 0])
+            timings["criteria"] = time.perf_counter() - tick
+        del patches
         scores, yolo_scores, yolo_info = cnn_scores, np.full(len(cnn_scores), np.nan), {"used": False}
         if self.yolo is not None:
             _progress(progress, 65, "stage 3: YOLO on the uncertain candidates")
             tick = time.perf_counter()
             scores, yolo_scores, yolo_info = self._consult_yolo(prepared, centres, cnn_scores)
             timings["yolo"] = time.perf_counter() - tick
-        by_criteria = np.zeros(len(scores), bool)
-        if self.use_criteria:
-            tick = time.perf_counter()
-            doubted = np.nonzero(scores < self.operating_threshold)[0]
-            by_criteria[doubted] = meets_criteria(patches[doubted, 0])
-            # float64: a float32 0.7 is below 0.7, and the lifted finding would miss its own threshold
-            scores = np.where(by_criteria, self.operating_threshold, scores.astype(np.float64))
-            timings["criteria"] = time.perf_counter() - tick
-        del patches
+        by_criteria = spots & (scores < self.operating_threshold)  # doubted by the networks, kept by the criteria
+        # float64: a float32 0.7 is below 0.7, and the kept finding would miss its own threshold
+        scores = np.where(by_criteria, self.operating_threshold, scores.astype(np.float64))
 
         passing = np.nonzero(scores >= threshold)[0]
         kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing
