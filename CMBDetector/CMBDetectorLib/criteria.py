@@ -15,9 +15,8 @@ region darker than half-way between the candidate's darkest central voxel and th
 - isolated: it does not reach the patch's faces (a vessel runs on, a void spreads), and the ring
   RING_VOXELS around it stays at least RING_LEVEL of tissue (parenchyma all round: not a vein's end
   fading into its course, not a spot on a dark edge).
-Each bound was chosen on development scans only (/work/scratch/s41 in the session note; Models README
-"The reading criteria"): nominal seed 31 and held-out-domain seed 71, with look-only lesions drawn into
-their microbleed-free scans. A candidate that meets every criterion is lifted to the operating threshold:
+Each bound was chosen on development scans only (Models README, "The reading criteria"): nominal seed 31
+and held-out-domain seed 71, with look-only lesions drawn into their microbleed-free scans. A candidate that meets every criterion is lifted to the operating threshold:
 as likely as the networks' weakest kept finding, never above it.
 """
 
