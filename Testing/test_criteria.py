@@ -70,11 +70,6 @@ def test_the_width_bounds_are_in_millimetres_of_the_patch_grid():
 LOOK_ONLY_VOXELS = ((50, 25, 30), (25, 45, 12))  # away from small_swi_crop's own spheres
 
 
-def ras_of_voxels(volume, voxels):
-    ijk = np.c_[np.array(voxels, float), np.ones(len(voxels))]
-    return (ijk @ volume.affine.T)[:, :3]
-
-
 def crop_with_look_only_lesions():
     """small_swi_crop with two microbleeds drawn by their look alone: Gaussian dips 5 mm across, 50 % deep,
     which the shipped networks score near zero (they learnt the simulator's blooming sphere)."""
@@ -90,7 +85,7 @@ def crop_with_look_only_lesions():
 @pytest.mark.parametrize("use_yolo", [True, False])  # operating thresholds 0.4 and 0.7 (0.7 is not a float32)
 def test_the_detector_keeps_doubted_spots_that_meet_the_criteria_at_its_operating_threshold(use_yolo):
     volume = crop_with_look_only_lesions()
-    centres = ras_of_voxels(volume, LOOK_ONLY_VOXELS)
+    centres = volume.ijk_to_ras(np.array(LOOK_ONLY_VOXELS, float))
     detector = Detector(device="cpu", use_yolo=use_yolo)
     found = detector.detect(volume, crop=True)
     lifted = [f for f in found.findings if f.stage_scores.get("criteria")]

@@ -16,8 +16,9 @@ region darker than half-way between the candidate's darkest central voxel and th
   RING_VOXELS around it stays at least RING_LEVEL of tissue (parenchyma all round: not a vein's end
   fading into its course, not a spot on a dark edge).
 Each bound was chosen on development scans only (Models README, "The reading criteria"): nominal seed 31
-and held-out-domain seed 71, with look-only lesions drawn into their microbleed-free scans. A candidate that meets every criterion is lifted to the operating threshold:
-as likely as the networks' weakest kept finding, never above it.
+and held-out-domain seed 71, with look-only lesions drawn into their microbleed-free scans. A candidate
+that meets every criterion is lifted to the operating threshold: as likely as the networks' weakest kept
+finding, never above it.
 """
 
 from __future__ import annotations
