@@ -798,7 +798,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # Single keys no Slicer view uses (Slicer's own: r resets the view; arrows, b/f move slices).
     SHORTCUTS = (("A", "onAccept"), ("X", "onReject"), ("N", "onNext"), ("P", "onPrevious"),
                  ("Q", "onPending"), ("U", "onUndo"))
-    TABLE_COLUMNS = ("label", "score", "diameter_mm", "region", "lobe", "state")
+    TABLE_COLUMNS = ("label", "score", "diameter_mm", "region", "lobe", "kept_by", "state")
     FINDINGS_EVENTS = ("PointModifiedEvent", "PointAddedEvent", "PointRemovedEvent", "PointPositionDefinedEvent")
 
     def __init__(self, parent=None) -> None:
@@ -850,7 +850,11 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.reviewTable.setColumnCount(len(self.TABLE_COLUMNS))
         self.ui.reviewTable.setHorizontalHeaderLabels([_("Label"), _("Score"), _("Size (mm)"), _("Region"),
-                                                       _("Lobe"), _("State")])
+                                                       _("Lobe"), _("Kept by"), _("State")])
+        self.ui.reviewTable.horizontalHeaderItem(self.TABLE_COLUMNS.index("kept_by")).setToolTip(_(
+            "networks: scored at or above the threshold by the detector's networks. criteria: the networks "
+            "scored it lower, but its patch shows a round, isolated dark spot 3.2-6 mm across, as the rating "
+            "scales define a microbleed; it is kept at the threshold for you to judge."))
         self.ui.reviewTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.reviewTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.reviewTable.setSelectionMode(qt.QAbstractItemView.SingleSelection)

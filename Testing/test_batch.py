@@ -152,6 +152,8 @@ def test_the_cohort_tables_hold_what_the_per_scan_summaries_say(cohort):
         assert mine["label"].to_list() == [f["label"] for f in expected]
         assert mine["score"].to_list() == [f["score"] for f in expected]
         assert mine["x_ras"].to_list() == [f["position_ras"][0] for f in expected]
+        assert mine["kept_by"].to_list() == [f["kept_by"] for f in expected]
+        assert set(mine["kept_by"].to_list()) <= {"networks", "criteria"}
         workers.add(row["worker"])
     assert len(set(r["input_sha256"] for r in rows)) == len(rows)  # every scan has its own bytes
     for row in rows[1:]:  # one input file: its hash is the file's own SHA-256

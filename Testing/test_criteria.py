@@ -88,7 +88,7 @@ def test_the_detector_keeps_doubted_spots_that_meet_the_criteria_at_its_operatin
     centres = volume.ijk_to_ras(np.array(LOOK_ONLY_VOXELS, float))
     detector = Detector(device="cpu", use_yolo=use_yolo)
     found = detector.detect(volume, crop=True)
-    lifted = [f for f in found.findings if f.stage_scores.get("criteria")]
+    lifted = [f for f in found.findings if f.kept_by == "criteria"]
     assert len(lifted) == 2 and len(match(centres, np.array([f.position_ras for f in lifted]), 2.5)) == 2
     for finding in lifted:  # the CNN doubted it; the criteria keep it at the operating point
         assert finding.score == detector.operating_threshold  # exactly: it must pass that threshold
@@ -97,6 +97,6 @@ def test_the_detector_keeps_doubted_spots_that_meet_the_criteria_at_its_operatin
 
     alone = Detector(device="cpu", use_yolo=use_yolo, use_criteria=False).detect(volume, crop=True)
     assert alone.summary["criteria"]["used"] is False
-    assert not any(f.stage_scores.get("criteria") for f in alone.findings)
+    assert {f.kept_by for f in alone.findings} == {"networks"}
     assert sorted(f.position_ras for f in alone.findings) == sorted(
-        f.position_ras for f in found.findings if not f.stage_scores.get("criteria"))
+        f.position_ras for f in found.findings if f.kept_by == "networks")

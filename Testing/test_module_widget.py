@@ -91,8 +91,9 @@ class Harness:
     def findings(self):
         return self.widget._parameterNode.findings
 
-    def table_column(self, column: int) -> list:
-        table = self.ui.reviewTable
+    def table_column(self, key: str) -> list:
+        """The text of the review table's column for `key` (one of the widget's TABLE_COLUMNS), row by row."""
+        table, column = self.ui.reviewTable, self.widget.TABLE_COLUMNS.index(key)
         return [table.item(row, column).text() for row in range(table.rowCount())]
 
     def close(self) -> None:
@@ -168,6 +169,11 @@ def test_a_reading_session_through_the_real_widget(harness, tmp_path):
     assert all(not r["visible"] for r in below) and all(r["visible"] for r in rows if r not in below)
     assert f"{len(below)} below threshold" in ui.countsLabel.text()
     assert ui.reviewTable.currentRow() == 0  # the first finding is shown
+    header = ui.reviewTable.horizontalHeaderItem(harness.widget.TABLE_COLUMNS.index("kept_by"))
+    assert header.text() == "Kept by" and "criteria" in header.toolTip()
+    assert harness.table_column("kept_by") == [r["kept_by"] for r in rows]
+    kept_by = harness.table_column("kept_by")
+    assert "networks" in kept_by and set(kept_by) <= {"networks", "criteria"}
 
     # ---- review with the real shortcut keys --------------------------------------------------------------
     harness.key(Qt.Key_A)
@@ -232,7 +238,8 @@ def test_a_reading_session_through_the_real_widget(harness, tmp_path):
     wait_until(lambda: ui.reviewTable.rowCount() == 0, 10, "the table to empty")
     node.AddControlPoint([1.0, 2.0, 3.0])
     wait_until(lambda: ui.reviewTable.rowCount() == 1, 10, "the placed point's row")
-    assert harness.table_column(5) == ["added"] and harness.table_column(1) == [""]  # inherits no score
+    assert harness.table_column("state") == ["added"] and harness.table_column("score") == [""]  # inherits no score
+    assert harness.table_column("kept_by") == [""]  # the reader put it there, not a detector stage
 
 
 def test_closing_the_scene_cancels_a_run(harness):
@@ -260,7 +267,7 @@ def test_a_landmarks_node_is_shown_but_not_changed_until_adopted(harness):
     landmarks.AddControlPoint([0.0, 60.0, 0.0], "nasion")
     ui.findingsSelector.setCurrentNode(landmarks)
     QtWidgets.QApplication.processEvents()
-    assert harness.table_column(0) == ["nasion"]
+    assert harness.table_column("label") == ["nasion"]
     harness.key(Qt.Key_A)
     ui.thresholdSlider.setValue(0.9)
     assert landmarks.GetNthControlPointLabel(0) == "nasion" and landmarks.GetNthControlPointDescription(0) == ""
@@ -332,7 +339,7 @@ def test_a_review_survives_a_closed_scene_and_is_offered_when_the_scan_is_select
     wait_until(lambda: harness.findings() is not None, 10, "the restored findings")
     assert len(harness.gui.questions) == 1 and "Restore it?" in harness.gui.questions[0]
     restored = harness.findings()
-    assert review.get_state(restored, 0) == "accepted" and harness.table_column(5)[0] == "accepted"
+    assert review.get_state(restored, 0) == "accepted" and harness.table_column("state")[0] == "accepted"
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.inputVolumeSelector.setCurrentNode(again)
     QtWidgets.QApplication.processEvents()

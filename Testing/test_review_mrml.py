@@ -43,14 +43,16 @@ def synthetic_volume(shape=(60, 50, 12)) -> Volume:
 
 
 def sample_findings(volume: Volume) -> list:
-    """Four findings at known voxel centres, with regions, lobes and decreasing scores."""
+    """Four findings at known voxel centres, with regions, lobes, decreasing scores and what kept them."""
     voxels = [(10, 10, 3), (40, 20, 6), (25, 35, 9), (50, 40, 2)]
     regions = [("lobar", "frontal"), ("deep", ""), ("infratentorial", ""), ("lobar", "occipital")]
     scores = [0.95, 0.8, 0.55, 0.3]
     diameters = [4.0, 3.0, 6.0, 2.5]
+    kept_by = ["networks", "networks", "criteria", "networks"]
     return [Finding(label=f"CMB-{n + 1}", position_ras=tuple(volume.ijk_to_ras(ijk)[0]), score=score,
-                    diameter_mm=diameter, region=region, lobe=lobe)
-            for n, (ijk, (region, lobe), score, diameter) in enumerate(zip(voxels, regions, scores, diameters))]
+                    diameter_mm=diameter, region=region, lobe=lobe, kept_by=kept)
+            for n, (ijk, (region, lobe), score, diameter, kept) in enumerate(zip(voxels, regions, scores, diameters,
+                                                                                   kept_by))]
 
 
 def point_ras(node, index: int) -> np.ndarray:
@@ -115,8 +117,8 @@ def test_findings_file_loads_at_the_right_ras_positions(mrml, tmp_path):
     assert [r["label"] for r in rows] == [f.label for f in findings]
     assert [r["score"] for r in rows] == pytest.approx([f.score for f in findings])
     assert [r["diameter_mm"] for r in rows] == pytest.approx([f.diameter_mm for f in findings])
-    # region/lobe: from the file's region/lobe measurements, else from the STEM.csv beside it
-    assert [(r["region"], r["lobe"]) for r in rows] == [(f.region, f.lobe) for f in findings]
+    # region/lobe/kept_by: from the file's measurements, else from the STEM.csv beside it
+    assert [(r["region"], r["lobe"], r["kept_by"]) for r in rows] == [(f.region, f.lobe, f.kept_by) for f in findings]
     assert {r["state"] for r in rows} == {"pending"}
 
 
@@ -157,11 +159,12 @@ def test_review_survives_save_and_reload(mrml, tmp_path):
     reloaded, path = save_and_reload(mrml, node, tmp_path)
     document = json.loads(path.read_text())
     names = {m["name"] for m in document["markups"][0]["measurements"]}
-    assert {"score", "diameter", "region", "lobe"} <= names
+    assert {"score", "diameter", "region", "lobe", "kept_by"} <= names
     after_rows = review.review_table(reloaded)
     assert len(after_rows) == len(before_rows) == 5
+    assert [r["kept_by"] for r in after_rows] == ["networks", "networks", "criteria", "networks", ""]
     for before, after in zip(before_rows, after_rows):
-        for key in ("label", "state", "region", "lobe", "visible"):
+        for key in ("label", "state", "region", "lobe", "kept_by", "visible"):
             assert after[key] == before[key], key
         for key in ("score", "diameter_mm"):
             assert (math.isnan(after[key]) and math.isnan(before[key])) or after[key] == pytest.approx(before[key])
@@ -171,6 +174,7 @@ def test_review_survives_save_and_reload(mrml, tmp_path):
     # findings' own reader understands the saved review
     states = [f.status for f in read_markups_json(path)]
     assert states == ["accepted", "pending", "rejected", "pending", "added"]
+    assert [f.kept_by for f in read_markups_json(path)] == ["networks", "networks", "criteria", "networks", ""]
 
 
 def test_threshold_hides_without_deleting(mrml):
@@ -245,9 +249,11 @@ def test_export_csv_and_json_field_by_field(mrml, tmp_path):
         assert float(row["score"]) == pytest.approx(finding.score, abs=1e-4)
         assert float(row["diameter_mm"]) == pytest.approx(finding.diameter_mm, abs=0.01)
         assert (row["region"], row["lobe"], row["status"]) == (finding.region, finding.lobe, state)
-    assert rows[added]["status"] == "added"
+        assert row["kept_by"] == finding.kept_by
+    assert rows[added]["status"] == "added" and rows[added]["kept_by"] == ""
     assert [float(rows[added][c]) for c in ("x_ras", "y_ras", "z_ras")] == pytest.approx([1.5, 2.5, -3.5])
     assert [f.status for f in read_csv(tmp_path / "review.csv")] == ["accepted", "rejected", "pending", "pending", "added"]
+    assert [f.kept_by for f in read_csv(tmp_path / "review.csv")] == [*(f.kept_by for f in findings), ""]
 
     on_disk = json.loads((tmp_path / "review.json").read_text())
     assert on_disk == json.loads(json.dumps(document))
@@ -258,6 +264,7 @@ def test_export_csv_and_json_field_by_field(mrml, tmp_path):
     assert on_disk["counts"]["by_region"]["lobar"]["confirmed"] == 1
     assert [f["status"] for f in on_disk["findings"]] == ["accepted", "rejected", "pending", "pending", "added"]
     assert on_disk["findings"][added]["score"] is None  # unknown, not NaN (JSON has no NaN)
+    assert [f["kept_by"] for f in on_disk["findings"]] == ["networks", "networks", "criteria", "networks", ""]
     assert on_disk["findings"][0]["position_ras"] == pytest.approx(list(findings[0].position_ras), abs=1e-4)
 
 
@@ -293,19 +300,19 @@ def test_labelmap_holds_accepted_lesions_only(mrml):
 
 
 def expected_by_label(findings: list) -> dict:
-    return {f.label: (f.score, f.diameter_mm, f.region, f.lobe) for f in findings}
+    return {f.label: (f.score, f.diameter_mm, f.region, f.lobe, f.kept_by) for f in findings}
 
 
 def assert_values_follow_their_points(node, findings: list) -> None:
-    """Every detector point's score, size, region and lobe are its own Finding's, in the table and in
-    the measurement arrays Slicer writes to .mrk.json."""
+    """Every detector point's score, size, region, lobe and kept_by are its own Finding's, in the table
+    and in the measurement arrays Slicer writes to .mrk.json."""
     expected = expected_by_label(findings)
     rows = review.review_table(node)
     for row in rows:
         if row["label"] in expected:
-            score, diameter, region, lobe = expected[row["label"]]
-            assert (row["score"], row["diameter_mm"], row["region"], row["lobe"]) == \
-                (pytest.approx(score), pytest.approx(diameter), region, lobe), row["label"]
+            score, diameter, region, lobe, kept_by = expected[row["label"]]
+            assert (row["score"], row["diameter_mm"], row["region"], row["lobe"], row["kept_by"]) == \
+                (pytest.approx(score), pytest.approx(diameter), region, lobe, kept_by), row["label"]
     scores = [node.GetMeasurement("score").GetControlPointValues().GetValue(i)
               for i in range(node.GetMeasurement("score").GetControlPointValues().GetNumberOfTuples())]
     assert len(scores) == node.GetNumberOfControlPoints()
@@ -374,6 +381,32 @@ def test_delete_all_then_new_points_inherit_nothing(mrml):
     assert math.isnan(rows[0]["score"]) and math.isnan(rows[0]["diameter_mm"])
     assert (rows[0]["region"], rows[0]["lobe"]) == ("unknown", "")
     assert review.review_counts(node)["total"] == 1
+
+
+def test_a_review_saved_before_kept_by_existed_reads_it_as_unknown(mrml, tmp_path):
+    """Scenes and files from before the "kept_by" code hold four values per point and no such measurement:
+    they load with kept_by unknown (""), every other value in place, and the first save writes the code."""
+    findings = sample_findings(synthetic_volume())
+    node = review.findings_to_markups_node(mrml.scene, findings, "older")
+    stored = json.loads(node.GetAttribute(review.POINT_VALUES_ATTRIBUTE))
+    node.SetAttribute(review.POINT_VALUES_ATTRIBUTE, json.dumps({key: values[:4] for key, values in stored.items()}))
+    node.RemoveNthMeasurement(next(i for i in range(node.GetNumberOfMeasurements())
+                                   if node.GetNthMeasurement(i).GetName() == "kept_by"))
+    assert node.GetMeasurement("kept_by") is None
+    rows = review.review_table(node)
+    assert [r["kept_by"] for r in rows] == ["", "", "", ""]
+    assert [r["score"] for r in rows] == pytest.approx([0.95, 0.8, 0.55, 0.3])
+    assert [(r["region"], r["lobe"]) for r in rows] == [(f.region, f.lobe) for f in findings]
+    review.set_state(node, 0, "accepted")
+    reloaded, path = save_and_reload(mrml, node, tmp_path, "resaved")
+    assert [r["kept_by"] for r in review.review_table(reloaded)] == ["", "", "", ""]
+    assert "kept_by" in {m["name"] for m in json.loads(path.read_text())["markups"][0]["measurements"]}
+
+    older_csv = tmp_path / "older.csv"  # a findings CSV without the kept_by column
+    write_csv(findings, older_csv)
+    lines = older_csv.read_text().splitlines()
+    older_csv.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert [f.kept_by for f in read_csv(older_csv)] == ["", "", "", ""]
 
 
 def test_saved_after_unobserved_removal_loads_without_misattribution(mrml, tmp_path):

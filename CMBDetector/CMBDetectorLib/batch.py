@@ -253,7 +253,7 @@ def findings_schema() -> dict:
             "label": pl.String, "x_ras": pl.Float64, "y_ras": pl.Float64, "z_ras": pl.Float64,
             "score": pl.Float64, "diameter_mm": pl.Float64, "region": pl.String, "lobe": pl.String,
             "status": pl.String, "candidate_score": pl.Float64, "cnn_score": pl.Float64, "yolo_score": pl.Float64,
-            "kept_by_criteria": pl.Boolean}
+            "kept_by": pl.String}
 
 
 def summary_path(out_root, scan: Scan) -> Path:
@@ -301,7 +301,7 @@ def finding_rows(scan: Scan, out_root, summary: dict) -> list:
                      "diameter_mm": _finite_or_none(finding.get("diameter_mm")), "region": finding["region"],
                      "lobe": finding.get("lobe", ""), "status": finding["status"],
                      "candidate_score": stages.get("candidate"), "cnn_score": stages.get("cnn"),
-                     "yolo_score": stages.get("yolo"), "kept_by_criteria": bool(stages.get("criteria", False))})
+                     "yolo_score": stages.get("yolo"), "kept_by": finding.get("kept_by", "")})
     return rows
 
 

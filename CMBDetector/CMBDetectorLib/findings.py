@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .vocabulary import (DECIDED_COLOR, LABEL_FORMAT, LOBES, MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES,
-                         base_label, finding_label, name_of_code)
+from .vocabulary import (DECIDED_COLOR, KEPT_BY, LABEL_FORMAT, LOBES, MEASUREMENTS, PENDING_COLOR, REGIONS,
+                         REVIEW_STATES, base_label, finding_label, name_of_code)
 
 MARKUPS_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/main/Modules/Loadable/Markups/Resources/Schema/"
     "markups-schema-v1.0.3.json#"
 )
-CSV_COLUMNS = ("id", "label", "x_ras", "y_ras", "z_ras", "score", "diameter_mm", "region", "lobe", "status")
+CSV_COLUMNS = ("id", "label", "x_ras", "y_ras", "z_ras", "score", "diameter_mm", "region", "lobe", "status", "kept_by")
 
 
 @dataclass
@@ -38,6 +38,8 @@ class Finding:
     region: one of REGIONS; lobe: frontal/parietal/temporal/occipital/insula or "" when not lobar.
     status: one of REVIEW_STATES.
     stage_scores: per-stage confidences, e.g. {"candidate": .., "cnn": .., "yolo": ..}.
+    kept_by: one of KEPT_BY for a detector finding ("criteria": the networks scored it below the threshold
+    and the reading criteria kept it at the threshold); "" for a point the reader placed, or unknown.
     """
 
     label: str
@@ -48,6 +50,7 @@ class Finding:
     lobe: str = ""
     status: str = "pending"
     stage_scores: dict = field(default_factory=dict)
+    kept_by: str = ""
 
     def to_dict(self) -> dict:
         record = asdict(self)
@@ -87,6 +90,7 @@ def write_markups_json(findings: list, path, node_name: str = "CMB detections") 
         # codes: index into REGIONS / LOBES (region and lobe survive a Slicer scene save this way)
         "region": [float(_index_or(REGIONS, f.region, REGIONS.index("unknown"))) for f in findings],
         "lobe": [float(_index_or(LOBES, f.lobe, 0)) for f in findings],
+        "kept_by": [float(_index_or(KEPT_BY, f.kept_by, 0)) for f in findings],
     }
     for name, (units, print_format) in MEASUREMENTS.items():
         measurements.append({
@@ -140,6 +144,7 @@ def read_markups_json(path) -> list:
             region=_name_at(REGIONS, values.get("region"), index, "unknown"),
             lobe=_name_at(LOBES, values.get("lobe"), index, ""),
             status=state if state in REVIEW_STATES else "added",
+            kept_by=_name_at(KEPT_BY, values.get("kept_by"), index, ""),
         ))
     return findings
 
@@ -152,7 +157,7 @@ def write_csv(findings: list, path) -> Path:
         for index, f in enumerate(findings, start=1):
             x, y, z = f.position_ras
             writer.writerow([index, f.label, f"{x:.2f}", f"{y:.2f}", f"{z:.2f}", f"{f.score:.4f}",
-                             f"{f.diameter_mm:.2f}", f.region, f.lobe, f.status])
+                             f"{f.diameter_mm:.2f}", f.region, f.lobe, f.status, f.kept_by])
     return path
 
 
@@ -166,7 +171,7 @@ def read_csv(path) -> list:
                     position_ras=(float(row["x_ras"]), float(row["y_ras"]), float(row["z_ras"])),
                     score=float(row["score"]), diameter_mm=float(row["diameter_mm"]),
                     region=row.get("region", "unknown"), lobe=row.get("lobe", ""),
-                    status=row.get("status", "pending")) for row in rows]
+                    status=row.get("status", "pending"), kept_by=row.get("kept_by", "")) for row in rows]
 
 
 def write_json(document: dict, path) -> Path:

@@ -222,8 +222,8 @@ class Detector:
         findings = [Finding(label="", position_ras=tuple(float(v) for v in centres[index]),
                             score=float(scores[index]),
                             diameter_mm=apparent_diameter_mm(prepared, candidates[index].ijk),
-                            stage_scores=_stage_scores(candidates[index], cnn_scores[index], yolo_scores[index],
-                                                       by_criteria[index]))
+                            stage_scores=_stage_scores(candidates[index], cnn_scores[index], yolo_scores[index]),
+                            kept_by="criteria" if by_criteria[index] else "networks")
                     for index in kept]
 
         registration_info, dropped = {"done": False}, []
@@ -262,7 +262,7 @@ class Detector:
                       "device": self.model.device},
             "yolo": yolo_info,
             "criteria": {"used": self.use_criteria, "lifted": int(by_criteria.sum()),
-                         "kept": sum(bool(f.stage_scores.get("criteria")) for f in findings)},
+                         "kept": sum(f.kept_by == "criteria" for f in findings)},
             "versions": _versions(),
             "warnings": warnings,
             "findings": [f.to_dict() for f in findings],
@@ -325,12 +325,10 @@ def detect(volume: Volume, phase: Volume | None = None, mask: Volume | None = No
     return detection
 
 
-def _stage_scores(candidate, cnn_score, yolo_score, by_criteria: bool) -> dict:
+def _stage_scores(candidate, cnn_score, yolo_score) -> dict:
     scores = {"candidate": round(candidate.response, 4), "cnn": round(float(cnn_score), 4)}
     if np.isfinite(yolo_score):
         scores["yolo"] = round(float(yolo_score), 4)
-    if by_criteria:  # kept by the reading criteria (criteria.py), scored at the operating threshold
-        scores["criteria"] = True
     return scores
 
 

@@ -8,10 +8,10 @@ How a finding lives in a markups node (one control point per finding):
 - position: the control point position, RAS millimetres (world frame).
 - review state: the control point *description*, one word of vocabulary.REVIEW_STATES. A point the reader
   places has an empty description; it counts as "added" (reconcile writes the word).
-- score, diameter, region, lobe: keyed by control point ID in a node attribute (see "Per-point
-  values" below), and copied in control point order into four static measurements
-  (vtkMRMLStaticMeasurement), which Slicer shows and writes to `.mrk.json`. Region and lobe are
-  stored as codes: the index into vocabulary.REGIONS and LOBES (NaN = unknown).
+- score, diameter, region, lobe, kept_by: keyed by control point ID in a node attribute (see "Per-point
+  values" below), and copied in control point order into static measurements
+  (vtkMRMLStaticMeasurement), which Slicer shows and writes to `.mrk.json`. Region, lobe and kept_by
+  are stored as codes: the index into vocabulary.REGIONS, LOBES and KEPT_BY (NaN = unknown).
 - only review nodes (made by the detector, loaded from its files, or adopted by the reader) are
   ever written; see is_review_node.
 
@@ -34,9 +34,9 @@ import numpy as np
 from . import __version__
 from .errors import CMBError, InputError
 from .findings import Finding, read_csv, write_csv
-from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, PENDING, FINDINGS_CSV_SUFFIX, LABEL_FORMAT, LABEL_SUFFIX, LOBES,
-                         REJECTED,
-                         MEASUREMENTS, PENDING_COLOR, REGIONS, REVIEW_STATES, code_of, name_of_code, output_stem)
+from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, FINDINGS_CSV_SUFFIX, KEPT_BY, LABEL_FORMAT,
+                         LABEL_SUFFIX, LOBES, MEASUREMENTS, PENDING, PENDING_COLOR, REGIONS, REJECTED, REVIEW_STATES,
+                         code_of, name_of_code, output_stem)
 from .vocabulary import base_label as _base_label
 
 # Detection from the module keeps findings down to this score (the benchmark's FROC floor) while the
@@ -44,7 +44,7 @@ from .vocabulary import base_label as _base_label
 DETECTION_FLOOR = 0.05
 # Node attributes this layer owns
 REVIEW_NODE_ATTRIBUTE = "CMBDetector.ReviewNode"    # "1" on nodes this layer may write
-POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"  # JSON {control point ID: [score, diameter, region, lobe]}
+POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"  # JSON {control point ID: [one value per MEASUREMENTS]}
 DETECTION_RUN_ATTRIBUTE = "CMBDetector.DetectionRun"  # JSON: the run's models, hashes, versions, thresholds
 DECISION_HISTORY_ATTRIBUTE = "CMBDetector.DecisionHistory"  # JSON [[control point ID, state before]], for undo
 DECISION_HISTORY_LENGTH = 200
@@ -109,7 +109,8 @@ def findings_to_markups_node(scene, findings: list, name: str = "CMB detections"
         index = node.AddControlPoint([float(v) for v in finding.position_ras], finding.label)
         node.SetNthControlPointDescription(index, finding.status if finding.status in REVIEW_STATES else "pending")
         values[node.GetNthControlPointID(index)] = [float(finding.score), float(finding.diameter_mm),
-                                                    code_of(REGIONS, finding.region), code_of(LOBES, finding.lobe)]
+                                                    code_of(REGIONS, finding.region), code_of(LOBES, finding.lobe),
+                                                    code_of(KEPT_BY, finding.kept_by)]
     node.EndModify(was_modifying)
     _store_values(node, values)
     style_node(node)
@@ -141,20 +142,23 @@ def _regions_from_csv(node, csv_path: Path) -> None:
     rows = [by_label.get(base_label(node, i)) for i in range(node.GetNumberOfControlPoints())]
     _set_measurement_values(node, "region", [code_of(REGIONS, r.region) if r else math.nan for r in rows])
     _set_measurement_values(node, "lobe", [code_of(LOBES, r.lobe) if r else math.nan for r in rows])
+    _set_measurement_values(node, "kept_by", [code_of(KEPT_BY, r.kept_by) if r else math.nan for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-point values: keyed by control point ID, mirrored into measurements
 # ---------------------------------------------------------------------------------------------
 # The truth is the node attribute POINT_VALUES_ATTRIBUTE, {control point ID: [score, diameter,
-# region code, lobe code]}: an ID stays with its point whatever removes points (the Markups toolbar,
+# region code, lobe code, kept_by code]}: an ID stays with its point whatever removes points (the Markups toolbar,
 # "Delete all", scripts, StartModify/EndModify batches, edits while no panel observes the node).
 # The static measurements are a copy in control point order, rewritten by reconcile(), because they
 # are what Slicer shows and writes to .mrk.json.
 
 def _values_by_id(node) -> dict:
+    """{ID: values}; a scene saved before a measurement existed has shorter lists: unknown (NaN) there."""
     text = node.GetAttribute(POINT_VALUES_ATTRIBUTE)
-    return json.loads(text) if text else {}
+    stored = json.loads(text) if text else {}
+    return {point_id: values + _unknown_values()[len(values):] for point_id, values in stored.items()}
 
 
 def _point_ids(node) -> list:
@@ -232,14 +236,16 @@ def _measurement_values(node, measurement_name: str) -> list:
 
 
 def point_values(node, index: int, values: dict | None = None) -> dict:
-    """score, diameter_mm (NaN when unknown), region, lobe ("unknown"/"" when unknown) of point `index`.
+    """score, diameter_mm (NaN when unknown), region, lobe, kept_by ("unknown"/""/"" when unknown) of point
+    `index`.
 
     values: {ID: values} from _values_of, to avoid re-reading per point.
     """
     values = _values_of(node) if values is None else values
-    score, diameter, region, lobe = values.get(node.GetNthControlPointID(index), _unknown_values())
+    score, diameter, region, lobe, kept_by = values.get(node.GetNthControlPointID(index), _unknown_values())
     return {"score": float(score), "diameter_mm": float(diameter),
-            "region": name_of_code(REGIONS, region, "unknown"), "lobe": name_of_code(LOBES, lobe, "")}
+            "region": name_of_code(REGIONS, region, "unknown"), "lobe": name_of_code(LOBES, lobe, ""),
+            "kept_by": name_of_code(KEPT_BY, kept_by, "")}
 
 
 def set_point_values(node, index: int, score=None, diameter_mm=None, region=None, lobe=None) -> None:
@@ -405,7 +411,7 @@ def next_index(node, current: int, step: int = 1, pending_first: bool = False) -
 
 def review_table(node) -> list:
     """One dict per point, in control point order: index, id, label, score, diameter_mm, region, lobe,
-    state, visible, position_ras (tuple of 3 floats, RAS mm). Reconciles a review node first; any other
+    kept_by, state, visible, position_ras (tuple of 3 floats, RAS mm). Reconciles a review node first; any other
     node is only read."""
     reconcile(node)
     values = _values_of(node)
@@ -456,7 +462,7 @@ def node_findings(node) -> list:
     """The node's points as Finding records (base labels, RAS positions, reported_state as status)."""
     return [Finding(label=row["label"], position_ras=row["position_ras"], score=row["score"],
                     diameter_mm=row["diameter_mm"], region=row["region"], lobe=row["lobe"],
-                    status=reported_state(row))
+                    status=reported_state(row), kept_by=row["kept_by"])
             for row in review_table(node)]
 
 

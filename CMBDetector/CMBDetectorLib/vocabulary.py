@@ -21,6 +21,9 @@ BELOW_THRESHOLD = "below_threshold"
 # ---- locations: stored in markups measurements as codes (index into these tuples; NaN = unknown) ----
 REGIONS = ("lobar", "deep", "infratentorial", "unknown")
 LOBES = ("", "frontal", "parietal", "temporal", "occipital", "insula")
+# What kept a detector finding: the networks' score, or the reading criteria (criteria.py) where the
+# networks scored it lower; "" for a point the reader placed, or a file written before this code existed.
+KEPT_BY = ("", "networks", "criteria")
 
 # ---- per-point measurements: name -> (units, print format); written to .mrk.json -------------------
 MEASUREMENTS = {
@@ -28,6 +31,7 @@ MEASUREMENTS = {
     "diameter": ("mm", "%.1f"),
     "region": ("", "%.0f"),   # code: index into REGIONS
     "lobe": ("", "%.0f"),     # code: index into LOBES
+    "kept_by": ("", "%.0f"),  # code: index into KEPT_BY
 }
 
 # ---- labels: "CMB-3"; in Slicer the decision is appended so it shows in the views -----------------
