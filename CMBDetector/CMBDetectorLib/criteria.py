@@ -19,11 +19,6 @@ Each bound was chosen on development scans only (Models README, "The reading cri
 and held-out-domain seed 71, with look-only lesions drawn into their microbleed-free scans. A candidate
 that meets every criterion is lifted to the operating threshold: as likely as the networks' weakest kept
 finding, never above it.
-
-The same isolation test also speaks against a finding: a spot whose dark region runs out of the patch in
-plane is part of a larger dark structure (a vein's course, a signal void), and unless the networks are
-sure of it (stage-2 score >= SURE_SCORE) it is not kept. On scans unlike the training scans most of the
-networks' false positives are such spots.
 """
 
 from __future__ import annotations
@@ -42,7 +37,6 @@ MIN_VOLUME_MM3 = 4.0
 RING_VOXELS = (1, 4)  # the ring lies between these dilations of the spot (face-connected steps)
 RING_LEVEL = 0.7  # darkest ring voxel, relative to tissue
 TISSUE_FLOOR = 0.05  # patch points below this are outside the image (zero padding), not tissue
-SURE_SCORE = 0.85  # a stage-2 score from which the networks' call stands even for a spot that runs on
 
 _CENTRE = slice(PATCH_SIZE // 2 - 1, PATCH_SIZE // 2 + 1)  # the 2 x 2 x 2 voxels around the candidate
 _STEP = ndimage.generate_binary_structure(3, 1)
@@ -50,44 +44,29 @@ _STEP = ndimage.generate_binary_structure(3, 1)
 
 def meets_criteria(magnitude_patches: np.ndarray) -> np.ndarray:
     """bool (N,): which (N, P, P, P) magnitude patches hold a spot that meets every criterion."""
-    return read_spots(magnitude_patches)[0]
-
-
-def read_spots(magnitude_patches: np.ndarray, ask_runs_on=None) -> tuple:
-    """(meets, runs_on), bool (N,) each, for (N, P, P, P) magnitude patches: the spot meets every criterion;
-    the spot's dark region reaches the patch's in-plane faces. ask_runs_on: bool (N,), the patches whose
-    runs_on is wanted (default all; the others say False)."""
     patches = np.asarray(magnitude_patches, np.float32).reshape(-1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
-    meets, runs_on = np.zeros(len(patches), bool), np.zeros(len(patches), bool)
+    result = np.zeros(len(patches), bool)
     if not len(patches):
-        return meets, runs_on
+        return result
     values = patches.reshape(len(patches), -1)
     inside = values > TISSUE_FLOOR
     tissue = np.zeros(len(patches), np.float32)
     some = inside.any(axis=1)
     tissue[some] = np.nanmedian(np.where(inside[some], values[some], np.nan), axis=1)
     centre = patches[:, _CENTRE, _CENTRE, _CENTRE].reshape(len(patches), -1).min(axis=1)
-    readable = (tissue > TISSUE_FLOOR) & (centre < tissue)
-    deep = readable & (1.0 - centre / np.maximum(tissue, TISSUE_FLOOR) >= MIN_DEPTH)
-    asked = readable & (np.ones(len(patches), bool) if ask_runs_on is None else np.asarray(ask_runs_on, bool))
-    for index in np.nonzero(deep | asked)[0]:  # the cheap tests first: most candidates stop there
-        spot = _spot(patches[index], float(tissue[index]), float(centre[index]))
-        voxels = np.argwhere(spot)
-        low, high = voxels.min(axis=0), voxels.max(axis=0)
-        runs_on[index] = asked[index] and (low[:2].min() == 0 or high[:2].max() == PATCH_SIZE - 1)
-        meets[index] = deep[index] and _compact_isolated(patches[index], spot, voxels, float(tissue[index]))
-    return meets, runs_on
+    deep = (tissue > TISSUE_FLOOR) & (1.0 - centre / np.maximum(tissue, TISSUE_FLOOR) >= MIN_DEPTH)
+    for index in np.nonzero(deep)[0]:  # the cheap test first: most candidates stop here
+        result[index] = _compact_isolated_spot(patches[index], float(tissue[index]), float(centre[index]))
+    return result
 
 
-def _spot(patch: np.ndarray, tissue: float, centre_value: float) -> np.ndarray:
-    """The connected region darker than half-way between the darkest central voxel and tissue (bool)."""
+def _compact_isolated_spot(patch: np.ndarray, tissue: float, centre_value: float) -> bool:
     labels, _ = ndimage.label(patch < (centre_value + tissue) / 2)
     block = patch[_CENTRE, _CENTRE, _CENTRE]
     darkest = np.unravel_index(np.argmin(block), block.shape)
-    return labels == labels[tuple(_CENTRE.start + np.array(darkest))]
-
-
-def _compact_isolated(patch: np.ndarray, spot: np.ndarray, voxels: np.ndarray, tissue: float) -> bool:
+    label = labels[tuple(_CENTRE.start + np.array(darkest))]
+    spot = labels == label
+    voxels = np.argwhere(spot)
     low, high = voxels.min(axis=0), voxels.max(axis=0)
     if low.min() == 0 or high.max() == PATCH_SIZE - 1:
         return False

@@ -21,7 +21,7 @@ from . import __version__
 from .candidates import MAX_CANDIDATES, centres_ras, screen
 from .brain_model import shared_brain_model
 from .classify import choose_device, extract_patches, load_model, score_patches
-from .criteria import SURE_SCORE, read_spots
+from .criteria import meets_criteria
 from .errors import InputError
 from .findings import Finding, label_findings, write_csv, write_json, write_markups_json
 from .image import Volume
@@ -201,10 +201,10 @@ class Detector:
         patches = extract_patches(prepared, centres, use_phase=cnn_phase)
         cnn_scores = score_patches(self.model, patches)
         timings["cnn"] = time.perf_counter() - tick
-        spots, runs_on = np.zeros(len(cnn_scores), bool), np.zeros(len(cnn_scores), bool)
+        spots = np.zeros(len(cnn_scores), bool)
         if self.use_criteria:  # read off the same patches now, so that they need not outlive stage 2
             tick = time.perf_counter()
-            spots, runs_on = read_spots(patches[:, 0], ask_runs_on=cnn_scores < SURE_SCORE)
+            spots = meets_criteria(patches[:, 0])
             timings["criteria"] = time.perf_counter() - tick
         del patches
         scores, yolo_scores, yolo_info = cnn_scores, np.full(len(cnn_scores), np.nan), {"used": False}
@@ -214,12 +214,8 @@ class Detector:
             scores, yolo_scores, yolo_info = self._consult_yolo(prepared, centres, cnn_scores)
             timings["yolo"] = time.perf_counter() - tick
         by_criteria = spots & (scores < self.operating_threshold)  # doubted by the networks, kept by the criteria
-        # part of a larger dark structure (criteria.py), and the networks are not sure of it
-        vetoed = runs_on & (cnn_scores < SURE_SCORE)
-        n_vetoed = int((vetoed & (scores >= threshold)).sum())  # findings at this run's threshold before the veto
         # float64: a float32 0.7 is below 0.7, and the kept finding would miss its own threshold
         scores = np.where(by_criteria, self.operating_threshold, scores.astype(np.float64))
-        scores[vetoed] = 0.0
 
         passing = np.nonzero(scores >= threshold)[0]
         kept = passing[merge_nearby(centres[passing], scores[passing])] if len(passing) else passing
@@ -265,7 +261,7 @@ class Detector:
             "model": {"version": self.model_version, "file": self.model_path.name, "sha256": self.model.sha256,
                       "device": self.model.device},
             "yolo": yolo_info,
-            "criteria": {"used": self.use_criteria, "lifted": int(by_criteria.sum()), "vetoed": n_vetoed,
+            "criteria": {"used": self.use_criteria, "lifted": int(by_criteria.sum()),
                          "kept": sum(f.kept_by == "criteria" for f in findings)},
             "versions": _versions(),
             "warnings": warnings,
