@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-cohort bench-adapt bench-adapt-40 clean
+.PHONY: venv test demo bench bench-dev bench-cohort bench-adapt bench-adapt-40 clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/cmbdetector bench --out bench-output --table docs/benchmark.md
 
+# the same on the development sets (seeds 31 and 71), where changes are chosen: bench-dev/benchmark-dev.md
+bench-dev: $(STAMP)
+	$(VENV)/bin/cmbdetector bench --dev
+
 # a detect loop against `batch` on 2 workers, and a dense U-Net, over 16 simulated SWI scans (docs/benchmark-cohort.md)
 bench-cohort: $(STAMP)
 	$(VENV)/bin/cmbdetector bench-cohort --out bench-output/cohort --n 16 --workers 2 --table docs/benchmark-cohort.md
@@ -37,4 +41,4 @@ bench-adapt-40: $(STAMP)
 		--table docs/benchmark-adapt-40.md --train-seed 41 48 --train-scans 40
 
 clean:
-	rm -rf $(VENV) demo-output bench-output bench-adapt-output
+	rm -rf $(VENV) demo-output bench-output bench-dev bench-adapt-output

@@ -150,3 +150,16 @@ def test_injected_real_scans_get_their_own_table():
     assert any(line.startswith("Each scan 2 times, with up to 5 microbleeds (a crop: 4) ") for line in lines)
     del row["injected"]  # a refused scan has no injection run
     assert not any("injected" in line for line in bench._real_lines({"real": [row], "configs": {"cnn": {}}}))
+
+
+def test_the_development_sets_are_not_the_benchmarks_and_the_report_says_so():
+    benchmark_sets, dev_sets = bench._sets(dev=False), bench._sets(dev=True)
+    assert [s[:2] for s in dev_sets] == [s[:2] for s in benchmark_sets]  # same folders, phase use and recipes
+    assert {s[2]["seed"] for s in dev_sets}.isdisjoint(s[2]["seed"] for s in benchmark_sets)
+    assert all(d[2]["acquisition"] == b[2]["acquisition"] for d, b in zip(dev_sets, benchmark_sets))
+    report = report_for(study())
+    assert report.get("dev") is None and bench.format_report(report).startswith("# CMBDetector benchmark\n")
+    report.update(dev=True, validation=bench.DEV_VALIDATION)
+    text = bench.format_report(report)
+    assert text.startswith("# CMBDetector development run") and "`cmbdetector bench --dev`" in text
+    assert f"(seed {bench.DEV_VALIDATION['seed']}," in text and "never used for training or tuning" not in text

@@ -12,6 +12,10 @@
 3. Evaluates with the field's metrics (5 mm one-to-one matching), the brain masks against the simulator's
    true masks (Dice), and writes a Markdown table and the raw JSON beside it. Numbers are as measured on
    this machine; nothing is edited by hand.
+
+`cmbdetector bench --dev` runs the same on the development sets instead (DEV_VALIDATION and
+DEV_OUT_OF_DISTRIBUTION; no real scans): where a change is chosen, with the pipeline it will ship in,
+before `make bench` scores it once.
 """
 
 from __future__ import annotations
@@ -37,7 +41,16 @@ from .workers import process_pool
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
 OUT_OF_DISTRIBUTION = {"n": 18, "seed": 3, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
 # (name, folder under OUT, plan, detect with the phase)
-SETS = (("in-distribution", "val", VALIDATION, True), ("out-of-distribution", "ood", OUT_OF_DISTRIBUTION, False))
+# Development sets: the same recipes, other seeds (and 30 held-out-domain scans). Never the benchmark's.
+DEV_VALIDATION = {**VALIDATION, "seed": 31}
+DEV_OUT_OF_DISTRIBUTION = {**OUT_OF_DISTRIBUTION, "n": 30, "seed": 71}
+DEV_OUT, DEV_TABLE = "bench-dev", "bench-dev/benchmark-dev.md"
+
+
+def _sets(dev: bool) -> tuple:
+    """(set name, folder, recipe, detect with the phase) of the two sets."""
+    validation, held_out = (DEV_VALIDATION, DEV_OUT_OF_DISTRIBUTION) if dev else (VALIDATION, OUT_OF_DISTRIBUTION)
+    return ("in-distribution", "val", validation, True), ("out-of-distribution", "ood", held_out, False)
 REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-gre"
 REAL_SCANS = (("philips-3t-dual-echo/mag_echo2.nii.gz", False), ("romeo_small/Mag.nii", True),
               ("romeo_small2/Mag.nii", True))  # (path under REAL_DIR, partial-brain crop)
@@ -49,8 +62,14 @@ FROC_TABLE_LEVELS = ("0.125", "0.25", "0.5", "1", "2")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="bench-output", help="work folder (validation scans, predictions)")
-    parser.add_argument("--table", default="docs/benchmark.md", help="Markdown results table to write")
+    parser.add_argument("--out", help=f"work folder (validation scans, predictions); default bench-output, "
+                                      f"with --dev {DEV_OUT}")
+    parser.add_argument("--table", help=f"Markdown results table to write; default docs/benchmark.md, with --dev "
+                                        f"{DEV_TABLE}")
+    parser.add_argument("--dev", action="store_true",
+                        help=f"the development sets instead (seeds {DEV_VALIDATION['seed']} and "
+                             f"{DEV_OUT_OF_DISTRIBUTION['seed']}, no real scans): choose a change here, then let "
+                             "`make bench` score it")
     parser.add_argument("--jobs", type=int, default=2, help="processes for simulating the validation set")
     parser.add_argument("--configs", default="auto", help="cnn, full or auto (both when YOLO weights ship)")
     parser.add_argument("--real", default=str(REAL_DIR), help="folder of the real GRE scans (skipped if absent)")
@@ -314,15 +333,16 @@ def _mimic_rich(truth_dir: Path) -> list:
 def run(args) -> int:
     from .evaluate import evaluate_directories, evaluate_scans
 
-    out = Path(args.out)
+    out = Path(args.out or (DEV_OUT if args.dev else "bench-output"))
     out.mkdir(parents=True, exist_ok=True)
+    sets = _sets(args.dev)
     timing_scan = _simulate_timing_scan(out / "timing")
     configs = ["cnn", "full"] if args.configs == "auto" and _yolo_available() else (
         ["cnn"] if args.configs == "auto" else args.configs.split(","))
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
-              "commit": _commit(), "validation": VALIDATION, "out_of_distribution": OUT_OF_DISTRIBUTION,
+              "commit": _commit(), "dev": args.dev, "validation": sets[0][2], "out_of_distribution": sets[1][2],
               "configs": {}, "sets": {}, "brain_mask": {}, "screening": {}}
-    for set_name, folder, spec, use_phase in SETS:
+    for set_name, folder, spec, use_phase in sets:
         truth_dir, scans, per_scan, pred_dirs = _run_set(out, folder, spec, use_phase, configs, args)
         report["brain_mask"][set_name] = _brain_summary(per_scan)
         report["screening"][set_name] = _screening_summary(per_scan)
@@ -360,7 +380,7 @@ def run(args) -> int:
             "shape": timing["shape"], "spacing_mm": timing["spacing_mm"], "timings_s": timing["timings_s"],
             "peak_rss_mb": timing["peak_rss_mb"], "process_wall_s": timing["process_wall_s"]}
     real_dir = Path(args.real)
-    report["real"] = _detect_real(real_dir, configs) if real_dir.is_dir() else []
+    report["real"] = _detect_real(real_dir, configs) if real_dir.is_dir() and not args.dev else []
     report["parallel_workers"] = args.jobs
     report["froc_floor"] = FROC_FLOOR
     if "cnn" in report["configs"] and "full" in report["configs"]:
@@ -368,7 +388,7 @@ def run(args) -> int:
         same_cut = evaluate_directories(out / "val", out / "pred-cnn", threshold=report["configs"]["full"]["operating_threshold"],
                                         allow_missing=True)
         report["configs"]["cnn"]["at_full_threshold"] = {key: same_cut[key] for key in ("threshold", "lesion", "fp_causes")}
-    table = Path(args.table)
+    table = Path(args.table or (DEV_TABLE if args.dev else "docs/benchmark.md"))
     table.parent.mkdir(parents=True, exist_ok=True)
     # "configs" is the in-distribution set's entry of "sets" under a second name: stored once
     stored = {key: value for key, value in report.items() if key != "configs"}
@@ -642,13 +662,16 @@ def _real_lines(report: dict) -> list:
 
 
 def format_report(report: dict) -> str:
-    lines = ["# CMBDetector benchmark", "",
-             f"Measured {report['date']} on {report['machine']}, commit {report['commit']}.",
-             "Rerun with `make bench` (same validation set: the simulator is seeded).", "",
+    title, rerun = (("# CMBDetector development run (the development sets, not the benchmark)",
+                     "Rerun with `cmbdetector bench --dev` (seeded).") if report.get("dev") else
+                    ("# CMBDetector benchmark", "Rerun with `make bench` (same validation set: the simulator is seeded)."))
+    lines = [title, "", f"Measured {report['date']} on {report['machine']}, commit {report['commit']}.", rerun, "",
              f"Validation set: {report['validation']['n']} simulated scans (seed {report['validation']['seed']}, "
              "3 T SWI, 3 T 3D GRE and 1.5 T thick-slice 2D GRE in turn, "
              f"{int(report['validation']['cmb_free_fraction'] * 100)} % CMB-free, mimic level "
-             f"{report['validation']['mimic_level']}), never used for training or tuning. "
+             f"{report['validation']['mimic_level']}), "
+             + ("never used for training; development changes are chosen on it. " if report.get("dev") else
+                "never used for training or tuning. ") +
              "Per-lesion matching: one-to-one, centre distance <= 5 mm. FP/scan averages over all scans, "
              "CMB-free ones included.", "",
              "## Overall, at each configuration's operating threshold", "",
