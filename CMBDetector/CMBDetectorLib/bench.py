@@ -40,17 +40,10 @@ from .workers import process_pool
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
 OUT_OF_DISTRIBUTION = {"n": 18, "seed": 3, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
-# (name, folder under OUT, plan, detect with the phase)
 # Development sets: the same recipes, other seeds (and 30 held-out-domain scans). Never the benchmark's.
 DEV_VALIDATION = {**VALIDATION, "seed": 31}
 DEV_OUT_OF_DISTRIBUTION = {**OUT_OF_DISTRIBUTION, "n": 30, "seed": 71}
 DEV_OUT, DEV_TABLE = "bench-dev", "bench-dev/benchmark-dev.md"
-
-
-def _sets(dev: bool) -> tuple:
-    """(set name, folder, recipe, detect with the phase) of the two sets."""
-    validation, held_out = (DEV_VALIDATION, DEV_OUT_OF_DISTRIBUTION) if dev else (VALIDATION, OUT_OF_DISTRIBUTION)
-    return ("in-distribution", "val", validation, True), ("out-of-distribution", "ood", held_out, False)
 REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-gre"
 REAL_SCANS = (("philips-3t-dual-echo/mag_echo2.nii.gz", False), ("romeo_small/Mag.nii", True),
               ("romeo_small2/Mag.nii", True))  # (path under REAL_DIR, partial-brain crop)
@@ -59,6 +52,12 @@ TIMING_SCAN = {"seed": 99, "acquisition": "swi3t", "spacing_mm": (0.5, 0.5, 2.0)
 # the operating-point metrics count only findings at or above each configuration's tuned threshold.
 FROC_FLOOR = 0.05
 FROC_TABLE_LEVELS = ("0.125", "0.25", "0.5", "1", "2")
+
+
+def _sets(dev: bool) -> tuple:
+    """(set name, folder under OUT, recipe, detect with the phase) of the two sets."""
+    validation, held_out = (DEV_VALIDATION, DEV_OUT_OF_DISTRIBUTION) if dev else (VALIDATION, OUT_OF_DISTRIBUTION)
+    return ("in-distribution", "val", validation, True), ("out-of-distribution", "ood", held_out, False)
 
 
 def add_arguments(parser) -> None:

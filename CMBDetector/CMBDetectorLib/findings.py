@@ -87,7 +87,7 @@ def write_markups_json(findings: list, path, node_name: str = "CMB detections") 
     columns = {
         "score": [_finite_or_zero(f.score) for f in findings],
         "diameter": [_finite_or_zero(f.diameter_mm) for f in findings],
-        # codes: index into REGIONS / LOBES (region and lobe survive a Slicer scene save this way)
+        # codes: index into REGIONS / LOBES / KEPT_BY (they survive a Slicer scene save this way)
         "region": [float(_index_or(REGIONS, f.region, REGIONS.index("unknown"))) for f in findings],
         "lobe": [float(_index_or(LOBES, f.lobe, 0)) for f in findings],
         "kept_by": [float(_index_or(KEPT_BY, f.kept_by, 0)) for f in findings],
