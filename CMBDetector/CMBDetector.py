@@ -1107,6 +1107,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     if not row["visible"]:
                         item.setForeground(qt.QBrush(qt.QColor("gray")))
                     table.setItem(rowIndex, column, item)
+            table.resizeColumnsToContents()  # seven narrow columns fit the panel's width
             if not 0 <= self._currentIndex < len(rows):
                 self._currentIndex = -1
             if self._currentIndex >= 0:
