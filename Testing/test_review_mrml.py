@@ -121,6 +121,14 @@ def test_findings_file_loads_at_the_right_ras_positions(mrml, tmp_path):
     assert [(r["region"], r["lobe"], r["kept_by"]) for r in rows] == [(f.region, f.lobe, f.kept_by) for f in findings]
     assert {r["state"] for r in rows} == {"pending"}
 
+    document = json.loads((tmp_path / "scan.mrk.json").read_text())  # a markups file without measurements
+    document["markups"][0]["measurements"] = []
+    (tmp_path / "bare.mrk.json").write_text(json.dumps(document))
+    bare = review.load_findings_markups(mrml.markups_logic, mrml.scene, tmp_path / "bare.mrk.json",
+                                        csv_path=tmp_path / "scan.csv")
+    assert [(r["region"], r["lobe"], r["kept_by"]) for r in review.review_table(bare)] == \
+        [(f.region, f.lobe, f.kept_by) for f in findings]
+
 
 def test_states_change_label_and_flags(mrml):
     findings = sample_findings(synthetic_volume())

@@ -663,7 +663,8 @@ def _real_lines(report: dict) -> list:
 def format_report(report: dict) -> str:
     title, rerun = (("# CMBDetector development run (the development sets, not the benchmark)",
                      "Rerun with `cmbdetector bench --dev` (seeded).") if report.get("dev") else
-                    ("# CMBDetector benchmark", "Rerun with `make bench` (same validation set: the simulator is seeded)."))
+                    ("# CMBDetector benchmark",
+                     "Rerun with `make bench` (same validation set: the simulator is seeded)."))
     lines = [title, "", f"Measured {report['date']} on {report['machine']}, commit {report['commit']}.", rerun, "",
              f"Validation set: {report['validation']['n']} simulated scans (seed {report['validation']['seed']}, "
              "3 T SWI, 3 T 3D GRE and 1.5 T thick-slice 2D GRE in turn, "

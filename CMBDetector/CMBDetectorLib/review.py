@@ -120,8 +120,8 @@ def findings_to_markups_node(scene, findings: list, name: str = "CMB detections"
 def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = None, csv_path=None):
     """Load a STEM.mrk.json (from `cmbdetector detect` or a saved review) as a review node.
 
-    Region and lobe come from the file's "region"/"lobe" measurements when present; otherwise from the
-    STEM.csv beside it (or `csv_path`), matched by label. Points without a review word (placed by a
+    Region, lobe and kept_by come from the file's measurements when present; otherwise from the STEM.csv
+    beside it (or `csv_path`), matched by label. Points without a review word (placed by a
     reader and saved before the module saw them) are "added". Returns the styled markups node.
     """
     mrk_path = Path(mrk_path)
@@ -133,24 +133,25 @@ def load_findings_markups(markups_logic, scene, mrk_path, name: str | None = Non
         raise InputError(f"Slicer could not load the markups file {mrk_path}")
     csv_path = Path(csv_path) if csv_path else mrk_path.with_name(output_stem(mrk_path) + FINDINGS_CSV_SUFFIX)
     if node.GetMeasurement("region") is None and csv_path.is_file():
-        _regions_from_csv(node, csv_path)
+        _codes_from_csv(node, csv_path)
     return adopt_node(node, unset_state="added")
 
 
-def _regions_from_csv(node, csv_path: Path) -> None:
+def _codes_from_csv(node, csv_path: Path) -> None:
+    """The coded measurements (region, lobe, kept_by) from the findings CSV, matched by label."""
     by_label = {f.label: f for f in read_csv(csv_path)}
     rows = [by_label.get(base_label(node, i)) for i in range(node.GetNumberOfControlPoints())]
-    _set_measurement_values(node, "region", [code_of(REGIONS, r.region) if r else math.nan for r in rows])
-    _set_measurement_values(node, "lobe", [code_of(LOBES, r.lobe) if r else math.nan for r in rows])
-    _set_measurement_values(node, "kept_by", [code_of(KEPT_BY, r.kept_by) if r else math.nan for r in rows])
+    for name, names in (("region", REGIONS), ("lobe", LOBES), ("kept_by", KEPT_BY)):
+        _set_measurement_values(node, name, [code_of(names, getattr(r, name)) if r else math.nan for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-point values: keyed by control point ID, mirrored into measurements
 # ---------------------------------------------------------------------------------------------
 # The truth is the node attribute POINT_VALUES_ATTRIBUTE, {control point ID: [score, diameter,
-# region code, lobe code, kept_by code]}: an ID stays with its point whatever removes points (the Markups toolbar,
-# "Delete all", scripts, StartModify/EndModify batches, edits while no panel observes the node).
+# region code, lobe code, kept_by code]}: an ID stays with its point whatever removes points (the
+# Markups toolbar, "Delete all", scripts, StartModify/EndModify batches, edits while no panel observes
+# the node).
 # The static measurements are a copy in control point order, rewritten by reconcile(), because they
 # are what Slicer shows and writes to .mrk.json.
 
@@ -411,8 +412,8 @@ def next_index(node, current: int, step: int = 1, pending_first: bool = False) -
 
 def review_table(node) -> list:
     """One dict per point, in control point order: index, id, label, score, diameter_mm, region, lobe,
-    kept_by, state, visible, position_ras (tuple of 3 floats, RAS mm). Reconciles a review node first; any other
-    node is only read."""
+    kept_by, state, visible, position_ras (tuple of 3 floats, RAS mm). Reconciles a review node first;
+    any other node is only read."""
     reconcile(node)
     values = _values_of(node)
     rows = []
