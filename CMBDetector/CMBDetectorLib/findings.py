@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .vocabulary import (DECIDED_COLOR, KEPT_BY, LABEL_FORMAT, LOBES, MEASUREMENTS, PENDING_COLOR, REGIONS,
-                         REVIEW_STATES, base_label, finding_label, name_of_code)
+from .vocabulary import (CODED_FIELDS, DECIDED_COLOR, LABEL_FORMAT, MEASUREMENTS, PENDING_COLOR, REVIEW_STATES,
+                         base_label, code_of, finding_label, word_of_code)
 
 MARKUPS_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/main/Modules/Loadable/Markups/Resources/Schema/"
@@ -87,10 +87,8 @@ def write_markups_json(findings: list, path, node_name: str = "CMB detections") 
     columns = {
         "score": [_finite_or_zero(f.score) for f in findings],
         "diameter": [_finite_or_zero(f.diameter_mm) for f in findings],
-        # codes: index into REGIONS / LOBES / KEPT_BY (they survive a Slicer scene save this way)
-        "region": [float(_index_or(REGIONS, f.region, REGIONS.index("unknown"))) for f in findings],
-        "lobe": [float(_index_or(LOBES, f.lobe, 0)) for f in findings],
-        "kept_by": [float(_index_or(KEPT_BY, f.kept_by, 0)) for f in findings],
+        # codes (vocabulary.CODED_FIELDS): they survive a Slicer scene save this way
+        **{name: [_json_code(name, getattr(f, name)) for f in findings] for name in CODED_FIELDS},
     }
     for name, (units, print_format) in MEASUREMENTS.items():
         measurements.append({
@@ -141,10 +139,8 @@ def read_markups_json(path) -> list:
             position_ras=(-x, -y, z) if flip else (x, y, z),
             score=_value_at(values.get("score"), index),
             diameter_mm=_value_at(values.get("diameter"), index),
-            region=_name_at(REGIONS, values.get("region"), index, "unknown"),
-            lobe=_name_at(LOBES, values.get("lobe"), index, ""),
             status=state if state in REVIEW_STATES else "added",
-            kept_by=_name_at(KEPT_BY, values.get("kept_by"), index, ""),
+            **{name: word_of_code(name, _value_at(values.get(name), index)) for name in CODED_FIELDS},
         ))
     return findings
 
@@ -190,12 +186,10 @@ def _value_at(values, index: int) -> float:
     return float(values[index])
 
 
-def _index_or(names: tuple, name: str, default: int) -> int:
-    return names.index(name) if name in names else default
-
-
-def _name_at(names: tuple, codes, index: int, default: str) -> str:
-    return name_of_code(names, _value_at(codes, index), default)
+def _json_code(field_name: str, word: str) -> float:
+    """code_of, but JSON has no NaN: a word outside the field's vocabulary is written as its unknown word."""
+    code = code_of(field_name, word)
+    return code if math.isfinite(code) else code_of(field_name, CODED_FIELDS[field_name][1])
 
 
 def _json_default(value):

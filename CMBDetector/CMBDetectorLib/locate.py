@@ -305,7 +305,7 @@ def locate_findings(volume: Volume, findings, registration: Registration | None 
     """Set finding.region / finding.lobe from the atlas; returns a list of warning strings.
 
     Registers the scan when `registration` is None. Findings in CSF or outside the brain get region
-    'unknown' here (Finding.region stays one of findings.REGIONS); use outside_brain_flags to drop them.
+    'unknown' here (Finding.region stays one of vocabulary.REGIONS); use outside_brain_flags to drop them.
     """
     warnings = []
     if registration is None:

@@ -11,7 +11,7 @@ How a finding lives in a markups node (one control point per finding):
 - score, diameter, region, lobe, kept_by: keyed by control point ID in a node attribute (see "Per-point
   values" below), and copied in control point order into static measurements
   (vtkMRMLStaticMeasurement), which Slicer shows and writes to `.mrk.json`. Region, lobe and kept_by
-  are stored as codes: the index into vocabulary.REGIONS, LOBES and KEPT_BY (NaN = unknown).
+  are stored as codes: vocabulary.CODED_FIELDS, code_of and word_of_code (NaN = unknown).
 - only review nodes (made by the detector, loaded from its files, or adopted by the reader) are
   ever written; see is_review_node.
 
@@ -34,9 +34,9 @@ import numpy as np
 from . import __version__
 from .errors import CMBError, InputError
 from .findings import Finding, read_csv, write_csv
-from .vocabulary import (BELOW_THRESHOLD, CONFIRMED_STATES, DECIDED_COLOR, FINDINGS_CSV_SUFFIX, KEPT_BY, LABEL_FORMAT,
-                         LABEL_SUFFIX, LOBES, MEASUREMENTS, PENDING, PENDING_COLOR, REGIONS, REJECTED, REVIEW_STATES,
-                         code_of, name_of_code, output_stem)
+from .vocabulary import (BELOW_THRESHOLD, CODED_FIELDS, CONFIRMED_STATES, DECIDED_COLOR, FINDINGS_CSV_SUFFIX,
+                         LABEL_FORMAT, LABEL_SUFFIX, LOBES, MEASUREMENTS, PENDING, PENDING_COLOR, REGIONS, REJECTED,
+                         REVIEW_STATES, code_of, output_stem, word_of_code)
 from .vocabulary import base_label as _base_label
 
 # Detection from the module keeps findings down to this score (the benchmark's FROC floor) while the
@@ -44,7 +44,8 @@ from .vocabulary import base_label as _base_label
 DETECTION_FLOOR = 0.05
 # Node attributes this layer owns
 REVIEW_NODE_ATTRIBUTE = "CMBDetector.ReviewNode"    # "1" on nodes this layer may write
-POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"  # JSON {control point ID: [one value per MEASUREMENTS]}
+# JSON {control point ID: [one value per MEASUREMENTS: score, diameter, then the codes of CODED_FIELDS]}
+POINT_VALUES_ATTRIBUTE = "CMBDetector.PointValues"
 DETECTION_RUN_ATTRIBUTE = "CMBDetector.DetectionRun"  # JSON: the run's models, hashes, versions, thresholds
 DECISION_HISTORY_ATTRIBUTE = "CMBDetector.DecisionHistory"  # JSON [[control point ID, state before]], for undo
 DECISION_HISTORY_LENGTH = 200
@@ -109,8 +110,7 @@ def findings_to_markups_node(scene, findings: list, name: str = "CMB detections"
         index = node.AddControlPoint([float(v) for v in finding.position_ras], finding.label)
         node.SetNthControlPointDescription(index, finding.status if finding.status in REVIEW_STATES else "pending")
         values[node.GetNthControlPointID(index)] = [float(finding.score), float(finding.diameter_mm),
-                                                    code_of(REGIONS, finding.region), code_of(LOBES, finding.lobe),
-                                                    code_of(KEPT_BY, finding.kept_by)]
+                                                    *(code_of(name, getattr(finding, name)) for name in CODED_FIELDS)]
     node.EndModify(was_modifying)
     _store_values(node, values)
     style_node(node)
@@ -141,8 +141,8 @@ def _codes_from_csv(node, csv_path: Path) -> None:
     """The coded measurements (region, lobe, kept_by) from the findings CSV, matched by label."""
     by_label = {f.label: f for f in read_csv(csv_path)}
     rows = [by_label.get(base_label(node, i)) for i in range(node.GetNumberOfControlPoints())]
-    for name, names in (("region", REGIONS), ("lobe", LOBES), ("kept_by", KEPT_BY)):
-        _set_measurement_values(node, name, [code_of(names, getattr(r, name)) if r else math.nan for r in rows])
+    for name in CODED_FIELDS:
+        _set_measurement_values(node, name, [code_of(name, getattr(r, name)) if r else math.nan for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +243,9 @@ def point_values(node, index: int, values: dict | None = None) -> dict:
     values: {ID: values} from _values_of, to avoid re-reading per point.
     """
     values = _values_of(node) if values is None else values
-    score, diameter, region, lobe, kept_by = values.get(node.GetNthControlPointID(index), _unknown_values())
-    return {"score": float(score), "diameter_mm": float(diameter),
-            "region": name_of_code(REGIONS, region, "unknown"), "lobe": name_of_code(LOBES, lobe, ""),
-            "kept_by": name_of_code(KEPT_BY, kept_by, "")}
+    record = dict(zip(MEASUREMENTS, values.get(node.GetNthControlPointID(index), _unknown_values())))
+    return {"score": float(record["score"]), "diameter_mm": float(record["diameter"]),
+            **{name: word_of_code(name, record[name]) for name in CODED_FIELDS}}
 
 
 def set_point_values(node, index: int, score=None, diameter_mm=None, region=None, lobe=None) -> None:
@@ -255,11 +254,12 @@ def set_point_values(node, index: int, score=None, diameter_mm=None, region=None
     reconcile(node)
     values = _values_by_id(node)
     record = values[node.GetNthControlPointID(index)]
-    updates = (score, diameter_mm, None if region is None else code_of(REGIONS, region),
-               None if lobe is None else code_of(LOBES, lobe))
-    for column, value in enumerate(updates):
-        if value is not None:
-            record[column] = float(value)
+    updates = {"score": score, "diameter": diameter_mm,
+               "region": None if region is None else code_of("region", region),
+               "lobe": None if lobe is None else code_of("lobe", lobe)}
+    for column, name in enumerate(MEASUREMENTS):
+        if updates.get(name) is not None:
+            record[column] = float(updates[name])
     _store_values(node, values)
 
 

@@ -25,13 +25,19 @@ LOBES = ("", "frontal", "parietal", "temporal", "occipital", "insula")
 # networks scored it lower; "" for a point the reader placed, or a file written before this code existed.
 KEPT_BY = ("", "networks", "criteria")
 
+# Fields stored as codes (a measurement holds numbers): field -> (its words, the word that a missing or
+# invalid code reads as). The field's name is the same in Finding, in the measurements and in the CSV.
+CODED_FIELDS = {
+    "region": (REGIONS, "unknown"),
+    "lobe": (LOBES, ""),
+    "kept_by": (KEPT_BY, ""),
+}
+
 # ---- per-point measurements: name -> (units, print format); written to .mrk.json -------------------
 MEASUREMENTS = {
     "score": ("", "%.3f"),
     "diameter": ("mm", "%.1f"),
-    "region": ("", "%.0f"),   # code: index into REGIONS
-    "lobe": ("", "%.0f"),     # code: index into LOBES
-    "kept_by": ("", "%.0f"),  # code: index into KEPT_BY
+    **{field: ("", "%.0f") for field in CODED_FIELDS},  # codes: index into the field's words
 }
 
 # ---- labels: "CMB-3"; in Slicer the decision is appended so it shows in the views -----------------
@@ -95,11 +101,15 @@ def safe_stem(name: str, default: str = "input") -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or default
 
 
-def code_of(names: tuple, name: str) -> float:
-    """Index of `name` in `names` as a float (a measurement value); NaN when it is not one of them."""
-    return float(names.index(name)) if name in names else math.nan
+def code_of(field: str, word: str) -> float:
+    """The code of `word` in a coded field (CODED_FIELDS) as a measurement value; NaN when it is not one of
+    the field's words."""
+    words, _ = CODED_FIELDS[field]
+    return float(words.index(word)) if word in words else math.nan
 
 
-def name_of_code(names: tuple, code: float, default: str) -> str:
-    """names[code] for a region or lobe code stored as a measurement value; default when not valid."""
-    return names[int(code)] if math.isfinite(code) and 0 <= int(code) < len(names) else default
+def word_of_code(field: str, code: float) -> str:
+    """The word a coded field's stored code stands for; the field's unknown word when the code is missing
+    or not valid."""
+    words, unknown = CODED_FIELDS[field]
+    return words[int(code)] if math.isfinite(code) and 0 <= int(code) < len(words) else unknown
