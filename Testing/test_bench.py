@@ -109,6 +109,8 @@ def test_both_validation_sets_are_reported_side_by_side_with_their_gap():
     theirs = out_of_distribution["cnn"]["results"]["lesion"]["sensitivity"]
     assert theirs < ours
     assert f"| cnn | **gap** | | {theirs - ours:+.3f} |" in text
+    interval = in_distribution["cnn"]["results"]["lesion"]["ci95"]["sensitivity"]
+    assert f"| cnn | in-distribution | 0.60 | {ours:.3f} ({interval[0]:.2f}-{interval[1]:.2f}) |" in text
     row = next(line for line in text.splitlines() if line.startswith("| cnn | out-of-distribution | 0.60 |"))
     assert row.endswith("| 1 |")  # the refused scan is counted
     assert "Refused (cnn): x.truth.json: input: does not look like a brain" in text

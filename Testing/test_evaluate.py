@@ -113,6 +113,23 @@ def test_lesion_metrics_count_cmb_free_scans_in_fp_per_scan():
     assert rows["D"]["n_detections"] == 0
 
 
+def test_intervals_resample_whole_scans_and_narrow_as_scans_are_added():
+    """Scan bootstrap: A holds 2 of its 3 lesions and 2 FP, B 1 of 1, C 1 FP, D nothing. A resample of A
+    alone has sensitivity 2/3 and of B alone 1, so the interval lies within [2/3, 1]; FP/scan within [0, 2]."""
+    few = evaluate.evaluate_scans(study())["lesion"]["ci95"]
+    low, high = few["sensitivity"]
+    assert 2 / 3 <= low < 3 / 4 < high <= 1.0
+    assert 0.0 <= few["fp_per_scan"][0] < 3 / 4 < few["fp_per_scan"][1] <= 2.0
+    assert evaluate.evaluate_scans(study())["lesion"]["ci95"] == few  # seeded: the same report again
+    many = evaluate.evaluate_scans(study() * 10)["lesion"]["ci95"]
+    for key in ("sensitivity", "fp_per_scan"):
+        assert many[key][1] - many[key][0] < few[key][1] - few[key][0]
+    alike = [(truth(f"S{i}", "gre3t", [bleed(0, 0, 0)]), [det(0, 0, 0, 0.9), det(50, 0, 0, 0.9)]) for i in range(5)]
+    assert evaluate.evaluate_scans(alike)["lesion"]["ci95"] == {"sensitivity": [1.0, 1.0], "fp_per_scan": [1.0, 1.0]}
+    clean = [(truth("E", "gre3t", []), [det(0, 0, 0, 0.9)])]
+    assert evaluate.evaluate_scans(clean)["lesion"]["ci95"] == {"sensitivity": None, "fp_per_scan": [1.0, 1.0]}
+
+
 def test_scan_level_metrics_and_auc():
     scan = evaluate.evaluate_scans(study())["scan"]
     # Truth positive A, B; detected positive A, B, C; D negative on both.

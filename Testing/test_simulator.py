@@ -12,7 +12,7 @@ from CMBDetectorLib import io
 from CMBDetectorLib.phase import homodyne_phase
 from CMBDetectorLib.simulate import domain, physics
 from CMBDetectorLib.simulate.structures import Sphere, apparent_diameter, sphere_voxel_factors
-from CMBDetectorLib.simulate.synth import scan_plan, simulate_scan, write_scan
+from CMBDetectorLib.simulate.synth import scan_plan, simulate_scan, simulate_set, write_scan
 
 
 def test_fft_dipole_field_of_a_sphere_matches_the_analytic_field_outside_it():
@@ -152,6 +152,20 @@ def test_scan_plan_spreads_acquisitions_and_cmb_free_scans():
     assert sum(p[2] for p in plan) == 3
     assert len({p[0] for p in plan}) == 9
     assert plan == scan_plan(9, seed=3, acquisition="mixed", cmb_free_fraction=0.34)
+
+
+def test_a_set_remakes_a_scan_it_plans_otherwise_than_the_one_on_disk(tmp_path):
+    """Scan names carry seed and protocol, not "CMB-free": a set whose CMB-free scans fall elsewhere (another
+    n or fraction) must not reuse a CMB-free scan where it plans microbleeds, nor the reverse."""
+    spec = {"n": 2, "seed": 897, "acquisition": "gre15t", "cmb_free_fraction": 0.5, "mimic_level": 0.5}
+    (magnitude,) = simulate_set(tmp_path, spec, limit=1)  # scan 0 is the CMB-free one of two
+    truth_file = magnitude.with_name(magnitude.name.replace(".nii.gz", ".truth.json"))
+    assert json.loads(truth_file.read_text())["microbleeds"] == []
+    written = truth_file.stat().st_mtime_ns
+    simulate_set(tmp_path, spec, limit=1)  # as planned: kept, not simulated again
+    assert truth_file.stat().st_mtime_ns == written
+    assert simulate_set(tmp_path, {**spec, "cmb_free_fraction": 0.0}, limit=1) == [magnitude]
+    assert json.loads(truth_file.read_text())["microbleeds"]
 
 
 def test_cmb_free_scan_has_no_microbleeds_but_keeps_mimics():

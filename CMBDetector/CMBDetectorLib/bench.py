@@ -2,7 +2,7 @@
 
 1. Simulates two fixed validation sets unless they are already in OUT: the in-distribution set (OUT/val:
    seed 2, 30 nominal scans, every acquisition, 30 % CMB-free, mimic-rich; detected with the phase) and the
-   out-of-distribution set (OUT/ood: seed 3, 18 scans from the simulator's held-out domain, settings no
+   out-of-distribution set (OUT/ood: seed 3, 30 scans from the simulator's held-out domain, settings no
    training scan used; detected from the magnitude alone, as most users will), plus one nominal 3 T SWI
    scan (0.5 x 0.5 x 2 mm) for timing.
 2. Detects every scan once per configuration (the 3D CNN alone, and the full pipeline with the YOLO
@@ -39,10 +39,10 @@ from .train.dataset import POSITIVE_MM
 from .workers import process_pool
 
 VALIDATION = {"n": 30, "seed": 2, "acquisition": "mixed", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
-OUT_OF_DISTRIBUTION = {"n": 18, "seed": 3, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
-# Development sets: the same recipes, other seeds (and 30 held-out-domain scans). Never the benchmark's.
+OUT_OF_DISTRIBUTION = {"n": 30, "seed": 3, "acquisition": "ood", "cmb_free_fraction": 0.3, "mimic_level": 1.5}
+# Development sets: the same recipes, other seeds. Never the benchmark's.
 DEV_VALIDATION = {**VALIDATION, "seed": 31}
-DEV_OUT_OF_DISTRIBUTION = {**OUT_OF_DISTRIBUTION, "n": 30, "seed": 71}
+DEV_OUT_OF_DISTRIBUTION = {**OUT_OF_DISTRIBUTION, "seed": 71}
 DEV_OUT, DEV_TABLE = "bench-dev", "bench-dev/benchmark-dev.md"
 REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-gre"
 REAL_SCANS = (("philips-3t-dual-echo/mag_echo2.nii.gz", False), ("romeo_small/Mag.nii", True),
@@ -420,6 +420,13 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def _with_interval(lesion: dict, key: str, digits: int = 3) -> str:
+    """A pooled metric with its 95 % interval (evaluate's scan bootstrap), e.g. "0.903 (0.83-0.97)"."""
+    interval = (lesion.get("ci95") or {}).get(key)
+    text = _fmt(lesion.get(key), digits)
+    return text if interval is None else f"{text} ({interval[0]:.2f}-{interval[1]:.2f})"
+
+
 def _fp_cause_lines(report: dict) -> list:
     """False positives by the simulated mimic they sit on, each configuration at its operating threshold."""
     from .evaluate import FP_CAUSES, MIMIC_REACH_MM
@@ -529,9 +536,10 @@ def _generalisation_lines(report: dict) -> list:
             results = entry["results"]
             rows[set_name] = (results["lesion"]["sensitivity"], results["lesion"]["fp_per_scan"],
                               results["froc"]["sensitivity_at"].get("1"), results["scan"]["balanced_accuracy"])
-            lines.append(f"| {config} | {set_name} | {_fmt(entry['operating_threshold'], 2)} | {_fmt(rows[set_name][0])} | "
-                         f"{_fmt(rows[set_name][1], 2)} | {_fmt(rows[set_name][2])} | {_fmt(rows[set_name][3])} | "
-                         f"{len(entry['refused'])} |")
+            lines.append(f"| {config} | {set_name} | {_fmt(entry['operating_threshold'], 2)} | "
+                         f"{_with_interval(results['lesion'], 'sensitivity')} | "
+                         f"{_with_interval(results['lesion'], 'fp_per_scan', 2)} | {_fmt(rows[set_name][2])} | "
+                         f"{_fmt(rows[set_name][3])} | {len(entry['refused'])} |")
         gap = [None if a is None or b is None else b - a
                for a, b in zip(rows["in-distribution"], rows["out-of-distribution"])]
         ratio = (rows["out-of-distribution"][1] / rows["in-distribution"][1]
@@ -542,8 +550,9 @@ def _generalisation_lines(report: dict) -> list:
               "| configuration | acquisition | sensitivity | FP/scan | sens. at 1 FP/scan (FROC) |", "|---|---|---|---|---|"]
     for config, entry in sets["out-of-distribution"]["configs"].items():
         for acquisition, values in entry["by_acquisition"].items():
-            lines.append(f"| {config} | {acquisition} | {_fmt(values['lesion']['sensitivity'])} | "
-                         f"{_fmt(values['lesion']['fp_per_scan'], 2)} | {_fmt(values['sensitivity_at_1fp'])} |")
+            lesion = values["lesion"]
+            lines.append(f"| {config} | {acquisition} | {_with_interval(lesion, 'sensitivity')} | "
+                         f"{_with_interval(lesion, 'fp_per_scan', 2)} | {_fmt(values['sensitivity_at_1fp'])} |")
     lines += ["", "### The YOLO stage at equal sensitivity, on both sets", "",
               "Both FROC curves read at the full pipeline's operating sensitivity on each set: what the YOLO "
               "stage buys beyond a CNN threshold change.", "",
@@ -673,7 +682,8 @@ def format_report(report: dict) -> str:
              + ("never used for training; development changes are chosen on it. " if report.get("dev") else
                 "never used for training or tuning. ") +
              "Per-lesion matching: one-to-one, centre distance <= 5 mm. FP/scan averages over all scans, "
-             "CMB-free ones included.", "",
+             "CMB-free ones included. In brackets: 95 % intervals, from resampling whole scans "
+             "(evaluate.py's bootstrap, seeded).", "",
              "## Overall, at each configuration's operating threshold", "",
              "Operating thresholds were tuned on simulated scans never benchmarked (model cards). "
              f"Validation scans were processed {report.get('parallel_workers', 1)} at a time (per-scan times include "
@@ -685,8 +695,9 @@ def format_report(report: dict) -> str:
         r = config["results"]
         pooled = r["lesion"]
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) |".format(
-            name, _fmt(config.get("operating_threshold"), 2), _fmt(pooled["sensitivity"]), _fmt(pooled["precision"]),
-            _fmt(pooled["f1"]), _fmt(pooled["fp_per_scan"], 2), _fmt(r["scan"]["balanced_accuracy"]),
+            name, _fmt(config.get("operating_threshold"), 2), _with_interval(pooled, "sensitivity"),
+            _fmt(pooled["precision"]), _fmt(pooled["f1"]), _with_interval(pooled, "fp_per_scan", 2),
+            _fmt(r["scan"]["balanced_accuracy"]),
             _fmt(r.get("location", {}).get("agreement")),
             config["time_per_scan_s"]["mean"], config["time_per_scan_s"]["max"]))
     lines += _generalisation_lines(report)
@@ -704,8 +715,8 @@ def format_report(report: dict) -> str:
         for acquisition, values in sorted(config["results"].get("by_acquisition", {}).items()):
             lesion = values.get("lesion", values)
             pooled = lesion.get("pooled", lesion)
-            lines.append(f"| {name} | {acquisition} | {_fmt(pooled.get('sensitivity'))} | "
-                         f"{_fmt(pooled.get('precision'))} | {_fmt(pooled.get('fp_per_scan'), 2)} |")
+            lines.append(f"| {name} | {acquisition} | {_with_interval(pooled, 'sensitivity')} | "
+                         f"{_fmt(pooled.get('precision'))} | {_with_interval(pooled, 'fp_per_scan', 2)} |")
     lines += _brain_lines(report)
     lines += _real_lines(report)
     lines += ["", "## Timing scan (3 T SWI, nominal 0.5 x 0.5 x 2 mm)", "",

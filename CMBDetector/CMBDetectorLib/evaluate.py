@@ -7,7 +7,8 @@ their total distance.
 
 Reported (see /work/shared/docs/cmb-domain.md, "How the field measures a detector"):
 - per lesion: sensitivity = TP / reference, precision = TP / detections, F1 = 2TP / (2TP + FP + FN),
-  FP per scan averaged over ALL scans (CMB-free included); pooled and as per-scan means;
+  FP per scan averaged over ALL scans (CMB-free included); pooled and as per-scan means; 95 % intervals
+  of the pooled sensitivity and FP/scan by a bootstrap over whole scans (`ci95`);
 - per scan ("any CMB"): sensitivity, specificity, balanced accuracy, and AUC with the scan score =
   the highest detection score (0 when none);
 - count agreement: Pearson r and mean absolute difference of per-scan counts;
@@ -46,6 +47,11 @@ MIMIC_REACH_MM = {"vein": DEFAULT_TOLERANCE_MM, "calcification": DEFAULT_TOLERAN
                   "iron-rich nucleus": DEFAULT_TOLERANCE_MM, "air-bone": 15.0}
 FP_CAUSES = (*MIMIC_REACH_MM, "other")
 TRUTH_SUFFIX = ".truth.json"
+# The intervals resample whole scans: a scan's lesions and false positives share its acquisition, noise and
+# anatomy, so counting lesions as independent would draw the intervals too narrow. Seeded: the same
+# predictions give the same report.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,6 +223,7 @@ def _lesion_metrics(rows: list) -> dict:
         "precision": _ratio(tp, tp + fp),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "fp_per_scan": _ratio(fp, len(rows)),
+        "ci95": _bootstrap_intervals(rows),
         # Per-scan means: each over the scans where the ratio is defined (sensitivity over scans with
         # CMBs, precision over scans with detections); FP/scan over all scans.
         "per_scan_mean": {
@@ -226,6 +233,20 @@ def _lesion_metrics(rows: list) -> dict:
             "fp": _mean(r["fp"] for r in rows),
         },
     }
+
+
+def _bootstrap_intervals(rows: list) -> dict:
+    """95 % percentile intervals of the pooled sensitivity and FP/scan over BOOTSTRAP_RESAMPLES resamples
+    of the scans, [low, high]; None where undefined (no reference lesion in any scan)."""
+    tp, fn, fp = (np.array([row[key] for row in rows], dtype=float) for key in ("tp", "fn", "fp"))
+    draws = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(rows), size=(BOOTSTRAP_RESAMPLES, len(rows)))
+    lesions = (tp + fn)[draws].sum(axis=1)
+    sensitivity = tp[draws].sum(axis=1)[lesions > 0] / lesions[lesions > 0]  # resamples that hold a lesion
+
+    def interval(values):
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else None
+
+    return {"sensitivity": interval(sensitivity), "fp_per_scan": interval(fp[draws].mean(axis=1))}
 
 
 def _scan_metrics(rows: list) -> dict:

@@ -548,7 +548,9 @@ def set_truth_files(folder, spec: dict, limit: int | None = None) -> list:
 
 def simulate_set(folder, spec: dict, jobs: int = 1, limit: int | None = None, on_scan=None) -> list:
     """Simulate the scans of `spec` (set_names; "mimic_level", optional "site_seed"; the first `limit`) missing
-    from `folder`; return every magnitude path of those. Seeded: a scan already there is the same scan.
+    from `folder`; return every magnitude path of those. Seeded: a scan already there is the same scan, unless
+    it was made for another site or CMB-free where this plan wants microbleeds (or the reverse): the name does
+    not say, and a set with another n or CMB-free fraction spreads its CMB-free scans differently.
     on_scan(done, total), if given, is called as each missing scan is written (for a progress bar)."""
     from ..workers import process_pool
 
@@ -558,12 +560,15 @@ def simulate_set(folder, spec: dict, jobs: int = 1, limit: int | None = None, on
     names = [_scan_name(seed, protocol) for seed, protocol, _ in plan]
     site_seed = spec.get("site_seed")
 
-    def made(name):  # already simulated, for the same site (or none)
+    def made(name, cmb_free):  # already simulated, for the same site (or none), CMB-free or not as planned
         truth = folder / f"{name}.truth.json"
-        return truth.is_file() and json.loads(truth.read_text()).get("site_seed") == site_seed
+        if not truth.is_file():
+            return False
+        record = json.loads(truth.read_text())
+        return record.get("site_seed") == site_seed and (not record["microbleeds"]) == cmb_free
 
     todo = [SynthJob(seed, protocol, free, str(folder), spec["mimic_level"], site_seed=site_seed)
-            for (seed, protocol, free), name in zip(plan, names) if not made(name)]
+            for (seed, protocol, free), name in zip(plan, names) if not made(name, free)]
     magnitudes = [folder / f"{name}.nii.gz" for name in names]
     if not todo:
         return magnitudes
