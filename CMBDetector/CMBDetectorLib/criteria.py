@@ -28,14 +28,14 @@ from scipy import ndimage
 
 from .classify import PATCH_MM, PATCH_SIZE
 
-MIN_DEPTH = 0.45  # 1 - centre / tissue
+MIN_DEPTH = 0.35  # 1 - centre / tissue (0.45 until 2026-12-07: Models README, "The reading criteria")
 MIN_WIDTH_MM = 3.2
 MAX_WIDTH_MM = 6.0
 MAX_LENGTH_MM = 8.0  # along B0: a through-plane vessel runs the patch's whole 16 mm
 MAX_ELONGATION = 1.5  # square root of the in-plane covariance's eigenvalue ratio
 MIN_VOLUME_MM3 = 4.0
 RING_VOXELS = (1, 4)  # the ring lies between these dilations of the spot (face-connected steps)
-RING_LEVEL = 0.7  # darkest ring voxel, relative to tissue
+RING_LEVEL = 0.65  # darkest ring voxel, relative to tissue (0.7 until 2026-12-07)
 TISSUE_FLOOR = 0.05  # patch points below this are outside the image (zero padding), not tissue
 
 _CENTRE = slice(PATCH_SIZE // 2 - 1, PATCH_SIZE // 2 + 1)  # the 2 x 2 x 2 voxels around the candidate
