@@ -124,7 +124,7 @@ def _image_type_measurement() -> str:
         quoting = quoting and not line.startswith(("false warnings", "#"))
     return ("\n## Image-type warnings: false warnings measured on every scan we have\n\n"
             "The T1-like and not-a-head warnings (warnings, never refusals) over every simulated scan of "
-            "`/work/data/{train,tune}_{nom,rand}`, the benchmark's 18 out-of-distribution scans, the real scans of "
+            "`/work/data/{train,tune}_{nom,rand}`, the benchmark's out-of-distribution scans, the real scans of "
             "`shared/data/real-gre` (crops take `--crop`, which skips the check), simulated scans inverted "
             "inside the head (T1-like), the MNI152 T1 template and a sphere phantom. Output of "
             "`tools/check_image_types.py` (every scan's line in `docs/image-type-check.txt`):\n\n"

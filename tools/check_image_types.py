@@ -48,7 +48,7 @@ def measure(case: tuple) -> tuple:
     crop = kind == "real crop"
     if crop:  # detect --crop: no registration, so no image-type check (reported as measured nothing)
         return kind, name, expect, None, None, None, ()
-    registration = locate.register_to_mni(volume, threads=1)
+    registration = locate.register_to_mni(volume)  # one thread, always (locate.py)
     check = imagetype.check_image_type(volume, registration)  # as detect runs it
     return kind, name, expect, check.csf_wm_ratio, check.solidity, check.interior_spread, check.warnings
 

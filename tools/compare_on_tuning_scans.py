@@ -7,9 +7,9 @@ Prints per-lesion sensitivity, FP/scan and scan balanced accuracy for the CNN wi
 phase channel, each with and without the YOLO stage. Locations are skipped (not needed here).
 """
 
+import argparse
 import glob
 import json
-import sys
 from pathlib import Path
 
 from CMBDetectorLib.evaluate import evaluate_scans
@@ -38,4 +38,6 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="simulated scans with their .truth.json (never the benchmark's)")
+    main(parser.parse_args().folder)
