@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
+TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = sorted(TOOLS_DIR.glob("*.py"))
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS[0].parent / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, TOOLS_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
