@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from CMBDetectorLib.image import Volume
@@ -10,6 +14,18 @@ from CMBDetectorLib.image import Volume
 # faint, so that a detection run scores some of them above and some below the operating point.
 SMALL_CROP_BLOBS = (((30, 30, 20), 2.0, 200.0), ((60, 50, 15), 2.0, 200.0), ((40, 70, 25), 1.5, 400.0),
                     ((70, 25, 10), 1.2, 650.0), ((20, 60, 30), 1.0, 800.0), ((75, 75, 28), 1.0, 900.0))
+
+
+def load_source(name: str, path: Path, register: bool = False):
+    """Import the Python file `path` as a module called `name` (the Slicer module file and tools/ are not
+    packages). register: put it in sys.modules first, for code that looks itself up there (Slicer's
+    resourcePath finds the .ui beside the module file that way)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_swi_crop(seed: int = 0) -> Volume:

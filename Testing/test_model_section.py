@@ -5,11 +5,10 @@ The widget itself is exercised in test_module_widget.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-from helpers import write_crop_reviews
+from helpers import load_source, write_crop_reviews
 
 from CMBDetectorLib import models
 from CMBDetectorLib.train import finetune
@@ -20,10 +19,7 @@ MODULE_FILE = Path(__file__).resolve().parents[1] / "CMBDetector" / "CMBDetector
 @pytest.fixture(scope="module")
 def module():
     pytest.importorskip("slicer")
-    spec = importlib.util.spec_from_file_location("CMBDetectorModelSection", MODULE_FILE)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
+    return load_source("CMBDetectorModelSection", MODULE_FILE)
 
 
 @pytest.fixture()

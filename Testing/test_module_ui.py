@@ -9,7 +9,6 @@ extension description files agree and carry the keys the Extensions Index needs.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import re
 import sys
@@ -19,6 +18,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
+from helpers import load_source
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_FILE = ROOT / "CMBDetector" / "CMBDetector.py"
@@ -78,10 +78,7 @@ def test_module_compiles_and_has_slicer_structure():
 @pytest.fixture(scope="module")
 def module():
     pytest.importorskip("slicer")
-    spec = importlib.util.spec_from_file_location("CMBDetector", MODULE_FILE)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
+    return load_source("CMBDetector", MODULE_FILE)
 
 
 def test_module_imports_without_qt(module):

@@ -10,7 +10,6 @@ replaces docs/images/slicer-panel.png.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("needs slicer-core", allow_module_level=True)
 
 import slicer_qt_standins as standins  # noqa: E402
-from helpers import small_swi_crop  # noqa: E402
+from helpers import load_source, small_swi_crop  # noqa: E402
 
 from CMBDetectorLib import classify, review  # noqa: E402
 from CMBDetectorLib.findings import Finding, read_markups_json, write_json, write_markups_json  # noqa: E402
@@ -64,10 +63,7 @@ class Harness:
             raise
 
     def _start(self) -> None:
-        spec = importlib.util.spec_from_file_location("CMBDetectorInQt", MODULE_FILE)
-        self.module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = self.module  # resourcePath finds the .ui beside the module file
-        spec.loader.exec_module(self.module)
+        self.module = load_source("CMBDetectorInQt", MODULE_FILE, register=True)
         self.widget = self.module.CMBDetectorWidget()
         self.widget.setup()
         self.ui = self.widget.ui

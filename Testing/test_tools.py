@@ -1,22 +1,19 @@
 """The scripts in tools/ (measurements behind the docs) still run against today's library: nothing else
 calls them, so a renamed argument would otherwise surface only when a doc is next refreshed."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_source
 
 TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"
 TOOLS = sorted(TOOLS_DIR.glob("*.py"))
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_source(name, TOOLS_DIR / f"{name}.py")
 
 
 @pytest.mark.parametrize("tool", TOOLS, ids=lambda path: path.name)
