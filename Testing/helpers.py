@@ -10,6 +10,9 @@ import numpy as np
 
 from CMBDetectorLib.image import Volume
 
+# The Slicer module file: not in a package, so tests load it with load_source or read its source.
+MODULE_FILE = Path(__file__).resolve().parents[1] / "CMBDetector" / "CMBDetector.py"
+
 # (centre voxel, radius mm, intensity) of dark spheres in small_swi_crop: from clearly lesion-like to
 # faint, so that a detection run scores some of them above and some below the operating point.
 SMALL_CROP_BLOBS = (((30, 30, 20), 2.0, 200.0), ((60, 50, 15), 2.0, 200.0), ((40, 70, 25), 1.5, 400.0),

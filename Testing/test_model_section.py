@@ -5,15 +5,11 @@ The widget itself is exercised in test_module_widget.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from helpers import load_source, write_crop_reviews
+from helpers import MODULE_FILE, load_source, write_crop_reviews
 
 from CMBDetectorLib import models
 from CMBDetectorLib.train import finetune
-
-MODULE_FILE = Path(__file__).resolve().parents[1] / "CMBDetector" / "CMBDetector.py"
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from helpers import load_source
+from helpers import MODULE_FILE, load_source
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE_FILE = ROOT / "CMBDetector" / "CMBDetector.py"
 UI_FILE = ROOT / "CMBDetector" / "Resources" / "UI" / "CMBDetector.ui"
 
 

@@ -7,10 +7,11 @@ import ast
 import math
 from pathlib import Path
 
+from helpers import MODULE_FILE
+
 from CMBDetectorLib import findings, review, vocabulary
 
 LIB = Path(vocabulary.__file__).resolve().parent
-MODULE_FILE = LIB.parent / "CMBDetector.py"
 
 
 def test_findings_and_review_use_the_vocabulary_objects():
