@@ -53,6 +53,22 @@ def _grid(spacing):
     return affine, shape
 
 
+@pytest.mark.parametrize("coarse_shape, shape", [((8, 9, 7), (214, 262, 196)), ((4, 4, 4), (30, 17, 9))])
+def test_the_elastic_field_is_the_cubic_spline_zoom_of_its_control_grid(coarse_shape, shape):
+    """grids.spline_zoom, one axis at a time, gives the 3D zoom's values (the simulator's elastic field)."""
+    from scipy import ndimage
+
+    from CMBDetectorLib.grids import spline_zoom
+
+    control = np.random.default_rng(3).normal(0, 2.0, coarse_shape).astype(np.float32)
+    zoom = [n / c for n, c in zip(shape, coarse_shape)]
+    expected = ndimage.zoom(control, zoom, order=3, mode="nearest", grid_mode=True)[: shape[0], : shape[1], : shape[2]]
+    field = spline_zoom(control, shape)
+    assert field.dtype == np.float32 and field.shape == expected.shape == shape
+    np.testing.assert_allclose(field, expected, rtol=0, atol=1e-5)
+    assert np.abs(field).max() > 1.0  # a field, not zeros
+
+
 def test_apparent_size_grows_with_echo_time_and_field_strength():
     affine, shape = _grid((0.5, 0.5, 0.5))
     sphere = _sphere(chi=0.8, diameter=2.0)

