@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from CMBDetectorLib.findings import Finding
 from CMBDetectorLib.image import Volume
+from CMBDetectorLib.preprocess import Prepared
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 # The Slicer module file: not in a package, so tests load it with load_source or read its source.
-MODULE_FILE = Path(__file__).resolve().parents[1] / "CMBDetector" / "CMBDetector.py"
+MODULE_FILE = ROOT / "CMBDetector" / "CMBDetector.py"
 
 # (centre voxel, radius mm, intensity) of dark spheres in small_swi_crop: from clearly lesion-like to
 # faint, so that a detection run scores some of them above and some below the operating point.
 SMALL_CROP_BLOBS = (((30, 30, 20), 2.0, 200.0), ((60, 50, 15), 2.0, 200.0), ((40, 70, 25), 1.5, 400.0),
                     ((70, 25, 10), 1.2, 650.0), ((20, 60, 30), 1.0, 800.0), ((75, 75, 28), 1.0, 900.0))
+
+
+def cli(*arguments, timeout: float = 900):
+    """`cmbdetector ARGUMENTS` in a fresh interpreter: the completed process, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "CMBDetectorLib.cli", *map(str, arguments)],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def load_source(name: str, path: Path, register: bool = False):
@@ -84,3 +94,62 @@ def flip_a_byte(path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+# where synthetic_prepared draws its sphere and its tube, and a place with neither
+SPHERE_RAS = np.array([0.0, 0.0, 0.0])
+TUBE_RAS = np.array([15.0, 15.0, 0.0])
+BLANK_RAS = np.array([-15.0, 15.0, 0.0])
+
+
+def synthetic_prepared(spacing=(0.8, 0.8, 2.0), shape=(80, 80, 24)) -> Prepared:
+    """Tissue at 1.0 with a dark 3.6 mm sphere at the centre and a dark vertical tube (a vein seen end-on)."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -np.array(shape) * np.array(spacing) / 2
+    volume = Volume(np.ones(shape, np.float32), affine, {})
+    ras = volume.ijk_to_ras(np.argwhere(np.ones(shape, bool))).reshape(*shape, 3)
+    image = np.ones(shape, np.float32)
+    image[np.linalg.norm(ras - SPHERE_RAS, axis=-1) <= 1.8] = 0.15
+    image[np.linalg.norm(ras[..., :2] - TUBE_RAS[:2], axis=-1) <= 1.2] = 0.2
+    return Prepared(volume.with_array(image), image, np.ones(shape, bool), None, False)
+
+
+# A hand-worked evaluation study: truth, detections and the answers (test_evaluate, test_bench)
+
+def bleed(x, y, z, region="lobar", lobe=""):
+    return {"id": 0, "center_ras": [x, y, z], "true_diameter_mm": 2.0, "apparent_diameter_mm": 3.0,
+            "chi_ppm": 1.0, "region": region, "lobe": lobe}
+
+
+def truth(scan_id, acquisition, bleeds):
+    return {"scan_id": scan_id, "seed": 0, "acquisition": {"name": acquisition, "spacing_mm": [1, 1, 1]},
+            "microbleeds": bleeds, "mimics": {}, "files": {"magnitude": f"{scan_id}.nii.gz"}}
+
+
+def det(x, y, z, score, region="unknown", lobe="", status="pending"):
+    return Finding(label="", position_ras=(x, y, z), score=score, diameter_mm=3.0, region=region,
+                   lobe=lobe, status=status)
+
+
+def study():
+    """Four scans, worked by hand (tolerance 5 mm):
+
+    A (swi3t): CMBs a1 (0,0,0) lobar/frontal, a2 (30,0,0) deep, a3 (0,40,0) infratentorial.
+       d .9 at 4.9 mm from a1          -> TP (lobar, frontal: location agrees)
+       d .8 at 5.1 mm from a2          -> FP (just outside)
+       d .7 and d .6, both 1 mm from a3 -> one TP, one FP
+       => TP 2, FP 2, FN 1 (a2)
+    B (gre15t): CMB b1 (10,10,10) lobar/parietal; d .4 2 mm away, predicted "deep" -> TP, region disagrees
+    C (gre15t): CMB-free; d .3 -> FP
+    D (gre15t): CMB-free; no detections
+    Pooled: TP 3, FP 3, FN 1 -> sensitivity 3/4, precision 3/6, F1 6/10, FP/scan 3/4 (over 4 scans).
+    """
+    return [
+        (truth("A", "swi3t", [bleed(0, 0, 0, "lobar", "frontal"), bleed(30, 0, 0, "deep"),
+                              bleed(0, 40, 0, "infratentorial")]),
+         [det(4.9, 0, 0, 0.9, "lobar", "frontal"), det(30, 5.1, 0, 0.8, "deep"),
+          det(0, 40, 1, 0.7, "infratentorial"), det(0, 41, 0, 0.6, "infratentorial")]),
+        (truth("B", "gre15t", [bleed(10, 10, 10, "lobar", "parietal")]), [det(10, 10, 12, 0.4, "deep")]),
+        (truth("C", "gre15t", []), [det(50, 50, 50, 0.3, "lobar", "frontal")]),
+        (truth("D", "gre15t", []), []),
+    ]

@@ -23,15 +23,11 @@ from CMBDetectorLib.cohort_inputs import find_scans
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.findings import Finding, write_markups_json
 from CMBDetectorLib.simulate.synth import simulate_scan
+from helpers import cli
 
 SEED = 4242  # not among the training (1xxxx) or validation (2xxxx) seeds
 SCALES = (1.0, 1.03, 0.97)  # three scans of one simulated head, each with its own bytes
 RESULT_SUFFIXES = (".json", ".csv", ".mrk.json", ".png")
-
-
-def cli(*arguments, timeout=900):
-    return subprocess.run([sys.executable, "-m", "CMBDetectorLib.cli", *map(str, arguments)],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _save(path: Path, array, affine) -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from CMBDetectorLib import bench, evaluate
-from test_evaluate import det, study
+from helpers import det, study
 
 
 def configuration(scans, threshold):

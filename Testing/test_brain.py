@@ -4,19 +4,19 @@ and images that are not brains."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from CMBDetectorLib import brain, imagetype, locate, preprocess
+from CMBDetectorLib.bench import REAL_DIR
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import read_volume
 from CMBDetectorLib.phase import from_radians, homodyne_phase, to_radians, vendor_range
 from CMBDetectorLib.simulate.synth import simulate_scan
 
-REAL_HEAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre" / "philips-3t-dual-echo" / "mag_echo2.nii.gz"
+REAL_HEAD = REAL_DIR / "philips-3t-dual-echo" / "mag_echo2.nii.gz"
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -4,7 +4,6 @@ the real metadata of the packages this environment installed from requirements.l
 from __future__ import annotations
 
 import importlib.metadata
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -12,8 +11,9 @@ from packaging.utils import canonicalize_name
 
 from CMBDetectorLib import dependencies
 from CMBDetectorLib.dependencies import GROUPS, PINS, PROTECTED, plan_install
+from helpers import ROOT
 
-LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+LOCK = ROOT / "requirements.lock"
 # What Slicer's own Python holds, as far as checked (docs: slicer-notes, SuperBuild/External_python*.cmake)
 SLICER_5_10 = {"numpy": "2.0.2"}
 SLICER_5_12 = {"numpy": "2.4.6", "requests": "2.34.2"}

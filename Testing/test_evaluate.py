@@ -12,46 +12,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from CMBDetectorLib import cli, evaluate, findings
 from CMBDetectorLib.errors import InputError
-from CMBDetectorLib.findings import Finding
-
-
-def bleed(x, y, z, region="lobar", lobe=""):
-    return {"id": 0, "center_ras": [x, y, z], "true_diameter_mm": 2.0, "apparent_diameter_mm": 3.0,
-            "chi_ppm": 1.0, "region": region, "lobe": lobe}
-
-
-def truth(scan_id, acquisition, bleeds):
-    return {"scan_id": scan_id, "seed": 0, "acquisition": {"name": acquisition, "spacing_mm": [1, 1, 1]},
-            "microbleeds": bleeds, "mimics": {}, "files": {"magnitude": f"{scan_id}.nii.gz"}}
-
-
-def det(x, y, z, score, region="unknown", lobe="", status="pending"):
-    return Finding(label="", position_ras=(x, y, z), score=score, diameter_mm=3.0, region=region,
-                   lobe=lobe, status=status)
-
-
-def study():
-    """Four scans, worked by hand (tolerance 5 mm):
-
-    A (swi3t): CMBs a1 (0,0,0) lobar/frontal, a2 (30,0,0) deep, a3 (0,40,0) infratentorial.
-       d .9 at 4.9 mm from a1          -> TP (lobar, frontal: location agrees)
-       d .8 at 5.1 mm from a2          -> FP (just outside)
-       d .7 and d .6, both 1 mm from a3 -> one TP, one FP
-       => TP 2, FP 2, FN 1 (a2)
-    B (gre15t): CMB b1 (10,10,10) lobar/parietal; d .4 2 mm away, predicted "deep" -> TP, region disagrees
-    C (gre15t): CMB-free; d .3 -> FP
-    D (gre15t): CMB-free; no detections
-    Pooled: TP 3, FP 3, FN 1 -> sensitivity 3/4, precision 3/6, F1 6/10, FP/scan 3/4 (over 4 scans).
-    """
-    return [
-        (truth("A", "swi3t", [bleed(0, 0, 0, "lobar", "frontal"), bleed(30, 0, 0, "deep"),
-                              bleed(0, 40, 0, "infratentorial")]),
-         [det(4.9, 0, 0, 0.9, "lobar", "frontal"), det(30, 5.1, 0, 0.8, "deep"),
-          det(0, 40, 1, 0.7, "infratentorial"), det(0, 41, 0, 0.6, "infratentorial")]),
-        (truth("B", "gre15t", [bleed(10, 10, 10, "lobar", "parietal")]), [det(10, 10, 12, 0.4, "deep")]),
-        (truth("C", "gre15t", []), [det(50, 50, 50, 0.3, "lobar", "frontal")]),
-        (truth("D", "gre15t", []), []),
-    ]
+from helpers import bleed, det, study, truth
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from CMBDetectorLib.errors import CMBError
 from CMBDetectorLib.pipeline import Detector
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.train import bench_adapt, dataset, finetune
+from helpers import ROOT
 
 SEEDS = (891, 892, 893)  # not training, tuning, bench, site (41xxxx/42xxxx) or test_train_cnn (88x)
 FLIP = {"accepted": "rejected", "added": "rejected", "rejected": "accepted"}
@@ -368,9 +369,7 @@ def test_bench_adapt_names_the_pull_and_the_development_set_it_ran_with():
 
 
 def test_bench_adapt_table_names_its_review_sets_and_why_activation_was_refused():
-    from pathlib import Path
-
-    report = json.loads((Path(__file__).parents[1] / "docs" / "benchmark-adapt.json").read_text())
+    report = json.loads((ROOT / "docs" / "benchmark-adapt.json").read_text())
     point = {"sensitivity": 0.5, "fp_per_scan": 1.0, "tp": 5}
     injected = {"lesions": 100, "base_sensitivity": 0.8, "curves": {"off": {"0.50": 0.75}}}
     card = {"adaptation": {"points": {"positive_patches": 10, "negative_patches": 20}, "seconds": 60.0,

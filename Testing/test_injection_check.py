@@ -5,12 +5,13 @@ import json
 import pytest
 
 from CMBDetectorLib import injection_check
+from CMBDetectorLib.bench import REAL_DIR
 from CMBDetectorLib.classify import DEFAULT_MODEL
 from CMBDetectorLib.io import read_volume
 from CMBDetectorLib.pipeline import Detector
-from test_pipeline import REAL_GRE, cli
+from helpers import cli
 
-CROP = REAL_GRE / "romeo_small" / "Mag.nii"  # a real 3-echo GRE crop, 0.47 x 0.47 x 1 mm, no microbleeds
+CROP = REAL_DIR / "romeo_small" / "Mag.nii"  # a real 3-echo GRE crop, 0.47 x 0.47 x 1 mm, no microbleeds
 needs_crop = pytest.mark.skipif(not CROP.is_file(), reason="no shared real GRE crop")
 
 

@@ -18,9 +18,8 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from helpers import MODULE_FILE, load_source
+from helpers import MODULE_FILE, ROOT, load_source
 
-ROOT = Path(__file__).resolve().parents[1]
 UI_FILE = ROOT / "CMBDetector" / "Resources" / "UI" / "CMBDetector.ui"
 
 

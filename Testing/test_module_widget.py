@@ -27,12 +27,11 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("needs slicer-core", allow_module_level=True)
 
 import slicer_qt_standins as standins  # noqa: E402
-from helpers import MODULE_FILE, load_source, small_swi_crop  # noqa: E402
+from helpers import MODULE_FILE, ROOT, load_source, small_swi_crop  # noqa: E402
 
 from CMBDetectorLib import classify, review  # noqa: E402
 from CMBDetectorLib.findings import Finding, read_markups_json, write_json, write_markups_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "images" / "slicer-panel.png"
 Qt = QtCore.Qt
 

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 
 from CMBDetectorLib import classify, review, yolo
+from CMBDetectorLib.bench import REAL_DIR
 from CMBDetectorLib.errors import WeightsError
 from CMBDetectorLib.evaluate import match
 from CMBDetectorLib.image import Volume
@@ -19,15 +18,9 @@ from CMBDetectorLib.pipeline import detect, merge_nearby, read_phase, write_outp
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.weights import card_path
 from helpers import flip_a_byte
-from test_yolo import SPHERE_RAS, TUBE_RAS, synthetic_prepared
+from helpers import SPHERE_RAS, TUBE_RAS, cli, synthetic_prepared
 
-REAL_GRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre"
 TEST_SEED = 777  # not among the training (1xxxx) or validation (2xxxx) seeds
-
-
-def cli(*arguments):
-    return subprocess.run([sys.executable, "-m", "CMBDetectorLib.cli", *map(str, arguments)],
-                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +104,7 @@ def test_markups_file_lands_on_the_lesions_in_a_real_mrml_scene(detected, mrml):
 
 @pytest.mark.parametrize("name", ["romeo_small", "romeo_small2"])
 def test_real_gre_crops_run_without_a_flood_of_detections(name, tmp_path):
-    folder = REAL_GRE / name
+    folder = REAL_DIR / name
     if not folder.is_dir():
         pytest.skip(f"real GRE crops not found at {folder}")
     result = cli("detect", folder / "Mag.nii", "--phase", folder / "Phase.nii", "--crop", "--out", tmp_path)

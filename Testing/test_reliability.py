@@ -30,13 +30,14 @@ import pytest
 import SimpleITK as sitk
 
 from CMBDetectorLib import outputs, sysinfo
+from CMBDetectorLib.bench import REAL_DIR
 from CMBDetectorLib.classify import choose_device
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.findings import Finding, read_markups_json, write_markups_json
 from CMBDetectorLib.io import read_volume
+from helpers import ROOT
 
-REAL_GRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-gre"
-PHILIPS = REAL_GRE / "philips-3t-dual-echo"
+PHILIPS = REAL_DIR / "philips-3t-dual-echo"
 FINISHED_SUFFIXES = (".mrk.json", ".csv", ".json", ".png")
 MODEL_NOT_REACHED = "model ensemble card not found"
 
@@ -108,7 +109,7 @@ def write_report(path: Path) -> None:
                     "| case | exit | stderr |\n|---|---|---|\n" + "\n".join(rows) + "\n" + _image_type_measurement())
 
 
-IMAGE_TYPE_MEASUREMENT = Path(__file__).resolve().parents[1] / "docs" / "image-type-check.txt"
+IMAGE_TYPE_MEASUREMENT = ROOT / "docs" / "image-type-check.txt"
 
 
 def _image_type_measurement() -> str:

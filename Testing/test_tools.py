@@ -3,12 +3,11 @@ calls them, so a renamed argument would otherwise surface only when a doc is nex
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import load_source
+from helpers import ROOT, load_source
 
-TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"
+TOOLS_DIR = ROOT / "tools"
 TOOLS = sorted(TOOLS_DIR.glob("*.py"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from argparse import Namespace
 
 import numpy as np
@@ -46,10 +47,30 @@ def _args(data, out, **extra):
     return Namespace(**values)
 
 
-def test_train_writes_verified_weights_with_card_and_is_reproducible(scans, tmp_path):
-    first, second = tmp_path / "a" / "cnn.pt", tmp_path / "b" / "cnn.pt"
-    assert train_cnn.run(_args(scans, first)) == 0
-    assert train_cnn.run(_args(scans, second)) == 0
+def _held_out(scans) -> str:
+    return sorted(scans.glob("*.truth.json"))[0].name.replace(".truth.json", "")
+
+
+@pytest.fixture(scope="module")
+def member(scans, tmp_path_factory):
+    """One short real run (seed 5, 12 steps, the first scan held out), shared by the tests below, each of which
+    works on its own copy: a run costs about a minute here, mostly the pipeline's preprocessing of 4 scans."""
+    out = tmp_path_factory.mktemp("member") / "cnn_a.pt"
+    assert train_cnn.run(_args(scans, out, hold_out=_held_out(scans))) == 0
+    return out
+
+
+def _copy(weights, folder):
+    """The weights and their card, copied into `folder` under the same names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (weights, weights.with_suffix(".json")):
+        shutil.copyfile(path, folder / path.name)
+    return folder / weights.name
+
+
+def test_train_writes_verified_weights_with_card_and_is_reproducible(scans, member, tmp_path):
+    first, second = _copy(member, tmp_path / "a"), tmp_path / "b" / "cnn_a.pt"
+    assert train_cnn.run(_args(scans, second, hold_out=_held_out(scans))) == 0
     model = classify.load_model(first)  # the hash in the card matches: loadable by the pipeline
     card = model.card
     assert card["seed"] == 5 and "--mine-every 5" in card["command"]
@@ -63,20 +84,19 @@ def test_train_writes_verified_weights_with_card_and_is_reproducible(scans, tmp_
     # --card-only redoes the card's metrics for the same bytes and records how
     card_file = first.with_suffix(".json")
     card_file.write_text(card_file.read_text().replace('"test_time_views": 8', '"test_time_views": 1'))
-    assert train_cnn.run(_args(scans, first, card_only=True)) == 0
+    assert train_cnn.run(_args(scans, first, hold_out=_held_out(scans), card_only=True)) == 0
     rewritten = classify.load_model(first).card
     assert rewritten["test_time_views"] == classify.VIEWS and "--card-only" in rewritten["card_command"]
     assert rewritten["sha256"] == card["sha256"] and rewritten["training_data"] == card["training_data"]
 
 
-def test_fine_tuning_starts_from_verified_weights_and_records_them(scans, tmp_path):
+def test_fine_tuning_starts_from_verified_weights_and_records_them(scans, member, tmp_path):
     from CMBDetectorLib.errors import WeightsError
 
-    base, tuned = tmp_path / "base" / "cnn.pt", tmp_path / "tuned" / "cnn.pt"
-    assert train_cnn.run(_args(scans, base, steps=4)) == 0
+    base, tuned = _copy(member, tmp_path / "base"), tmp_path / "tuned" / "cnn.pt"
     assert train_cnn.run(_args(scans, tuned, steps=4, init=str(base), lr=1e-4)) == 0
     card = classify.load_model(tuned).card
-    assert card["initialised_from"] == {"file": "cnn.pt", "sha256": weights.sha256_of(base)}
+    assert card["initialised_from"] == {"file": "cnn_a.pt", "sha256": weights.sha256_of(base)}
     assert f"--init {base} --lr 0.0001" in card["command"]
     assert weights.sha256_of(tuned) != weights.sha256_of(base)
     base.write_bytes(base.read_bytes()[:-8] + b"\0" * 8)  # a tampered start is refused before any training
@@ -84,14 +104,13 @@ def test_fine_tuning_starts_from_verified_weights_and_records_them(scans, tmp_pa
         train_cnn.run(_args(scans, tmp_path / "again.pt", steps=4, init=str(base)))
 
 
-def test_ensemble_card_averages_members_tuned_on_scans_none_trained_on(scans, tmp_path):
+def test_ensemble_card_averages_members_tuned_on_scans_none_trained_on(scans, member, tmp_path):
     from CMBDetectorLib.errors import CMBError
 
-    members = [tmp_path / "cnn_a.pt", tmp_path / "cnn_b.pt"]
-    held_out = sorted(scans.glob("*.truth.json"))[0].name.replace(".truth.json", "")
+    held_out = _held_out(scans)
+    members = [_copy(member, tmp_path), tmp_path / "cnn_b.pt"]  # two seeds, one held-out scan, as the shipped
+    assert train_cnn.run(_args(scans, members[1], seed=6, hold_out=held_out)) == 0
     ensemble_file = tmp_path / "ensemble.json"
-    for seed, member in zip((5, 6), members):  # two seeds, one held-out scan, as the shipped members
-        assert train_cnn.run(_args(scans, member, seed=seed, hold_out=held_out)) == 0
     members_arg = ",".join(str(m) for m in members)
     assert train_cnn.run(_args(scans, ensemble_file, hold_out=held_out, ensemble=members_arg)) == 0
     ensemble = classify.load_model(ensemble_file)

@@ -11,10 +11,8 @@ import pytest
 
 from CMBDetectorLib import yolo
 from CMBDetectorLib.errors import WeightsError
-from CMBDetectorLib.image import Volume
-from CMBDetectorLib.preprocess import Prepared
 from CMBDetectorLib.weights import sha256_of
-from helpers import flip_a_byte
+from helpers import BLANK_RAS, SPHERE_RAS, TUBE_RAS, flip_a_byte, synthetic_prepared
 
 torch = pytest.importorskip("torch")
 
@@ -22,23 +20,6 @@ torch = pytest.importorskip("torch")
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
-
-def synthetic_prepared(spacing=(0.8, 0.8, 2.0), shape=(80, 80, 24)) -> Prepared:
-    """Tissue at 1.0 with a dark 3.6 mm sphere at the centre and a dark vertical tube (a vein seen end-on)."""
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -np.array(shape) * np.array(spacing) / 2
-    volume = Volume(np.ones(shape, np.float32), affine, {})
-    ras = volume.ijk_to_ras(np.argwhere(np.ones(shape, bool))).reshape(*shape, 3)
-    image = np.ones(shape, np.float32)
-    image[np.linalg.norm(ras - SPHERE_RAS, axis=-1) <= 1.8] = 0.15
-    image[np.linalg.norm(ras[..., :2] - TUBE_RAS[:2], axis=-1) <= 1.2] = 0.2
-    return Prepared(volume.with_array(image), image, np.ones(shape, bool), None, False)
-
-
-SPHERE_RAS = np.array([0.0, 0.0, 0.0])
-TUBE_RAS = np.array([15.0, 15.0, 0.0])
-BLANK_RAS = np.array([-15.0, 15.0, 0.0])
-
 
 def write_weights(path, network, card_extra=None) -> None:
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()}, path)
