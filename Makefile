@@ -14,8 +14,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Two test processes on the 2 cores CI has (many tests wait on one core: imports, subprocesses, simulation); one
+# file at a time each, so a module's fixtures are made once. The slowest tests are listed, to watch CI's time.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q Testing
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 Testing
 
 demo: $(STAMP)
 	$(VENV)/bin/cmbdetector demo --out demo-output
