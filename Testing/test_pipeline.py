@@ -17,8 +17,7 @@ from CMBDetectorLib.io import write_volume
 from CMBDetectorLib.pipeline import detect, merge_nearby, read_phase, write_outputs
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.weights import card_path
-from helpers import flip_a_byte
-from helpers import SPHERE_RAS, TUBE_RAS, cli, synthetic_prepared
+from helpers import SPHERE_RAS, TUBE_RAS, cli, flip_a_byte, synthetic_prepared
 
 TEST_SEED = 777  # not among the training (1xxxx) or validation (2xxxx) seeds
 
