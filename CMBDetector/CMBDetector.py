@@ -154,6 +154,7 @@ class CMBDetectorParameterNode:
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     device: Annotated[str, Choice(DEVICES)] = "auto"
     partialBrain: bool = False
+    flipPhase: bool = False  # the phase uses the opposite sign convention (`detect --flip-phase`)
     sampleSeed: Annotated[int, WithinRange(0, 999999)] = 7
     reader: str = ""
 
@@ -173,13 +174,14 @@ class DetectionRequest:
     threshold: Optional[float] = None
     device: str = "auto"
     crop: bool = False  # a partial-brain crop: no head-size check, no atlas locations
+    flip_phase: bool = False  # the phase's sign convention is the opposite of the CNN's
     work_dir: Optional[Path] = None  # a temporary folder holding the inputs and outputs, removed after loading
 
     def arguments(self) -> list:
         """The `detect` subcommand's arguments (after `-m CMBDetectorLib.cli`)."""
         arguments = ["detect", str(self.input_path), "--out", str(self.out_dir)]
         if self.phase_path:
-            arguments += ["--phase", str(self.phase_path)]
+            arguments += ["--phase", str(self.phase_path)] + (["--flip-phase"] if self.flip_phase else [])
         if self.mask_path:
             arguments += ["--mask", str(self.mask_path)]
         if self.threshold is not None:
@@ -424,7 +426,7 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
         return Path(tempfile.mkdtemp(prefix="CMBDetector-"))
 
     def prepare_request(self, input_node, phase_node=None, mask_node=None, threshold=review.DETECTION_FLOOR,
-                        device="auto", work_dir=None, crop=False) -> DetectionRequest:
+                        device="auto", work_dir=None, crop=False, flip_phase=False) -> DetectionRequest:
         """Write the selected nodes to a work folder and describe the run. Without `work_dir` the folder is
         a new temporary one, removed by remove_work_directory once the findings are loaded."""
         if input_node is None or input_node.GetImageData() is None:
@@ -438,7 +440,8 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             out_dir=work_dir / "output",
             phase_path=self.write_volume(phase_node, work_dir / f"{stem}_phase.nii.gz") if phase_node else None,
             mask_path=self.write_volume(mask_node, work_dir / f"{stem}_mask.nii.gz") if mask_node else None,
-            threshold=threshold, device=device, crop=crop, work_dir=work_dir if temporary else None)
+            threshold=threshold, device=device, crop=crop, flip_phase=flip_phase,
+            work_dir=work_dir if temporary else None)
 
     @staticmethod
     def remove_work_directory(request) -> None:
@@ -691,11 +694,12 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             self.markups_logic.JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
 
     def export(self, node, out_dir, reader: str = "", input_node=None, threshold=None, keep_scan: bool = False,
-               phase_node=None, crop: bool = False) -> dict:
+               phase_node=None, crop: bool = False, flip_phase: bool = False) -> dict:
         """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given).
 
         keep_scan: also write the scan beside its review (STEM.nii.gz, STEM_phase.nii.gz), named in the
-        review JSON, so that the folder can teach a site model (`cmbdetector finetune --reviews`)."""
+        review JSON, so that the folder can teach a site model (`cmbdetector finetune --reviews`); flip_phase:
+        the phase's sign convention is the opposite of the CNN's, which the review JSON says for the fine-tune."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = vocabulary.safe_stem(node.GetName(), default="findings")
@@ -708,6 +712,8 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             if phase_node is not None:
                 written["phase"] = self.write_volume(phase_node, out_dir / f"{stem}_phase.nii.gz")
                 scan_files["phase"] = written["phase"].name
+                if flip_phase:
+                    scan_files["phase_sign_reversed"] = True
         review.export_review(node, written["csv"], written["json"], reader=reader,
                              input_name=input_node.GetName() if input_node else "",
                              detection_run=review.detection_run(node), threshold=threshold, extra=scan_files)
@@ -981,7 +987,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.appendLog(_("Detection needs the packages listed above; nothing was installed."))
                 return
             request = self.logic.prepare_request(p.inputVolume, p.phaseVolume, p.maskVolume, device=p.device,
-                                                 crop=p.partialBrain)
+                                                 crop=p.partialBrain, flip_phase=p.flipPhase)
             reviewsDir = self.logic.reviews_directory(p.inputVolume)
             self._startProcess(self.logic.start_detection(request), request.work_dir,
                                lambda: self._loadFindings(request, reviewsDir))
@@ -1203,7 +1209,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             written = self.logic.export(node, self.ui.exportDirectoryButton.directory, reader=p.reader,
                                         input_node=p.inputVolume, threshold=p.threshold,
                                         keep_scan=self.ui.keepScanCheckBox.isChecked(), phase_node=p.phaseVolume,
-                                        crop=p.partialBrain)
+                                        crop=p.partialBrain, flip_phase=p.flipPhase)
             self.appendLog(_("Exported: ") + ", ".join(str(path) for path in written.values()))
 
     def onReviewComplete(self, *args) -> None:

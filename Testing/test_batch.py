@@ -112,11 +112,18 @@ def test_the_phase_of_the_manifest_is_used_and_the_subjects_are_recorded(cohort)
     out = cohort["out"]
     with_phase = json.loads((out / "sub-01/ses-1/scan0.json").read_text())
     without = json.loads((out / "sub-01/ses-2/scan1.json").read_text())
-    assert with_phase["phase_given"] and not without["phase_given"]
+    assert with_phase["phase_given"] and not without["phase_given"] and not with_phase["phase_sign_reversed"]
     assert with_phase["batch"]["inputs"] == {"magnitude": str(cohort["scans"][0]), "phase": str(cohort["phase"])}
     rows = {row["input"]: row for row in _table(out)}
     assert (rows[str(cohort["scans"][0])]["subject"], rows[str(cohort["scans"][0])]["session"]) == ("sub-01", "ses-1")
     assert (rows[str(cohort["scans"][2])]["subject"], rows[str(cohort["scans"][2])]["session"]) == ("sub-02", "")
+
+
+def test_a_reversed_phase_sign_is_part_of_what_a_result_was_made_with():
+    """`batch --flip-phase` changes what the CNN sees, so results made without it do not stand for it; results
+    made before the option existed (no such key) still stand for a run without it."""
+    assert "flip_phase" not in Settings().result_key()
+    assert Settings(flip_phase=True).result_key() == {**Settings().result_key(), "flip_phase": True}
 
 
 def test_the_cohort_tables_hold_what_the_per_scan_summaries_say(cohort):

@@ -92,8 +92,11 @@ def test_detection_command_line(module, tmp_path):
     assert command[4:] == [str(tmp_path / "sub 1.nii.gz"), "--out", str(tmp_path / "out"),
                            "--phase", str(tmp_path / "p.nii.gz"), "--threshold", "0.25", "--device", "cuda"]
     assert request.stem == "sub 1"
-    auto = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"), crop=True)
-    assert auto.arguments() == ["detect", "a.nii", "--out", "o", "--device", "auto", "--crop"]
+    auto = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"), crop=True, flip_phase=True)
+    assert auto.arguments() == ["detect", "a.nii", "--out", "o", "--device", "auto", "--crop"]  # no phase to flip
+    flipped = module.DetectionRequest(input_path=Path("a.nii"), out_dir=Path("o"), phase_path=Path("p.nii"),
+                                      flip_phase=True)
+    assert flipped.arguments()[4:7] == ["--phase", "p.nii", "--flip-phase"]
 
 
 def test_progress_parsing(module):

@@ -14,10 +14,11 @@ from CMBDetectorLib.errors import WeightsError
 from CMBDetectorLib.evaluate import match
 from CMBDetectorLib.image import Volume
 from CMBDetectorLib.io import write_volume
+from CMBDetectorLib.phase import reversed_sign, to_radians, vendor_range
 from CMBDetectorLib.pipeline import detect, merge_nearby, read_phase, write_outputs
 from CMBDetectorLib.simulate.synth import simulate_scan, write_scan
 from CMBDetectorLib.weights import card_path
-from helpers import SPHERE_RAS, TUBE_RAS, cli, flip_a_byte, synthetic_prepared
+from helpers import SPHERE_RAS, TUBE_RAS, cli, flip_a_byte, small_swi_crop, synthetic_prepared
 
 TEST_SEED = 777  # not among the training (1xxxx) or validation (2xxxx) seeds
 
@@ -200,6 +201,42 @@ def test_a_multi_echo_phase_under_combine_gives_its_last_echo_with_a_warning(tmp
     assert np.allclose(phase.array, phases[..., 2], atol=1e-6)  # the last echo, not a sum of squares
     assert any("3 echoes; using the phase of the last one" in w for w in phase.meta["warnings"])
     assert np.allclose(read_phase(path, 1).array, phases[..., 1], atol=1e-6)
+
+
+def test_a_phase_of_the_other_sign_convention_read_with_flip_gives_the_same_findings(tmp_path, detected):
+    """A vendor whose phase runs the other way (veins bright, not dark): `--flip-phase` reverses its sign on
+    reading, so the detector sees the phase it was trained on and finds what it finds with the right one
+    (docs/experiments.md: fed unreversed, such a phase costs microbleeds)."""
+    scan, files, detection, _ = detected
+    other = _write(tmp_path, "other_sign_phase.nii.gz", -np.asarray(scan.phase.array), scan.phase.affine)
+    reversed_phase = read_phase(other, flip=True)
+    np.testing.assert_array_equal(reversed_phase.array, read_phase(files["phase"]).array)
+    again = detect(scan.magnitude, reversed_phase)
+    assert [f.position_ras for f in again.findings] == [f.position_ras for f in detection.findings]
+    np.testing.assert_allclose([f.score for f in again.findings], [f.score for f in detection.findings], atol=1e-6)
+    assert again.summary["phase_sign_reversed"] and not detection.summary["phase_sign_reversed"]
+
+
+def test_the_command_line_reverses_the_phase_and_says_so(tmp_path):
+    crop = small_swi_crop()
+    phase = np.round(np.random.default_rng(3).uniform(-4096, 4095, crop.shape)).astype(np.int16)  # vendor units
+    magnitude_file = _write(tmp_path, "crop.nii.gz", crop.array, crop.affine)
+    phase_file = _write(tmp_path, "crop_phase.nii.gz", phase, crop.affine)
+    result = cli("detect", magnitude_file, "--phase", phase_file, "--flip-phase", "--crop", "--no-png",
+                 "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "crop.json").read_text())
+    assert summary["phase_given"] and summary["phase_sign_reversed"]
+
+
+def test_a_vendor_integer_phase_is_reversed_in_its_own_units():
+    """Mirrored about the middle of the vendor's range, which to_radians maps to the negated radians."""
+    vendor = np.array([[[-4096, -1000, 0, 2047, 4095]]], np.int16)
+    units = vendor_range(vendor)
+    flipped = reversed_sign(vendor, units)
+    assert flipped.min() >= -4096 and flipped.max() <= 4095
+    np.testing.assert_allclose(to_radians(flipped, units), -to_radians(vendor, units), atol=1e-6)
+    np.testing.assert_array_equal(reversed_sign(np.float32([0.5, -3.0]), None), np.float32([-0.5, 3.0]))
 
 
 def test_patches_are_sampled_on_the_ras_grid_of_an_oblique_scan():

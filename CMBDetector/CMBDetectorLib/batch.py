@@ -63,12 +63,16 @@ class Settings:
     threshold: float | None = None
     locate: bool = True
     png: bool = True
+    flip_phase: bool = False  # every given phase uses the opposite sign convention (`detect --flip-phase`)
 
     def result_key(self) -> dict:
         """What must match for an earlier result to stand (the model hashes are compared apart; the device
         and the PNG do not change the findings)."""
-        return {"threshold": self.threshold, "use_yolo": self.use_yolo, "use_criteria": self.use_criteria,
-                "locate": self.locate}
+        key = {"threshold": self.threshold, "use_yolo": self.use_yolo, "use_criteria": self.use_criteria,
+               "locate": self.locate}
+        if self.flip_phase:  # named only when set, so that results made before the option still stand
+            key["flip_phase"] = True
+        return key
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,7 +168,7 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
         result["input_sha256"] = input_content_hash(scan)
         volume = read_volume(scan.magnitude, echo=scan.echo)
         validate_brain_volume(volume, "input")
-        phase = read_phase(scan.phase, echo=scan.echo) if scan.phase else None
+        phase = read_phase(scan.phase, echo=scan.echo, flip=settings.flip_phase) if scan.phase else None
         mask = read_volume(scan.mask) if scan.mask else None
         read_seconds = time.perf_counter() - started
         stage = "resources"
@@ -514,7 +518,7 @@ def run(args) -> int:
     model_path = args.model if args.model is not None else active_model_path()
     settings = Settings(model_path=str(model_path), device=args.device, use_yolo=not args.no_yolo,
                         use_criteria=not args.no_criteria, threshold=args.threshold, locate=not args.no_locate,
-                        png=not args.no_png)
+                        png=not args.no_png, flip_phase=args.flip_phase)
     model_hashes = expected_model_hashes(settings)
     started = time.perf_counter()
 

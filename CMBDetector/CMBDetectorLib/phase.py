@@ -31,6 +31,13 @@ def from_radians(radians: np.ndarray, units: tuple | None) -> np.ndarray:
     return ((radians + np.pi) / (2 * np.pi) * (units[1] - units[0]) + units[0]).astype(np.float32)
 
 
+def reversed_sign(array, units: tuple | None) -> np.ndarray:
+    """A float32 phase of the opposite sign convention, in its own units (`units`: its vendor_range): the
+    radians negated, or the vendor's range mirrored about its middle, which to_radians maps to the negation."""
+    phase = np.asarray(array, dtype=np.float32)
+    return -phase if units is None else np.float32(units[0] + units[1]) - phase
+
+
 def homodyne_phase(signal: np.ndarray, spacing_mm, sigma_mm: float = 4.0, slice_axis: int = 2) -> np.ndarray:
     """High-pass filtered phase: angle of S * conj(lowpass(S)), the low-pass a Gaussian within each slice
     (slice_axis: the axis across the acquired slices, Volume.slice_axis; the simulator's is always 2)."""

@@ -27,6 +27,7 @@ from .findings import Finding, label_findings, write_csv, write_json, write_mark
 from .image import Volume
 from .io import read_volume, validate_brain_volume
 from .outputs import backup_review, check_output_stem, prepare_output_folder, write_all
+from .phase import reversed_sign, vendor_range
 from .preprocess import Prepared, given_brain_mask, prepare
 from .sysinfo import peak_rss_mb
 from .vocabulary import run_stem
@@ -246,6 +247,7 @@ class Detector:
             "spacing_mm": [round(float(s), 4) for s in volume.spacing],
             "phase_given": phase is not None,
             "phase_used_by_cnn": bool(cnn_phase and phase is not None),
+            "phase_sign_reversed": bool(phase is not None and phase.meta.get("sign_reversed", False)),
             "mask": {"method": prepared.mask_method,
                      "volume_ml": round(float(prepared.mask.sum() * np.prod(volume.spacing) / 1000.0), 1)},
             "threshold": threshold,
@@ -393,6 +395,9 @@ def add_detector_arguments(parser) -> None:
                         "doubted candidates that meet the reading criteria (round, isolated dark spots)")
     parser.add_argument("--no-locate", action="store_true", help="skip registration and atlas locations")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG overview")
+    parser.add_argument("--flip-phase", action="store_true", help="the phase uses the opposite sign convention "
+                        "to the CNN's: veins running along B0 (dots on axial slices) are bright on it, not dark "
+                        "(docs/simulator.md); its sign is reversed before detection")
 
 
 def add_arguments(parser) -> None:
@@ -414,8 +419,9 @@ def echo_record(requested, volume: Volume) -> dict:
     return {"requested": requested, "used": volume.meta.get("echo"), "n_echoes": volume.meta.get("n_echoes", 1)}
 
 
-def read_phase(path, echo="combine") -> Volume | None:
-    """The phase image of the chosen echo, checked (None without a path).
+def read_phase(path, echo="combine", flip: bool = False) -> Volume | None:
+    """The phase image of the chosen echo, checked (None without a path); flip: the file uses the opposite
+    sign convention to the CNN's (docs/simulator.md), so its sign is reversed on reading.
 
     Under echo="combine" a multi-echo phase gives its last (longest) echo's phase, with a warning: a root
     sum of squares of phases means nothing, and the longest echo holds the most susceptibility contrast."""
@@ -429,6 +435,8 @@ def read_phase(path, echo="combine") -> Volume | None:
             f"phase: {count} echoes; using the phase of the last one (echo {count - 1}), since phases cannot be "
             "combined like the magnitude (--echo N takes the magnitude and phase of one echo)")
     validate_brain_volume(phase, "phase", allow_crop=True)
+    if flip:
+        phase = phase.with_array(reversed_sign(phase.array, vendor_range(phase.array)), sign_reversed=True)
     return phase
 
 
@@ -444,7 +452,7 @@ def run(args) -> int:
     prepare_output_folder(args.out)
     volume = _read(args.input, echo)
     validate_brain_volume(volume, "input", allow_crop=args.crop)
-    phase = read_phase(args.phase, echo)
+    phase = read_phase(args.phase, echo, flip=args.flip_phase)
     mask = _read(args.mask)
     if mask is not None:
         given_brain_mask(volume, mask, crop=args.crop)

@@ -150,6 +150,7 @@ class ReviewedScan:
     negative: np.ndarray  # (R, 3) RAS: rejected points
     complete: bool
     crop: bool = False  # a partial-brain crop (detected with --crop): prepared as one
+    phase_sign_reversed: bool = False  # detected with --flip-phase: read the same way
 
 
 def _scan_file(folder: Path, named: str | None, stems: list) -> Path | None:
@@ -183,7 +184,8 @@ def reviewed_scans(folder) -> tuple:
         phase = _scan_file(review_path.parent, document.get("phase"), [f"{s}_phase" for s in stems])
         labels = review.review_labels(document)
         scans.append(ReviewedScan(name, review_path, volume, phase, labels["positive"], labels["negative"],
-                                  labels["complete"], document.get("crop") is True))
+                                  labels["complete"], document.get("crop") is True,
+                                  document.get("phase_sign_reversed") is True))
     return scans, warnings
 
 
@@ -207,8 +209,9 @@ class ScanData:
 def _read(scan: ReviewedScan) -> tuple:
     """(volume, phase or None) of a reviewed scan, read once for its patches and its injected lesions."""
     from ..io import read_volume
+    from ..pipeline import read_phase
 
-    return read_volume(scan.volume_path), read_volume(scan.phase_path) if scan.phase_path else None
+    return read_volume(scan.volume_path), read_phase(scan.phase_path, flip=scan.phase_sign_reversed)
 
 
 def _prepare(scan: ReviewedScan, volume, phase, mask=None):
