@@ -694,12 +694,12 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             self.markups_logic.JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
 
     def export(self, node, out_dir, reader: str = "", input_node=None, threshold=None, keep_scan: bool = False,
-               phase_node=None, crop: bool = False, flip_phase: bool = False) -> dict:
+               phase_node=None, crop: bool = False) -> dict:
         """Write STEM_review.csv / STEM_review.json (+ STEM_accepted.nii.gz when input_node is given).
 
         keep_scan: also write the scan beside its review (STEM.nii.gz, STEM_phase.nii.gz), named in the
-        review JSON, so that the folder can teach a site model (`cmbdetector finetune --reviews`); flip_phase:
-        the phase's sign convention is the opposite of the CNN's, which the review JSON says for the fine-tune."""
+        review JSON, so that the folder can teach a site model (`cmbdetector finetune --reviews`), which reads
+        the phase as the detection run did (its provenance says whether the phase's sign was reversed)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = vocabulary.safe_stem(node.GetName(), default="findings")
@@ -712,8 +712,6 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
             if phase_node is not None:
                 written["phase"] = self.write_volume(phase_node, out_dir / f"{stem}_phase.nii.gz")
                 scan_files["phase"] = written["phase"].name
-                if flip_phase:
-                    scan_files["phase_sign_reversed"] = True
         review.export_review(node, written["csv"], written["json"], reader=reader,
                              input_name=input_node.GetName() if input_node else "",
                              detection_run=review.detection_run(node), threshold=threshold, extra=scan_files)
@@ -1209,7 +1207,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             written = self.logic.export(node, self.ui.exportDirectoryButton.directory, reader=p.reader,
                                         input_node=p.inputVolume, threshold=p.threshold,
                                         keep_scan=self.ui.keepScanCheckBox.isChecked(), phase_node=p.phaseVolume,
-                                        crop=p.partialBrain, flip_phase=p.flipPhase)
+                                        crop=p.partialBrain)
             self.appendLog(_("Exported: ") + ", ".join(str(path) for path in written.values()))
 
     def onReviewComplete(self, *args) -> None:

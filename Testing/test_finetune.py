@@ -98,15 +98,16 @@ def test_reviews_are_found_with_their_scans_and_incomplete_ones_never_held_out(r
 
 
 def test_a_review_exported_with_its_phase_sign_reversed_is_read_back_the_same_way(reviews, tmp_path):
-    """A reader who ticked 'Sign reversed' exports the phase as the scanner wrote it, and the review says so
-    (`phase_sign_reversed`): the fine-tune reads that phase reversed, as detection did."""
+    """A reader who ticked 'Sign reversed' exports the phase as the scanner wrote it, and the review's
+    detection run says so (`phase_sign_reversed`): the fine-tune reads that phase reversed, as detection did."""
     scan = finetune.reviewed_scans(reviews)[0][0]
     document = json.loads(scan.review_path.read_text())
     phase = nib.load(str(scan.phase_path))
     other = tmp_path / "other_phase.nii.gz"
     nib.save(nib.Nifti1Image(-np.asarray(phase.dataobj, np.float32), phase.affine), str(other))
     shutil.copy(scan.volume_path, tmp_path / scan.volume_path.name)
-    document.update(volume=scan.volume_path.name, phase=other.name, phase_sign_reversed=True)
+    document.update(volume=scan.volume_path.name, phase=other.name)
+    document["detection_run"] = {**(document.get("detection_run") or {}), "phase_sign_reversed": True}
     (tmp_path / scan.review_path.name).write_text(json.dumps(document))
     copied = finetune.reviewed_scans(tmp_path)[0][0]
     assert copied.phase_sign_reversed and not scan.phase_sign_reversed

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -253,6 +254,24 @@ def test_closing_the_scene_cancels_a_run(harness):
     assert "Cancelled." in ui.logTextEdit.toPlainText()
     assert ui.detectButton.isEnabled() is False  # the new scene has no input yet
     assert ui.loadSampleButton.isEnabled()
+
+
+def test_a_phase_marked_sign_reversed_is_reversed_and_the_review_remembers_it(harness):
+    """The reader gives a phase and ticks 'Sign reversed': the run reverses it, and the review node's
+    detection run says so (an export with the scan kept carries it to a site fine-tune)."""
+    ui, mrml = harness.ui, harness.mrml
+    choose_the_small_crop_on_the_cpu(harness)
+    crop = small_swi_crop()  # the same grid as the chosen scan
+    phase = np.random.default_rng(4).uniform(-np.pi, np.pi, crop.shape).astype(np.float32)
+    phase_node = review.volume_node_from_volume(mrml.scene, crop.with_array(phase), "phase")
+    ui.phaseVolumeSelector.setCurrentNode(phase_node)
+    QtTest.QTest.mouseClick(ui.flipPhaseCheckBox, Qt.LeftButton)
+    QtWidgets.QApplication.processEvents()
+    assert harness.widget._parameterNode.flipPhase and harness.widget._parameterNode.phaseVolume is phase_node
+    harness.click(ui.detectButton)
+    wait_until(lambda: harness.widget._process is None, what="the detection run")
+    run = review.detection_run(harness.findings())
+    assert run["phase_given"] and run["phase_used_by_cnn"] and run["phase_sign_reversed"], run
 
 
 def test_a_landmarks_node_is_shown_but_not_changed_until_adopted(harness):

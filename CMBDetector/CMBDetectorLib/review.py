@@ -549,14 +549,16 @@ def review_document(findings: list, complete: bool, reader: str = "", input_name
     }
 
 
-# What identifies the models and software of a detection run, as pipeline.detect writes them to STEM.json.
-PROVENANCE_KEYS = ("cmbdetector_version", "model", "yolo", "versions", "threshold", "operating_threshold")
+# What identifies the models, software and phase handling of a detection run, as pipeline.detect writes them
+# to STEM.json (a site fine-tune reads a kept phase as the run did: phase_sign_reversed).
+PROVENANCE_KEYS = ("cmbdetector_version", "model", "yolo", "versions", "threshold", "operating_threshold",
+                   "phase_given", "phase_used_by_cnn", "phase_sign_reversed")
 
 
 def detection_run_provenance(summary: dict) -> dict:
     """The part of a run's summary (STEM.json) that says which models and versions produced the findings:
     model {file, sha256, device}, yolo {used, sha256, ...}, versions {python, numpy, torch, ...}, the
-    threshold the run kept findings down to and its tuned operating point."""
+    threshold the run kept findings down to and its tuned operating point, and how it used a phase."""
     return {key: summary[key] for key in PROVENANCE_KEYS if key in summary}
 
 

@@ -150,7 +150,7 @@ class ReviewedScan:
     negative: np.ndarray  # (R, 3) RAS: rejected points
     complete: bool
     crop: bool = False  # a partial-brain crop (detected with --crop): prepared as one
-    phase_sign_reversed: bool = False  # detected with --flip-phase: read the same way
+    phase_sign_reversed: bool = False  # detected with --flip-phase (the review's detection_run): read so
 
 
 def _scan_file(folder: Path, named: str | None, stems: list) -> Path | None:
@@ -185,7 +185,7 @@ def reviewed_scans(folder) -> tuple:
         labels = review.review_labels(document)
         scans.append(ReviewedScan(name, review_path, volume, phase, labels["positive"], labels["negative"],
                                   labels["complete"], document.get("crop") is True,
-                                  document.get("phase_sign_reversed") is True))
+                                  (document.get("detection_run") or {}).get("phase_sign_reversed") is True))
     return scans, warnings
 
 
