@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +19,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from CMBDetectorLib.batch import COHORT_CSV, COHORT_PARQUET, FINDINGS_PARQUET, Settings, expected_model_hashes
+from CMBDetectorLib.batch import (COHORT_CSV, COHORT_PARQUET, FINDINGS_PARQUET, Settings, expected_model_hashes,
+                                  finished_summary, summary_path)
 from CMBDetectorLib.cohort_inputs import find_scans
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.findings import Finding, write_markups_json
@@ -54,19 +56,20 @@ def _bad_files(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cohort(head, tmp_path_factory):
-    """A CSV manifest of 3 scans (one with its phase, two subjects, one with sessions) + 2 bad files, run
-    by `batch` on the embedded cluster with 2 workers."""
+    """A CSV manifest of 3 scans (one with its phase, written by a vendor of the other sign convention and
+    marked so; two subjects, one with sessions) + 2 bad files, run by `batch` on the embedded cluster with 2
+    workers."""
     magnitude, phase, affine = head
     root = tmp_path_factory.mktemp("cohort")
     images = root / "images"
     scans = [_save(images / f"scan{i}.nii.gz", magnitude * scale, affine) for i, scale in enumerate(SCALES)]
-    phase_file = _save(images / "scan0_phase.nii.gz", phase, affine)
+    phase_file = _save(images / "scan0_phase.nii.gz", -phase, affine)
     bad = _bad_files(images)
     manifest = root / "manifest.csv"
     with open(manifest, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "phase", "mask", "subject", "session"])
-        writer.writerow(["images/scan0.nii.gz", "images/scan0_phase.nii.gz", "", "sub-01", "ses-1"])
+        writer.writerow(["path", "phase", "mask", "subject", "session", "flip_phase"])
+        writer.writerow(["images/scan0.nii.gz", "images/scan0_phase.nii.gz", "", "sub-01", "ses-1", "yes"])
         writer.writerow(["images/scan1.nii.gz", "", "", "sub-01", "ses-2"])
         writer.writerow([str(scans[2]), "", "", "sub-02", ""])  # an absolute path
         writer.writerow(["images/unreadable.nii.gz", "", "", "sub-03", ""])
@@ -112,18 +115,38 @@ def test_the_phase_of_the_manifest_is_used_and_the_subjects_are_recorded(cohort)
     out = cohort["out"]
     with_phase = json.loads((out / "sub-01/ses-1/scan0.json").read_text())
     without = json.loads((out / "sub-01/ses-2/scan1.json").read_text())
-    assert with_phase["phase_given"] and not without["phase_given"] and not with_phase["phase_sign_reversed"]
+    assert with_phase["phase_given"] and not without["phase_given"]
+    assert with_phase["phase_sign_reversed"] and not without["phase_sign_reversed"]  # the manifest's flip_phase
     assert with_phase["batch"]["inputs"] == {"magnitude": str(cohort["scans"][0]), "phase": str(cohort["phase"])}
     rows = {row["input"]: row for row in _table(out)}
     assert (rows[str(cohort["scans"][0])]["subject"], rows[str(cohort["scans"][0])]["session"]) == ("sub-01", "ses-1")
     assert (rows[str(cohort["scans"][2])]["subject"], rows[str(cohort["scans"][2])]["session"]) == ("sub-02", "")
 
 
-def test_a_reversed_phase_sign_is_part_of_what_a_result_was_made_with():
-    """`batch --flip-phase` changes what the CNN sees, so results made without it do not stand for it; results
-    made before the option existed (no such key) still stand for a run without it."""
-    assert "flip_phase" not in Settings().result_key()
-    assert Settings(flip_phase=True).result_key() == {**Settings().result_key(), "flip_phase": True}
+def test_a_manifest_says_per_scan_whose_phase_runs_the_other_way(tmp_path):
+    """A cohort mixing vendors: `flip_phase` per row (empty: the run's --flip-phase), and a result stands only
+    for the same reading of its phase (a summary from before the option, without the key, for no reversal)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,phase,flip_phase\na.nii.gz,a_ph.nii.gz,yes\nb.nii.gz,b_ph.nii.gz,0\n"
+                        "c.nii.gz,c_ph.nii.gz,\nd.nii.gz,,1\n")
+    scans = find_scans(str(manifest))
+    assert [s.flip_phase for s in scans] == [True, False, None, True]
+    for run_flag, expected in ((False, [True, False, False, False]), (True, [True, False, True, False])):
+        assert [Settings(flip_phase=run_flag).reverses_phase(s) for s in scans] == expected  # d: no phase
+    manifest.write_text("path,phase,flip_phase\na.nii.gz,a_ph.nii.gz,maybe\n")
+    with pytest.raises(InputError, match="line 2: flip_phase must be one of"):
+        find_scans(str(manifest))
+
+    scan, settings = scans[0], Settings()
+    (tmp_path / scan.folder).mkdir()
+    summary = {"phase_sign_reversed": True, "batch": {"input_sha256": "x", "model_hashes": {}, "echo": scan.echo,
+                                                      "settings": settings.result_key()}}
+    summary_path(tmp_path, scan).write_text(json.dumps(summary))
+    assert finished_summary(tmp_path, scan, "x", {}, settings) == summary
+    assert finished_summary(tmp_path, replace(scan, flip_phase=False), "x", {}, settings) is None
+    del summary["phase_sign_reversed"]
+    summary_path(tmp_path, scan).write_text(json.dumps(summary))
+    assert finished_summary(tmp_path, replace(scan, flip_phase=None), "x", {}, settings) == summary
 
 
 def test_the_cohort_tables_hold_what_the_per_scan_summaries_say(cohort):

@@ -9,8 +9,8 @@ that change a result, the read time and the worker.
 The cohort: DIR/cohort.csv and DIR/cohort.parquet (one row per scan, `status` ok or failed with a
 one-line `reason`) and DIR/findings.parquet (one row per finding), each written atomically at the end.
 
-Resuming: a scan whose STEM.json records the same input content hash, model hashes and settings is
-skipped (its row is rebuilt from that summary); so is a scan the previous run refused as input
+Resuming: a scan whose STEM.json records the same input content hash, model hashes, settings and reading of
+its phase (`phase_sign_reversed`) is skipped (its row is rebuilt from that summary); so is a scan the previous run refused as input
 (unreadable, not a brain: `failure` = input) when its bytes have not changed. Other failures (out of
 memory, a dead worker, an unexpected error, an output that cannot be written) are retried. `--force`
 redoes everything. A killed run loses at most the scans in flight: each scan's files are atomic.
@@ -63,16 +63,17 @@ class Settings:
     threshold: float | None = None
     locate: bool = True
     png: bool = True
-    flip_phase: bool = False  # every given phase uses the opposite sign convention (`detect --flip-phase`)
+    flip_phase: bool = False  # a given phase uses the opposite sign convention, unless its scan says (manifest)
 
     def result_key(self) -> dict:
-        """What must match for an earlier result to stand (the model hashes are compared apart; the device
-        and the PNG do not change the findings)."""
-        key = {"threshold": self.threshold, "use_yolo": self.use_yolo, "use_criteria": self.use_criteria,
-               "locate": self.locate}
-        if self.flip_phase:  # named only when set, so that results made before the option still stand
-            key["flip_phase"] = True
-        return key
+        """What must match for an earlier result to stand (the model hashes and the phase's reading are
+        compared apart; the device and the PNG do not change the findings)."""
+        return {"threshold": self.threshold, "use_yolo": self.use_yolo, "use_criteria": self.use_criteria,
+                "locate": self.locate}
+
+    def reverses_phase(self, scan: Scan) -> bool:
+        """Whether this scan's phase is read with its sign reversed: its manifest's say, else the run's."""
+        return bool(scan.phase) and (self.flip_phase if scan.flip_phase is None else scan.flip_phase)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def process_scan(scan: Scan, settings: Settings, out_root: str, force: bool = Fa
         result["input_sha256"] = input_content_hash(scan)
         volume = read_volume(scan.magnitude, echo=scan.echo)
         validate_brain_volume(volume, "input")
-        phase = read_phase(scan.phase, echo=scan.echo, flip=settings.flip_phase) if scan.phase else None
+        phase = read_phase(scan.phase, echo=scan.echo, flip=settings.reverses_phase(scan)) if scan.phase else None
         mask = read_volume(scan.mask) if scan.mask else None
         read_seconds = time.perf_counter() - started
         stage = "resources"
@@ -352,7 +353,8 @@ def finished_summary(out_root, scan: Scan, input_sha256: str, model_hashes: dict
     if not isinstance(batch, dict):
         return None  # a `detect` run's result, or another program's file: run again
     same = (batch.get("input_sha256") == input_sha256 and batch.get("model_hashes") == model_hashes
-            and batch.get("settings") == settings.result_key() and batch.get("echo") == scan.echo)
+            and batch.get("settings") == settings.result_key() and batch.get("echo") == scan.echo
+            and summary.get("phase_sign_reversed", False) == settings.reverses_phase(scan))
     return summary if same else None
 
 

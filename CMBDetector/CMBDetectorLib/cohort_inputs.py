@@ -1,8 +1,10 @@
 """Which scans a `cmbdetector batch` INPUT names, and where each one's results go.
 
 INPUT is one of:
-- a CSV manifest (`.csv`): a `path` column, optional `phase`, `mask`, `subject`, `session`; relative paths
-  are relative to the manifest's folder; empty cells mean none.
+- a CSV manifest (`.csv`): a `path` column, optional `phase`, `mask`, `subject`, `session`, `flip_phase`;
+  relative paths are relative to the manifest's folder; empty cells mean none. `flip_phase` (1/0, yes/no,
+  true/false; empty: the run's `--flip-phase`) says per scan whether its phase uses the opposite sign
+  convention, for cohorts that mix vendors.
 - a BIDS dataset (a folder with `dataset_description.json` or `sub-*` folders): every
   `sub-*/[ses-*/]anat/*_{swi,T2starw,GRE,MEGRE}.nii[.gz]`. A `part-phase` file is the phase of the
   `part-mag` file with the same other entities; a file without `part-` is a magnitude (e.g. the SWI).
@@ -32,7 +34,8 @@ from .vocabulary import INPUT_SUFFIXES, run_stem, safe_stem, stem_of
 
 BIDS_SUFFIXES = ("swi", "T2starw", "GRE", "MEGRE")
 BIDS_IMAGE_SUFFIXES = (".nii.gz", ".nii")
-MANIFEST_COLUMNS = ("path", "phase", "mask", "subject", "session")
+MANIFEST_COLUMNS = ("path", "phase", "mask", "subject", "session", "flip_phase")
+_YES, _NO = ("1", "yes", "true", "y"), ("0", "no", "false", "n")
 ECHO_CHOICES = ("last", "all")
 _IMAGE_SUFFIXES = tuple(s for s in INPUT_SUFFIXES if s != ".dcm")  # a .dcm file is one slice of a series
 
@@ -49,6 +52,7 @@ class Scan:
     stem: str = ""
     folder: str = ""  # relative to OUT
     echo: int | str = "combine"  # for a 4D multi-echo file, as `detect --echo`
+    flip_phase: bool | None = None  # its phase's sign is reversed on reading; None: as the run says
 
     @property
     def files(self) -> dict:
@@ -124,9 +128,20 @@ def _from_manifest(manifest: Path) -> list:
         magnitude = resolve(row.get("path"))
         if magnitude is None:
             raise InputError(f"manifest {manifest} line {number}: empty path")
-        scans.append(_subject_scan(magnitude, resolve(row.get("phase")), resolve(row.get("mask")),
-                                   (row.get("subject") or "").strip(), (row.get("session") or "").strip()))
+        scan = _subject_scan(magnitude, resolve(row.get("phase")), resolve(row.get("mask")),
+                             (row.get("subject") or "").strip(), (row.get("session") or "").strip())
+        scans.append(replace(scan, flip_phase=_yes_or_no(row.get("flip_phase"), f"{manifest} line {number}")))
     return scans
+
+
+def _yes_or_no(cell, where: str) -> bool | None:
+    """A manifest's yes/no cell: True, False, or None when empty."""
+    text = (cell or "").strip().lower()
+    if not text:
+        return None
+    if text in _YES + _NO:
+        return text in _YES
+    raise InputError(f"manifest {where}: flip_phase must be one of {', '.join(_YES + _NO)} or empty, got {cell!r}")
 
 
 # ---- BIDS ----------------------------------------------------------------------------------------
