@@ -10,10 +10,10 @@ The cohort: DIR/cohort.csv and DIR/cohort.parquet (one row per scan, `status` ok
 one-line `reason`) and DIR/findings.parquet (one row per finding), each written atomically at the end.
 
 Resuming: a scan whose STEM.json records the same input content hash, model hashes, settings and reading of
-its phase (`phase_sign_reversed`) is skipped (its row is rebuilt from that summary); so is a scan the previous run refused as input
-(unreadable, not a brain: `failure` = input) when its bytes have not changed. Other failures (out of
-memory, a dead worker, an unexpected error, an output that cannot be written) are retried. `--force`
-redoes everything. A killed run loses at most the scans in flight: each scan's files are atomic.
+its phase (`phase_sign_reversed`) is skipped (its row is rebuilt from that summary); so is a scan the previous
+run refused as input (unreadable, not a brain: `failure` = input) when its bytes have not changed. Other
+failures (out of memory, a dead worker, an unexpected error, an output that cannot be written) are retried.
+`--force` redoes everything. A killed run loses at most the scans in flight: each scan's files are atomic.
 
 Exit status: 0 every scan ok; 3 (EXIT_SOME_FAILED) one or more failed rows; 2 a usage error (nothing ran).
 """

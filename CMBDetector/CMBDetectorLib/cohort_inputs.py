@@ -141,7 +141,8 @@ def _yes_or_no(cell, where: str) -> bool | None:
         return None
     if text in _YES + _NO:
         return text in _YES
-    raise InputError(f"manifest {where}: flip_phase must be one of {', '.join(_YES + _NO)} or empty, got {cell!r}")
+    raise InputError(f"manifest {where}: flip_phase must be one of {', '.join(_YES + _NO)} or empty, "
+                     f"got {cell!r}")
 
 
 # ---- BIDS ----------------------------------------------------------------------------------------
