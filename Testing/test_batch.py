@@ -170,6 +170,7 @@ def test_the_cohort_tables_hold_what_the_per_scan_summaries_say(cohort):
         assert row["n_lobar_frontal"] == lobar.count("frontal") and row["n_lobar"] == len(lobar)
         assert row["max_score"] == summary["scan_level"]["max_score"]
         assert row["any_microbleed"] == summary["scan_level"]["any_microbleed"]
+        assert row["phase_sign_reversed"] == summary["phase_sign_reversed"] == (row["phase"] != "")
         assert row["input_sha256"] == summary["batch"]["input_sha256"] and len(row["input_sha256"]) == 64
         assert row["cnn_sha256"] == summary["model"]["sha256"]
         assert row["detect_s"] == summary["timings_s"]["total"] and row["peak_rss_mb"] == summary["peak_rss_mb"]

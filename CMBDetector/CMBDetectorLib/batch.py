@@ -240,6 +240,7 @@ def cohort_schema() -> dict:
     schema = {name: pl.String for name in ("subject", "session", "input", "phase", "mask", "summary",
                                            "status", "reason", "failure")}
     schema["skipped"] = pl.Boolean
+    schema["phase_sign_reversed"] = pl.Boolean  # how the phase was read (`--flip-phase`, the manifest's cell)
     schema["n_total"] = pl.Int64
     schema.update({name: pl.Int64 for name in REGION_COLUMNS + LOBAR_COLUMNS})
     schema.update({"any_microbleed": pl.Boolean, "max_score": pl.Float64, "threshold": pl.Float64,
@@ -280,6 +281,7 @@ def cohort_row(scan: Scan, out_root, status: str, summary: dict | None = None, r
     lobes = [f.get("lobe", "") for f in summary["findings"] if f.get("region") == "lobar"]
     row.update({
         "summary": str(summary_path(out_root, scan)), "n_total": summary["counts"]["total"],
+        "phase_sign_reversed": summary.get("phase_sign_reversed", False),
         **{f"n_{region}": int(by_region.get(region, 0)) for region in REGIONS},
         **{f"n_lobar_{lobe}": lobes.count(lobe) for lobe in LOBES if lobe},
         "any_microbleed": summary["scan_level"]["any_microbleed"], "max_score": summary["scan_level"]["max_score"],
