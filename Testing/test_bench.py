@@ -95,6 +95,7 @@ def test_both_validation_sets_are_reported_side_by_side_with_their_gap():
     worse = study()  # out of distribution: the CNN alone loses a true positive to a miss
     worse[0] = (worse[0][0], worse[0][1][1:])
     out_of_distribution = {"cnn": configuration(worse, 0.6), "full": configuration(full, 0.6)}
+    worse_lesion = out_of_distribution["cnn"]["results"]["lesion"]
     for configs in (in_distribution, out_of_distribution):
         for entry in configs.values():
             entry.update(by_acquisition={}, refused=[])
@@ -114,9 +115,29 @@ def test_both_validation_sets_are_reported_side_by_side_with_their_gap():
     row = next(line for line in text.splitlines() if line.startswith("| cnn | out-of-distribution | 0.60 |"))
     assert row.endswith("| 1 |")  # the refused scan is counted
     assert "Refused (cnn): x.truth.json: input: does not look like a brain" in text
-    assert "### The YOLO stage at equal sensitivity, on both sets" in text
+    assert "### The YOLO stage at equal sensitivity, on each set" in text
     assert sum(line.startswith("| in-distribution |") or line.startswith("| out-of-distribution |")
                for line in text.splitlines()) == 2
+    assert bench.OOD_WITH_PHASE not in text  # a report of two sets (one written before the third) reads as before
+
+    # The held-out set once more with its phase: its own line after the gap, which still compares the
+    # magnitude-alone lines, and its own rows by acquisition.
+    with_phase = {"cnn": configuration(study(), 0.6), "full": configuration(full, 0.6)}
+    with_phase["cnn"].update(by_acquisition={"ood-swi15t": {"lesion": with_phase["cnn"]["results"]["lesion"],
+                                                            "sensitivity_at_1fp": 0.5}}, refused=[])
+    with_phase["full"].update(by_acquisition={}, refused=[])
+    with_phase["full"]["matched"] = bench._matched_sensitivity(with_phase)
+    out_of_distribution["cnn"]["by_acquisition"] = {"ood-swi15t": {"lesion": worse_lesion, "sensitivity_at_1fp": 0.25}}
+    report["sets"][bench.OOD_WITH_PHASE] = {"phase_given": True, "phase_reversed": 30, "configs": with_phase}
+    lines = bench.format_report(report).splitlines()
+    cnn_rows = [line for line in lines if line.startswith("| cnn | ")]
+    gap = cnn_rows.index(next(line for line in cnn_rows if line.startswith("| cnn | **gap** |")))
+    assert cnn_rows[gap - 1].startswith("| cnn | out-of-distribution | 0.60 |")
+    assert cnn_rows[gap + 1].startswith(f"| cnn | {bench.OOD_WITH_PHASE} | 0.60 | 0.500 ")
+    assert cnn_rows[gap].startswith(f"| cnn | **gap** | | {theirs - ours:+.3f} |")  # unchanged by the third line
+    assert any("30 of 30 phases reversed on reading" in line for line in lines)
+    assert [line.split(" | ")[:3] for line in lines if line.startswith("| cnn | ood-swi15t |")] == [
+        ["| cnn", "ood-swi15t", "no"], ["| cnn", "ood-swi15t", "yes"]]
 
 
 def test_each_lesion_is_traced_to_the_stage_that_lost_it():
@@ -165,3 +186,15 @@ def test_the_development_sets_are_not_the_benchmarks_and_the_report_says_so():
     text = bench.format_report(report)
     assert text.startswith("# CMBDetector development run") and "`cmbdetector bench --dev`" in text
     assert f"(seed {bench.DEV_VALIDATION['seed']}," in text and "never used for training or tuning" not in text
+
+
+def test_the_held_out_set_is_detected_again_with_its_phase_read_in_its_own_convention():
+    validation, held_out, with_phase = bench._sets(dev=False)
+    assert (validation.use_phase, held_out.use_phase, with_phase.use_phase) == (True, False, True)
+    assert with_phase.folder == held_out.folder and with_phase.recipe == held_out.recipe  # the same scans
+    assert len({s.predictions for s in (validation, held_out, with_phase)}) == 3  # predictions kept apart
+    assert [s.recipe["seed"] for s in bench._sets(dev=True)] == [31, 71, 71]
+    # The simulator records the convention it wrote each phase in; the held-out domain writes it reversed.
+    assert bench._phase_written_reversed({"variation": {"phase_sign": -1}})
+    assert not bench._phase_written_reversed({"variation": {"phase_sign": 1}})
+    assert not bench._phase_written_reversed({})  # a scan simulated before the convention was recorded

@@ -28,6 +28,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,10 +55,28 @@ FROC_FLOOR = 0.05
 FROC_TABLE_LEVELS = ("0.125", "0.25", "0.5", "1", "2")
 
 
+class BenchSet(NamedTuple):
+    """One detection of a validation set: its scans (folder under OUT, made from recipe), whether the phase is
+    given, and where the predictions go. Two of them may share scans (the held-out set with and without its
+    phase); the brain masks and stage 1's reach are reported once per folder."""
+    name: str
+    folder: str
+    recipe: dict
+    use_phase: bool
+    predictions: str  # prefix of the prediction folders, one per configuration
+
+
+# The held-out set once more with its phase, read in the convention it was written with (reversed where the
+# simulator wrote it the other way, as `--flip-phase` does): what a reader who knows the vendor's sign gets.
+OOD_WITH_PHASE = "out-of-distribution, with phase"
+
+
 def _sets(dev: bool) -> tuple:
-    """(set name, folder under OUT, recipe, detect with the phase) of the two sets."""
+    """The benchmark's detections: the in-distribution set with its phase, the held-out set without and with."""
     validation, held_out = (DEV_VALIDATION, DEV_OUT_OF_DISTRIBUTION) if dev else (VALIDATION, OUT_OF_DISTRIBUTION)
-    return ("in-distribution", "val", validation, True), ("out-of-distribution", "ood", held_out, False)
+    return (BenchSet("in-distribution", "val", validation, True, "pred"),  # the folders keep their old names
+            BenchSet("out-of-distribution", "ood", held_out, False, "pred-ood"),
+            BenchSet(OOD_WITH_PHASE, "ood", held_out, True, "pred-ood-phase"))
 
 
 def add_arguments(parser) -> None:
@@ -105,11 +124,12 @@ def _detect_scan(job) -> dict:
     magnitude, pred_dirs, configs, use_phase = job
     from .errors import InputError
     from .io import read_volume
-    from .pipeline import detect, write_outputs
+    from .pipeline import detect, read_phase, write_outputs
 
     truth = _truth_of(magnitude)
     volume = read_volume(magnitude)
-    phase = read_volume(magnitude.with_name(truth["files"]["phase"])) if use_phase else None
+    phase = (read_phase(magnitude.with_name(truth["files"]["phase"]), flip=_phase_written_reversed(truth))
+             if use_phase else None)
     summaries = {}
     for config in configs:
         try:
@@ -126,6 +146,11 @@ def _detect_scan(job) -> dict:
             summaries["screening_check"] = _screening_check(truth, detection.screened_ras)
             _screening_file(pred_dirs[config], truth["scan_id"]).write_text(json.dumps(summaries["screening_check"]))
     return summaries
+
+
+def _phase_written_reversed(truth: dict) -> bool:
+    """The simulator wrote this scan's phase in the opposite sign convention (the held-out domain does)."""
+    return truth.get("variation", {}).get("phase_sign", 1) < 0
 
 
 def _screening_file(pred_dir: Path, scan_id: str) -> Path:
@@ -199,17 +224,16 @@ def _detect_real(real_dir: Path, configs: list) -> list:
     return rows
 
 
-def _run_set(out: Path, folder: str, spec: dict, use_phase: bool, configs: list, args) -> tuple:
+def _run_set(out: Path, bench_set: BenchSet, configs: list, args) -> tuple:
     """Simulate (if needed) and detect one validation set; returns (truth folder, magnitude paths, per-scan
     summaries in the same order, prediction folders by configuration)."""
-    truth_dir = out / folder
+    truth_dir = out / bench_set.folder
     truth_dir.mkdir(parents=True, exist_ok=True)
-    scans = simulate_set(truth_dir, spec, args.jobs)
-    prefix = "pred" if folder == "val" else f"pred-{folder}"  # the in-distribution folders keep their old names
-    pred_dirs = {config: out / f"{prefix}-{config}" for config in configs}
+    scans = simulate_set(truth_dir, bench_set.recipe, args.jobs)
+    pred_dirs = {config: out / f"{bench_set.predictions}-{config}" for config in configs}
     for pred in pred_dirs.values():
         pred.mkdir(exist_ok=True)
-    jobs = [(scan, pred_dirs, configs, use_phase) for scan in scans]
+    jobs = [(scan, pred_dirs, configs, bench_set.use_phase) for scan in scans]
     if args.reuse:
         per_scan = [{config: json.loads((pred_dirs[config] / scan.name.replace(".nii.gz", ".json")).read_text())
                      for config in configs} for scan in scans]
@@ -339,14 +363,18 @@ def run(args) -> int:
     configs = ["cnn", "full"] if args.configs == "auto" and _yolo_available() else (
         ["cnn"] if args.configs == "auto" else args.configs.split(","))
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
-              "commit": _commit(), "dev": args.dev, "validation": sets[0][2], "out_of_distribution": sets[1][2],
+              "commit": _commit(), "dev": args.dev, "validation": sets[0].recipe, "out_of_distribution": sets[1].recipe,
               "configs": {}, "sets": {}, "brain_mask": {}, "screening": {}}
-    for set_name, folder, spec, use_phase in sets:
-        truth_dir, scans, per_scan, pred_dirs = _run_set(out, folder, spec, use_phase, configs, args)
-        report["brain_mask"][set_name] = _brain_summary(per_scan)
-        report["screening"][set_name] = _screening_summary(per_scan)
+    for bench_set in sets:
+        set_name = bench_set.name
+        truth_dir, scans, per_scan, pred_dirs = _run_set(out, bench_set, configs, args)
+        if bench_set.folder not in {s.folder for s in sets[: sets.index(bench_set)]}:  # same scans, same masks
+            report["brain_mask"][set_name] = _brain_summary(per_scan)
+            report["screening"][set_name] = _screening_summary(per_scan)
         acquisitions = {scan.name[: -len(".nii.gz")]: _truth_of(scan)["acquisition"]["name"] for scan in scans}
-        set_report = {"phase_given": use_phase, "configs": {}}
+        set_report = {"phase_given": bench_set.use_phase, "configs": {},
+                      "phase_reversed": sum(_phase_written_reversed(_truth_of(scan)) for scan in scans)
+                      if bench_set.use_phase else 0}
         for config in configs:
             summaries = [s[config] for s in per_scan]
             done = [s for s in summaries if "refused" not in s]
@@ -366,7 +394,7 @@ def run(args) -> int:
                                     "max": round(float(np.max([s["timings_s"]["total"] for s in done])), 2)},
                 "registration_s": _registration_seconds(done),
             }
-            if folder == "val":
+            if bench_set.folder == "val":
                 set_report["configs"][config]["mimic_rich"] = evaluate_scans(
                     _subset(truth_dir, pred_dirs[config], _mimic_rich(truth_dir)), threshold=operating)
         if "cnn" in configs and "full" in configs:
@@ -526,7 +554,12 @@ def _generalisation_lines(report: dict) -> list:
              "(docs/simulator.md): 1.5 T SWI, 3 T thick-slice 2D GRE, coarse 1.5 T GRE, with vein, lesion, "
              "contrast, artefact and SWI-processing settings no training scan used; "
              f"{int(ood['cmb_free_fraction'] * 100)} % CMB-free, detected from the magnitude alone. "
-             "Same shipped operating thresholds on both sets; the gap is out minus in.", "",
+             "Same shipped operating thresholds on both sets; the gap is out minus in."
+             + (f" The last line of each configuration ({OOD_WITH_PHASE}) detects the same held-out scans with "
+                "their phase, read in the sign convention each was written with (the held-out domain writes it "
+                f"the other way: {sets[OOD_WITH_PHASE].get('phase_reversed', 0)} of {ood['n']} phases reversed on "
+                "reading, as `detect --flip-phase` does): what a reader who gives the phase and knows the "
+                "vendor's sign gets." if OOD_WITH_PHASE in sets else ""), "",
              "| configuration | set | threshold | sensitivity | FP/scan | sens. at 1 FP/scan (FROC) | "
              "scan balanced accuracy | scans refused |", "|---|---|---|---|---|---|---|---|"]
     for config in sets["in-distribution"]["configs"]:
@@ -536,24 +569,37 @@ def _generalisation_lines(report: dict) -> list:
             results = entry["results"]
             rows[set_name] = (results["lesion"]["sensitivity"], results["lesion"]["fp_per_scan"],
                               results["froc"]["sensitivity_at"].get("1"), results["scan"]["balanced_accuracy"])
-            lines.append(f"| {config} | {set_name} | {_fmt(entry['operating_threshold'], 2)} | "
-                         f"{_with_interval(results['lesion'], 'sensitivity')} | "
-                         f"{_with_interval(results['lesion'], 'fp_per_scan', 2)} | {_fmt(rows[set_name][2])} | "
-                         f"{_fmt(rows[set_name][3])} | {len(entry['refused'])} |")
+            row = (f"| {config} | {set_name} | {_fmt(entry['operating_threshold'], 2)} | "
+                   f"{_with_interval(results['lesion'], 'sensitivity')} | "
+                   f"{_with_interval(results['lesion'], 'fp_per_scan', 2)} | {_fmt(rows[set_name][2])} | "
+                   f"{_fmt(rows[set_name][3])} | {len(entry['refused'])} |")
+            if set_name == OOD_WITH_PHASE:
+                with_phase = row  # after the gap, which compares the magnitude-alone lines
+            else:
+                lines.append(row)
         gap = [None if a is None or b is None else b - a
                for a, b in zip(rows["in-distribution"], rows["out-of-distribution"])]
         ratio = (rows["out-of-distribution"][1] / rows["in-distribution"][1]
                  if rows["in-distribution"][1] else None)
         lines.append(f"| {config} | **gap** | | {_signed(gap[0])} | {_signed(gap[1], 2)}"
                      f"{'' if ratio is None else f' (x{ratio:.1f})'} | {_signed(gap[2])} | {_signed(gap[3])} | |")
+        if OOD_WITH_PHASE in sets:
+            lines.append(with_phase)
+    held_out = [name for name in ("out-of-distribution", OOD_WITH_PHASE) if name in sets]
     lines += ["", "### Out of distribution, by acquisition", "",
-              "| configuration | acquisition | sensitivity | FP/scan | sens. at 1 FP/scan (FROC) |", "|---|---|---|---|---|"]
-    for config, entry in sets["out-of-distribution"]["configs"].items():
-        for acquisition, values in entry["by_acquisition"].items():
-            lesion = values["lesion"]
-            lines.append(f"| {config} | {acquisition} | {_with_interval(lesion, 'sensitivity')} | "
-                         f"{_with_interval(lesion, 'fp_per_scan', 2)} | {_fmt(values['sensitivity_at_1fp'])} |")
-    lines += ["", "### The YOLO stage at equal sensitivity, on both sets", "",
+              "| configuration | acquisition | phase given | sensitivity | FP/scan | sens. at 1 FP/scan (FROC) |",
+              "|---|---|---|---|---|---|"]
+    for config in sets["out-of-distribution"]["configs"]:
+        for acquisition in sets["out-of-distribution"]["configs"][config]["by_acquisition"]:
+            for set_name in held_out:
+                values = sets[set_name]["configs"][config]["by_acquisition"].get(acquisition)
+                if values is None:
+                    continue
+                lesion = values["lesion"]
+                lines.append(f"| {config} | {acquisition} | {'yes' if sets[set_name].get('phase_given') else 'no'} | "
+                             f"{_with_interval(lesion, 'sensitivity')} | {_with_interval(lesion, 'fp_per_scan', 2)} | "
+                             f"{_fmt(values['sensitivity_at_1fp'])} |")
+    lines += ["", "### The YOLO stage at equal sensitivity, on each set", "",
               "Both FROC curves read at the full pipeline's operating sensitivity on each set: what the YOLO "
               "stage buys beyond a CNN threshold change.", "",
               "| set | sensitivity | CNN alone FP/scan (threshold) | CNN + YOLO FP/scan (threshold) | change |",
