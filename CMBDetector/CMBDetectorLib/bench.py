@@ -3,8 +3,9 @@
 1. Simulates two fixed validation sets unless they are already in OUT: the in-distribution set (OUT/val:
    seed 2, 30 nominal scans, every acquisition, 30 % CMB-free, mimic-rich; detected with the phase) and the
    out-of-distribution set (OUT/ood: seed 3, 30 scans from the simulator's held-out domain, settings no
-   training scan used; detected from the magnitude alone, as most users will), plus one nominal 3 T SWI
-   scan (0.5 x 0.5 x 2 mm) for timing.
+   training scan used; detected from the magnitude alone, as most users will, and once more with its phase
+   read in the sign convention it was written with), plus one nominal 3 T SWI scan (0.5 x 0.5 x 2 mm) for
+   timing.
 2. Detects every scan once per configuration (the 3D CNN alone, and the full pipeline with the YOLO
    stage when its weights ship), in worker processes; the real scans in shared/data/real-gre (no
    microbleeds: every finding is presumed false) too; then runs `cmbdetector detect` on the timing scan
