@@ -225,9 +225,10 @@ def _detect_real(real_dir: Path, configs: list) -> list:
     return rows
 
 
-def _run_set(out: Path, bench_set: BenchSet, configs: list, args) -> tuple:
+def _run_set(out: Path, bench_set: BenchSet, configs: list, args, check_masks: bool = True) -> tuple:
     """Simulate (if needed) and detect one validation set; returns (truth folder, magnitude paths, per-scan
-    summaries in the same order, prediction folders by configuration)."""
+    summaries in the same order, prediction folders by configuration). check_masks=False: reused predictions
+    get no second brain extraction (another detection of the same scans reports their masks)."""
     truth_dir = out / bench_set.folder
     truth_dir.mkdir(parents=True, exist_ok=True)
     scans = simulate_set(truth_dir, bench_set.recipe, args.jobs)
@@ -238,11 +239,12 @@ def _run_set(out: Path, bench_set: BenchSet, configs: list, args) -> tuple:
     if args.reuse:
         per_scan = [{config: json.loads((pred_dirs[config] / scan.name.replace(".nii.gz", ".json")).read_text())
                      for config in configs} for scan in scans]
-        for scan, summaries in zip(scans, per_scan):
-            summaries["brain_check"] = _brain_check(scan, _truth_of(scan))
-            screening = _screening_file(pred_dirs[configs[0]], _truth_of(scan)["scan_id"])
-            if screening.is_file():
-                summaries["screening_check"] = json.loads(screening.read_text())
+        if check_masks:
+            for scan, summaries in zip(scans, per_scan):
+                summaries["brain_check"] = _brain_check(scan, _truth_of(scan))
+                screening = _screening_file(pred_dirs[configs[0]], _truth_of(scan)["scan_id"])
+                if screening.is_file():
+                    summaries["screening_check"] = json.loads(screening.read_text())
     elif args.jobs > 1:
         with process_pool(args.jobs) as pool:
             per_scan = list(pool.map(_detect_scan, jobs))
@@ -368,8 +370,9 @@ def run(args) -> int:
               "configs": {}, "sets": {}, "brain_mask": {}, "screening": {}}
     for bench_set in sets:
         set_name = bench_set.name
-        truth_dir, scans, per_scan, pred_dirs = _run_set(out, bench_set, configs, args)
-        if bench_set.folder not in {s.folder for s in sets[: sets.index(bench_set)]}:  # same scans, same masks
+        first_of_its_scans = bench_set.folder not in {s.folder for s in sets[: sets.index(bench_set)]}
+        truth_dir, scans, per_scan, pred_dirs = _run_set(out, bench_set, configs, args, first_of_its_scans)
+        if first_of_its_scans:  # the same scans have the same masks and stage-1 reach: reported once
             report["brain_mask"][set_name] = _brain_summary(per_scan)
             report["screening"][set_name] = _screening_summary(per_scan)
         acquisitions = {scan.name[: -len(".nii.gz")]: _truth_of(scan)["acquisition"]["name"] for scan in scans}
