@@ -375,10 +375,11 @@ def run(args) -> int:
         if first_of_its_scans:  # the same scans have the same masks and stage-1 reach: reported once
             report["brain_mask"][set_name] = _brain_summary(per_scan)
             report["screening"][set_name] = _screening_summary(per_scan)
-        acquisitions = {scan.name[: -len(".nii.gz")]: _truth_of(scan)["acquisition"]["name"] for scan in scans}
+        truths = [_truth_of(scan) for scan in scans]
+        acquisitions = {scan.name[: -len(".nii.gz")]: truth["acquisition"]["name"]
+                        for scan, truth in zip(scans, truths)}
         set_report = {"phase_given": bench_set.use_phase, "configs": {},
-                      "phase_reversed": sum(_phase_written_reversed(_truth_of(scan)) for scan in scans)
-                      if bench_set.use_phase else 0}
+                      "phase_reversed": sum(map(_phase_written_reversed, truths)) if bench_set.use_phase else 0}
         for config in configs:
             summaries = [s[config] for s in per_scan]
             done = [s for s in summaries if "refused" not in s]
